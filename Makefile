@@ -1,0 +1,26 @@
+# The README's two commands live here so that CI and people run the same thing.
+GO ?= go
+STATICCHECK ?= $(shell go env GOPATH)/bin/staticcheck
+
+.PHONY: build test check artifacts unit
+
+build:
+	$(GO) build -trimpath -o bin/steppe ./cmd/steppe
+
+# check: formatting, vet and staticcheck, before any test runs.
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+
+# artifacts: every HashiCorp binary the end-to-end tests need, built from
+# source into the cache (instant when cached).
+artifacts: build
+	./scripts/prepare-artifacts
+
+unit:
+	$(GO) test -count=1 -timeout 20m ./...
+
+# test: everything CI runs.
+test: check artifacts
+	$(GO) test -count=1 -timeout 60m ./...

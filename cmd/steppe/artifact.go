@@ -1,0 +1,10 @@
+package main
+
+import (
+	"context"
+	"fmt"
+)
+
+func runArtifact(ctx context.Context, args []string) error {
+	return fmt.Errorf("steppe artifact: not built yet")
+}

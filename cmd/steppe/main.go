@@ -1,0 +1,76 @@
+// Command steppe is both the machine agent and the operator's tool for
+// running a Nomad cluster. This file only dispatches to the command groups;
+// each group lives in its own file and the logic in internal/.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `steppe: run Nomad somewhere, and keep it healthy.
+
+Machine:
+  steppe agent -config FILE            run the machine agent
+  steppe agent status [-json]          services, state, pid, restarts, readiness, last error
+  steppe agent logs SERVICE [-n N]     the tail of a service's log
+  steppe agent restart|reload|stop|start SERVICE
+
+Operator:
+  steppe bundle keygen|build|sign|verify|publish|serve
+  steppe artifact build PRODUCT@VERSION [-out DIR]
+  steppe artifact serve DIR [-addr ADDR]
+  steppe up [-spec cluster.hcl]
+  steppe status [-json]
+  steppe env
+  steppe upgrade [-nomad V] [-consul V] [-vault V]
+  steppe scale POOL COUNT
+  steppe down
+`
+
+// errUsage marks errors caused by how steppe was invoked; they exit with 2.
+var errUsage = errors.New("usage")
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintf(os.Stderr, "steppe: %v\n", err)
+		if errors.Is(err, errUsage) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return fmt.Errorf("%w: no command given", errUsage)
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "agent":
+		return runAgent(ctx, rest)
+	case "artifact":
+		return runArtifact(ctx, rest)
+	case "bundle":
+		return runBundle(ctx, rest)
+	case "help", "-h", "-help", "--help":
+		fmt.Print(usage)
+		return nil
+	case "up", "status", "env", "upgrade", "scale", "down":
+		return fmt.Errorf("%q is not built yet (see the open issues)", cmd)
+	default:
+		fmt.Fprint(os.Stderr, usage)
+		return fmt.Errorf("%w: unknown command %q", errUsage, cmd)
+	}
+}
