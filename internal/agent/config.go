@@ -1,0 +1,541 @@
+// Package agent is the machine agent: it reads its boot config, supervises
+// the declared services through internal/supervise, and answers the local
+// API on a root-only Unix socket.
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"golang.org/x/sys/unix"
+
+	"github.com/steppe/steppe/internal/supervise"
+)
+
+// Defaults for a machine agent run as root.
+const (
+	DefaultStateDir = "/var/lib/steppe"
+	DefaultSocket   = "/run/steppe/agent.sock"
+	DefaultCgroup   = "steppe"
+)
+
+// Config is the agent's boot config.
+type Config struct {
+	Path     string // the file it was read from
+	StateDir string
+	Socket   string
+	Cgroup   string // parent of the services' cgroups, relative to the cgroup v2 mount
+	Services []supervise.Spec
+}
+
+// ConfigError is every problem found in a config file, each with its
+// file:line:column, so that an operator can fix them all in one pass.
+type ConfigError struct {
+	Diags hcl.Diagnostics
+}
+
+func (e *ConfigError) Error() string {
+	var b strings.Builder
+	for i, d := range e.Diags {
+		if i > 0 {
+			b.WriteString("\n")
+		}
+		if d.Subject != nil {
+			fmt.Fprintf(&b, "%s:%d:%d: ", d.Subject.Filename, d.Subject.Start.Line, d.Subject.Start.Column)
+		}
+		b.WriteString(d.Summary)
+		if d.Detail != "" {
+			b.WriteString(": ")
+			b.WriteString(d.Detail)
+		}
+	}
+	return b.String()
+}
+
+// LoadConfig reads and validates an agent config file. Nothing in it is
+// acted upon: a caller with a running agent can reject a bad file and keep
+// everything as it is.
+func LoadConfig(path string) (*Config, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return ParseConfig(path, src)
+}
+
+// ParseConfig is LoadConfig on bytes already read; path names them in errors.
+func ParseConfig(path string, src []byte) (*Config, error) {
+	file, diags := hclsyntax.ParseConfig(src, path, hcl.InitialPos)
+	if diags.HasErrors() {
+		return nil, &ConfigError{diags}
+	}
+	p := &parser{}
+	cfg := p.config(file.Body)
+	cfg.Path = path
+	if len(p.diags) > 0 {
+		return nil, &ConfigError{p.diags}
+	}
+	return cfg, nil
+}
+
+var rootSchema = &hcl.BodySchema{
+	Blocks: []hcl.BlockHeaderSchema{
+		{Type: "agent"},
+		{Type: "service", LabelNames: []string{"name"}},
+	},
+}
+
+var agentSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{
+		{Name: "state_dir"},
+		{Name: "socket"},
+		{Name: "cgroup"},
+	},
+}
+
+var serviceSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{
+		{Name: "command", Required: true},
+		{Name: "args"},
+		{Name: "env"},
+		{Name: "dir"},
+		{Name: "user"},
+		{Name: "group"},
+		{Name: "after"},
+		{Name: "stop_signal"},
+		{Name: "stop_timeout"},
+		{Name: "stop_mode"},
+		{Name: "reload_signal"},
+		{Name: "restart"},
+		{Name: "backoff_min"},
+		{Name: "backoff_max"},
+		{Name: "healthy_after"},
+		{Name: "memory_max"},
+		{Name: "memory_high"},
+		{Name: "log_max_size"},
+		{Name: "log_keep"},
+	},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "ready"}},
+}
+
+var readySchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{
+		{Name: "notify"},
+		{Name: "tcp"},
+		{Name: "http"},
+		{Name: "command"},
+		{Name: "timeout"},
+		{Name: "interval"},
+	},
+}
+
+// parser collects diagnostics instead of stopping at the first problem.
+type parser struct {
+	diags hcl.Diagnostics
+}
+
+func (p *parser) errorf(rng hcl.Range, summary, format string, args ...any) {
+	r := rng
+	p.diags = append(p.diags, &hcl.Diagnostic{
+		Severity: hcl.DiagError,
+		Summary:  summary,
+		Detail:   fmt.Sprintf(format, args...),
+		Subject:  &r,
+	})
+}
+
+func (p *parser) content(body hcl.Body, schema *hcl.BodySchema) *hcl.BodyContent {
+	c, diags := body.Content(schema)
+	p.diags = append(p.diags, diags...)
+	return c
+}
+
+func (p *parser) decode(attr *hcl.Attribute, v any) bool {
+	diags := gohcl.DecodeExpression(attr.Expr, nil, v)
+	p.diags = append(p.diags, diags...)
+	return !diags.HasErrors()
+}
+
+func (p *parser) str(attrs hcl.Attributes, name string, dst *string) {
+	if a, ok := attrs[name]; ok {
+		p.decode(a, dst)
+	}
+}
+
+func (p *parser) duration(attrs hcl.Attributes, name string, dst *time.Duration) {
+	a, ok := attrs[name]
+	if !ok {
+		return
+	}
+	var s string
+	if !p.decode(a, &s) {
+		return
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		p.errorf(a.Expr.Range(), "Invalid duration", "%s = %q: want a duration such as \"500ms\", \"10s\" or \"2m\"", name, s)
+		return
+	}
+	*dst = d
+}
+
+func (p *parser) signal(attrs hcl.Attributes, name string, dst *syscall.Signal) {
+	a, ok := attrs[name]
+	if !ok {
+		return
+	}
+	var s string
+	if !p.decode(a, &s) {
+		return
+	}
+	sig, err := parseSignal(s)
+	if err != nil {
+		p.errorf(a.Expr.Range(), "Invalid signal", "%s = %q: %v", name, s, err)
+		return
+	}
+	*dst = sig
+}
+
+func (p *parser) size(attrs hcl.Attributes, name string, dst *int64) {
+	a, ok := attrs[name]
+	if !ok {
+		return
+	}
+	var s string
+	if !p.decode(a, &s) {
+		return
+	}
+	n, err := parseSize(s)
+	if err != nil {
+		p.errorf(a.Expr.Range(), "Invalid size", "%s = %q: %v", name, s, err)
+		return
+	}
+	*dst = n
+}
+
+func (p *parser) config(body hcl.Body) *Config {
+	cfg := &Config{StateDir: DefaultStateDir, Socket: DefaultSocket, Cgroup: DefaultCgroup}
+	c := p.content(body, rootSchema)
+	if c == nil {
+		return cfg
+	}
+	seen := map[string]hcl.Range{}
+	after := map[string]*hcl.Attribute{}
+	var agentSeen *hcl.Range
+	for _, b := range c.Blocks {
+		switch b.Type {
+		case "agent":
+			if agentSeen != nil {
+				p.errorf(b.DefRange, "Duplicate agent block", "the agent block is already defined at %s", agentSeen)
+				continue
+			}
+			agentSeen = &b.DefRange
+			ac := p.content(b.Body, agentSchema)
+			if ac == nil {
+				continue
+			}
+			p.str(ac.Attributes, "state_dir", &cfg.StateDir)
+			p.str(ac.Attributes, "socket", &cfg.Socket)
+			p.str(ac.Attributes, "cgroup", &cfg.Cgroup)
+		case "service":
+			name := b.Labels[0]
+			if prev, dup := seen[name]; dup {
+				p.errorf(b.LabelRanges[0], "Duplicate service", "service %q is already defined at %s", name, prev)
+				continue
+			}
+			seen[name] = b.DefRange
+			if !validName(name) {
+				p.errorf(b.LabelRanges[0], "Invalid service name", "%q: use letters, digits, '-', '_' and '.', starting with a letter or digit", name)
+			}
+			spec, afterAttr := p.service(name, b.Body)
+			if afterAttr != nil {
+				after[name] = afterAttr
+			}
+			cfg.Services = append(cfg.Services, spec)
+		}
+	}
+	p.dependencies(cfg.Services, after)
+	return cfg
+}
+
+func validName(s string) bool {
+	if s == "" || len(s) > 64 || s == "." || s == ".." {
+		return false
+	}
+	for i, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9':
+		case (r == '-' || r == '_' || r == '.') && i > 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+func (p *parser) service(name string, body hcl.Body) (supervise.Spec, *hcl.Attribute) {
+	spec := supervise.Spec{Name: name}
+	c := p.content(body, serviceSchema)
+	if c == nil {
+		return spec, nil
+	}
+	at := c.Attributes
+	if a, ok := at["command"]; ok && p.decode(a, &spec.Command) {
+		if err := checkExecutable(spec.Command); err != nil {
+			p.errorf(a.Expr.Range(), "Bad command", "service %q: %v", name, err)
+		}
+	}
+	if a, ok := at["args"]; ok {
+		p.decode(a, &spec.Args)
+	}
+	if a, ok := at["env"]; ok {
+		var env map[string]string
+		if p.decode(a, &env) {
+			keys := make([]string, 0, len(env))
+			for k := range env {
+				keys = append(keys, k)
+			}
+			slices.Sort(keys)
+			for _, k := range keys {
+				if k == "" || strings.ContainsAny(k, "=\x00") {
+					p.errorf(a.Expr.Range(), "Invalid environment variable", "service %q: name %q", name, k)
+					continue
+				}
+				spec.Env = append(spec.Env, k+"="+env[k])
+			}
+		}
+	}
+	p.str(at, "dir", &spec.Dir)
+	if spec.Dir != "" && !filepath.IsAbs(spec.Dir) {
+		p.errorf(at["dir"].Expr.Range(), "Invalid directory", "service %q: dir %q must be an absolute path", name, spec.Dir)
+	}
+	p.str(at, "user", &spec.User)
+	p.str(at, "group", &spec.Group)
+	var afterAttr *hcl.Attribute
+	if a, ok := at["after"]; ok && p.decode(a, &spec.After) {
+		afterAttr = a
+	}
+	p.signal(at, "stop_signal", &spec.StopSignal)
+	p.duration(at, "stop_timeout", &spec.StopTimeout)
+	if a, ok := at["stop_mode"]; ok {
+		var s string
+		if p.decode(a, &s) {
+			switch m := supervise.StopMode(s); m {
+			case supervise.StopCgroup, supervise.StopMain:
+				spec.StopMode = m
+			default:
+				p.errorf(a.Expr.Range(), "Invalid stop mode", "service %q: stop_mode = %q: want %q or %q", name, s, supervise.StopCgroup, supervise.StopMain)
+			}
+		}
+	}
+	p.signal(at, "reload_signal", &spec.ReloadSignal)
+	if a, ok := at["restart"]; ok {
+		var s string
+		if p.decode(a, &s) {
+			switch r := supervise.RestartPolicy(s); r {
+			case supervise.RestartAlways, supervise.RestartOnFailure, supervise.RestartNever:
+				spec.Restart = r
+			default:
+				p.errorf(a.Expr.Range(), "Invalid restart policy", "service %q: restart = %q: want always, on-failure or never", name, s)
+			}
+		}
+	}
+	p.duration(at, "backoff_min", &spec.BackoffMin)
+	p.duration(at, "backoff_max", &spec.BackoffMax)
+	if spec.BackoffMin > 0 && spec.BackoffMax > 0 && spec.BackoffMin > spec.BackoffMax {
+		p.errorf(at["backoff_min"].Expr.Range(), "Invalid backoff", "service %q: backoff_min %v is above backoff_max %v", name, spec.BackoffMin, spec.BackoffMax)
+	}
+	p.duration(at, "healthy_after", &spec.HealthyAfter)
+	p.size(at, "memory_max", &spec.MemoryMax)
+	p.size(at, "memory_high", &spec.MemoryHigh)
+	p.size(at, "log_max_size", &spec.LogMaxBytes)
+	if a, ok := at["log_keep"]; ok {
+		var n int
+		if p.decode(a, &n) && n < 0 {
+			p.errorf(a.Expr.Range(), "Invalid log_keep", "service %q: log_keep = %d: want 0 or more", name, n)
+		}
+		spec.LogKeep = n
+	}
+	for _, b := range c.Blocks {
+		if spec.Ready != nil {
+			p.errorf(b.DefRange, "Duplicate ready block", "service %q has more than one ready block", name)
+			continue
+		}
+		spec.Ready = p.ready(name, b)
+	}
+	return spec, afterAttr
+}
+
+func (p *parser) ready(service string, b *hcl.Block) *supervise.Readiness {
+	r := &supervise.Readiness{}
+	c := p.content(b.Body, readySchema)
+	if c == nil {
+		return r
+	}
+	at := c.Attributes
+	kinds := 0
+	if a, ok := at["notify"]; ok {
+		p.decode(a, &r.Notify)
+		if r.Notify {
+			kinds++
+		}
+	}
+	if a, ok := at["tcp"]; ok && p.decode(a, &r.TCP) {
+		kinds++
+		if err := checkHostPort(r.TCP); err != nil {
+			p.errorf(a.Expr.Range(), "Invalid address", "service %q: ready tcp = %q: %v", service, r.TCP, err)
+		}
+	}
+	if a, ok := at["http"]; ok && p.decode(a, &r.HTTP) {
+		kinds++
+		if !strings.HasPrefix(r.HTTP, "http://") && !strings.HasPrefix(r.HTTP, "https://") {
+			p.errorf(a.Expr.Range(), "Invalid URL", "service %q: ready http = %q: want an http:// or https:// URL", service, r.HTTP)
+		}
+	}
+	if a, ok := at["command"]; ok && p.decode(a, &r.Command) {
+		kinds++
+		if len(r.Command) == 0 {
+			p.errorf(a.Expr.Range(), "Invalid command", "service %q: ready command is empty", service)
+		} else if err := checkExecutable(r.Command[0]); err != nil {
+			p.errorf(a.Expr.Range(), "Bad command", "service %q: ready command: %v", service, err)
+		}
+	}
+	if kinds != 1 {
+		p.errorf(b.DefRange, "Invalid ready block", "service %q: set exactly one of notify, tcp, http and command (found %d)", service, kinds)
+	}
+	p.duration(at, "timeout", &r.Timeout)
+	p.duration(at, "interval", &r.Interval)
+	return r
+}
+
+// dependencies reports unknown services in `after` and every cycle, naming
+// the services on it.
+func (p *parser) dependencies(specs []supervise.Spec, after map[string]*hcl.Attribute) {
+	known := map[string]bool{}
+	for _, s := range specs {
+		known[s.Name] = true
+	}
+	graph := map[string][]string{}
+	for _, s := range specs {
+		for _, d := range s.After {
+			switch {
+			case d == s.Name:
+				p.errorf(after[s.Name].Expr.Range(), "Dependency cycle", "service %q is after itself", s.Name)
+			case !known[d]:
+				p.errorf(after[s.Name].Expr.Range(), "Unknown dependency", "service %q is after %q, which is not defined", s.Name, d)
+			default:
+				graph[s.Name] = append(graph[s.Name], d)
+			}
+		}
+	}
+	// Depth-first search; a back edge closes a cycle, reported once from the
+	// first service found on it.
+	const (
+		unseen = iota
+		active
+		done
+	)
+	mark := map[string]int{}
+	var stack []string
+	var visit func(n string)
+	visit = func(n string) {
+		mark[n] = active
+		stack = append(stack, n)
+		for _, d := range graph[n] {
+			switch mark[d] {
+			case unseen:
+				visit(d)
+			case active:
+				i := slices.Index(stack, d)
+				cycle := append(slices.Clone(stack[i:]), d)
+				p.errorf(after[n].Expr.Range(), "Dependency cycle", "%s", strings.Join(cycle, " -> "))
+			}
+		}
+		stack = stack[:len(stack)-1]
+		mark[n] = done
+	}
+	for _, s := range specs {
+		if mark[s.Name] == unseen {
+			visit(s.Name)
+		}
+	}
+}
+
+func checkExecutable(path string) error {
+	if !filepath.IsAbs(path) {
+		return fmt.Errorf("%q is not an absolute path", path)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("%s does not exist", path)
+		}
+		return err
+	}
+	if fi.IsDir() {
+		return fmt.Errorf("%s is a directory", path)
+	}
+	if fi.Mode()&0o111 == 0 {
+		return fmt.Errorf("%s is not executable", path)
+	}
+	return nil
+}
+
+func parseSignal(s string) (syscall.Signal, error) {
+	name := strings.ToUpper(strings.TrimSpace(s))
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	sig := unix.SignalNum(name)
+	if sig == 0 {
+		return 0, fmt.Errorf("unknown signal (want a name such as SIGTERM, SIGINT or SIGHUP)")
+	}
+	return sig, nil
+}
+
+// parseSize reads "512MiB", "1G", "64k" or a plain number of bytes.
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := strings.IndexFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	num, unit := t, ""
+	if i >= 0 {
+		num, unit = t[:i], strings.TrimSpace(t[i:])
+	}
+	mult := map[string]float64{
+		"": 1, "b": 1,
+		"k": 1 << 10, "kb": 1e3, "kib": 1 << 10,
+		"m": 1 << 20, "mb": 1e6, "mib": 1 << 20,
+		"g": 1 << 30, "gb": 1e9, "gib": 1 << 30,
+		"t": 1 << 40, "tb": 1e12, "tib": 1 << 40,
+	}[strings.ToLower(unit)]
+	if mult == 0 {
+		return 0, fmt.Errorf("unknown unit %q (want B, KiB, MiB, GiB, TiB, or KB, MB, GB, TB)", unit)
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("want a size such as \"256MiB\"")
+	}
+	return int64(f * mult), nil
+}
+
+func checkHostPort(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("bad port %q", port)
+	}
+	return nil
+}
