@@ -1,0 +1,425 @@
+// Package cluster holds the cluster spec (cluster.hcl), the operator's
+// secrets (CA, certificates, gossip keys, ACL tokens) and the planning that
+// turns both into per-role bundle files and per-machine secret files.
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/hashicorp/go-version"
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"github.com/zclconf/go-cty/cty"
+)
+
+// Defaults of a spec. The versions are ones that build from source here
+// (DESIGN: facts), so that the very first `steppe up` works offline.
+const (
+	DefaultName          = "steppe"
+	DefaultRegion        = "global"
+	DefaultDatacenter    = "dc1"
+	DefaultNomadVersion  = "1.10.5"
+	DefaultConsulVersion = "1.14.11"
+	DefaultServers       = 3
+	DefaultPoolName      = "default"
+	DefaultPoolCount     = 2
+	DefaultProvider      = "local"
+	DefaultArtifactStore = "https://releases.hashicorp.com"
+	// DefaultBundleStore is a directory relative to the operator's state
+	// directory.
+	DefaultBundleStore = "bundles"
+)
+
+// Spec is a parsed cluster.hcl with every default filled in.
+type Spec struct {
+	Name       string
+	Region     string
+	Datacenter string
+	Versions   Versions
+	Servers    Servers
+	Pools      []Pool // at least one; names unique
+	// ArtifactStore is where daemon binaries come from: the HashiCorp
+	// release site or a mirror of the same layout.
+	ArtifactStore string
+	// BundleStore is where signed bundles are published: a directory
+	// (relative to the state directory when not absolute) or a URL.
+	BundleStore string
+	Provider    Provider
+
+	// Warnings are things that are allowed but probably wrong, each
+	// prefixed with file:line:col.
+	Warnings []string
+}
+
+// Versions of the daemons. Vault is optional ("" means no Vault).
+type Versions struct {
+	Nomad  string
+	Consul string
+	Vault  string
+}
+
+// Servers are the machines that run the Consul and Nomad servers.
+type Servers struct {
+	Count int
+}
+
+// Pool is a group of Nomad client machines configured alike.
+type Pool struct {
+	Name      string
+	Count     int
+	NodeClass string
+	Meta      map[string]string
+}
+
+// Provider says where machines come from, with provider-specific options.
+type Provider struct {
+	Name    string
+	Options map[string]string
+}
+
+// DefaultSpec is what an absent or empty cluster.hcl means: 3 servers and
+// 2 clients on the local provider.
+func DefaultSpec() *Spec {
+	return &Spec{
+		Name:       DefaultName,
+		Region:     DefaultRegion,
+		Datacenter: DefaultDatacenter,
+		Versions: Versions{
+			Nomad:  DefaultNomadVersion,
+			Consul: DefaultConsulVersion,
+		},
+		Servers:       Servers{Count: DefaultServers},
+		Pools:         []Pool{{Name: DefaultPoolName, Count: DefaultPoolCount, Meta: map[string]string{}}},
+		ArtifactStore: DefaultArtifactStore,
+		BundleStore:   DefaultBundleStore,
+		Provider:      Provider{Name: DefaultProvider, Options: map[string]string{}},
+	}
+}
+
+// SpecError is a spec that cannot be used. Every problem is named with
+// file:line:col.
+type SpecError struct {
+	Diags hcl.Diagnostics
+}
+
+func (e *SpecError) Error() string {
+	var lines []string
+	for _, d := range e.Diags {
+		if d.Severity == hcl.DiagError {
+			lines = append(lines, formatDiag(d))
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
+func formatDiag(d *hcl.Diagnostic) string {
+	msg := d.Summary
+	if d.Detail != "" {
+		msg += ": " + d.Detail
+	}
+	if d.Subject == nil {
+		return msg
+	}
+	return fmt.Sprintf("%s:%d:%d: %s", d.Subject.Filename, d.Subject.Start.Line, d.Subject.Start.Column, msg)
+}
+
+// LoadSpec reads and validates a cluster spec. A missing file is an error:
+// the caller decides whether "no spec" means DefaultSpec.
+func LoadSpec(path string) (*Spec, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read cluster spec: %w", err)
+	}
+	return ParseSpec(src, path)
+}
+
+// ParseSpec parses and validates a cluster spec held in memory; filename
+// names it in errors.
+func ParseSpec(src []byte, filename string) (*Spec, error) {
+	f, diags := hclsyntax.ParseConfig(src, filename, hcl.InitialPos)
+	if diags.HasErrors() {
+		return nil, &SpecError{Diags: diags}
+	}
+	s, diags := decodeSpec(f.Body)
+	if diags.HasErrors() {
+		return nil, &SpecError{Diags: diags}
+	}
+	for _, d := range diags {
+		s.Warnings = append(s.Warnings, formatDiag(d))
+	}
+	return s, nil
+}
+
+var (
+	topSchema = &hcl.BodySchema{
+		Attributes: []hcl.AttributeSchema{
+			{Name: "name"}, {Name: "region"}, {Name: "datacenter"},
+			{Name: "artifact_store"}, {Name: "bundle_store"},
+		},
+		Blocks: []hcl.BlockHeaderSchema{
+			{Type: "versions"},
+			{Type: "servers"},
+			{Type: "pool", LabelNames: []string{"name"}},
+			{Type: "provider", LabelNames: []string{"name"}},
+		},
+	}
+	versionsSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "nomad"}, {Name: "consul"}, {Name: "vault"}}}
+	serversSchema  = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}}}
+	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}}}
+)
+
+// nameRE is what cluster, pool, region and datacenter names may be: they
+// end up in node names, certificate names and directory names.
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+func decodeSpec(body hcl.Body) (*Spec, hcl.Diagnostics) {
+	s := DefaultSpec()
+	content, diags := body.Content(topSchema)
+
+	str := func(name string, dst *string, check func(string, hcl.Range) hcl.Diagnostics) {
+		a, ok := content.Attributes[name]
+		if !ok {
+			return
+		}
+		var v string
+		d := gohcl.DecodeExpression(a.Expr, nil, &v)
+		diags = append(diags, d...)
+		if d.HasErrors() {
+			return
+		}
+		if check != nil {
+			if d := check(v, a.Expr.Range()); d.HasErrors() {
+				diags = append(diags, d...)
+				return
+			}
+		}
+		*dst = v
+	}
+	str("name", &s.Name, checkName("cluster name"))
+	str("region", &s.Region, checkName("region"))
+	str("datacenter", &s.Datacenter, checkName("datacenter"))
+	str("artifact_store", &s.ArtifactStore, checkNonEmpty("artifact_store"))
+	str("bundle_store", &s.BundleStore, checkNonEmpty("bundle_store"))
+
+	seen := map[string]*hcl.Block{}
+	var pools []Pool
+	for _, b := range content.Blocks {
+		if prev, ok := seen[b.Type]; ok && b.Type != "pool" {
+			diags = append(diags, &hcl.Diagnostic{
+				Severity: hcl.DiagError,
+				Summary:  fmt.Sprintf("Duplicate %s block", b.Type),
+				Detail:   fmt.Sprintf("a %s block was already given at %s", b.Type, rangeString(prev.DefRange)),
+				Subject:  b.DefRange.Ptr(),
+			})
+			continue
+		}
+		seen[b.Type] = b
+		switch b.Type {
+		case "versions":
+			diags = append(diags, decodeVersions(b.Body, &s.Versions)...)
+		case "servers":
+			c, d := b.Body.Content(serversSchema)
+			diags = append(diags, d...)
+			if a, ok := c.Attributes["count"]; ok {
+				n, d := decodeCount(a, "servers count")
+				diags = append(diags, d...)
+				if !d.HasErrors() {
+					s.Servers.Count = n
+					if n%2 == 0 {
+						diags = append(diags, &hcl.Diagnostic{
+							Severity: hcl.DiagWarning,
+							Summary:  "Even number of servers",
+							Detail:   fmt.Sprintf("%d servers tolerate no more failures than %d; use an odd count", n, n-1),
+							Subject:  a.Expr.Range().Ptr(),
+						})
+					}
+				}
+			}
+		case "pool":
+			p, d := decodePool(b)
+			diags = append(diags, d...)
+			if d.HasErrors() {
+				continue
+			}
+			for _, q := range pools {
+				if q.Name == p.Name {
+					diags = append(diags, &hcl.Diagnostic{
+						Severity: hcl.DiagError,
+						Summary:  "Duplicate pool name",
+						Detail:   fmt.Sprintf("pool %q is declared twice", p.Name),
+						Subject:  b.LabelRanges[0].Ptr(),
+					})
+				}
+			}
+			pools = append(pools, p)
+		case "provider":
+			p, d := decodeProvider(b)
+			diags = append(diags, d...)
+			if !d.HasErrors() {
+				s.Provider = p
+			}
+		}
+	}
+	if len(pools) > 0 {
+		s.Pools = pools
+	}
+	return s, diags
+}
+
+func rangeString(r hcl.Range) string {
+	return fmt.Sprintf("%s:%d:%d", r.Filename, r.Start.Line, r.Start.Column)
+}
+
+func errAt(r hcl.Range, summary, detail string) hcl.Diagnostics {
+	return hcl.Diagnostics{{Severity: hcl.DiagError, Summary: summary, Detail: detail, Subject: r.Ptr()}}
+}
+
+func checkName(what string) func(string, hcl.Range) hcl.Diagnostics {
+	return func(v string, r hcl.Range) hcl.Diagnostics {
+		if !nameRE.MatchString(v) {
+			return errAt(r, "Invalid "+what, fmt.Sprintf("%q: use 1 to 63 lower-case letters, digits and dashes, not starting or ending with a dash", v))
+		}
+		return nil
+	}
+}
+
+func checkNonEmpty(what string) func(string, hcl.Range) hcl.Diagnostics {
+	return func(v string, r hcl.Range) hcl.Diagnostics {
+		if strings.TrimSpace(v) == "" {
+			return errAt(r, "Empty "+what, "leave it out to get the default")
+		}
+		return nil
+	}
+}
+
+func decodeCount(a *hcl.Attribute, what string) (int, hcl.Diagnostics) {
+	var n int
+	if d := gohcl.DecodeExpression(a.Expr, nil, &n); d.HasErrors() {
+		return 0, d
+	}
+	if n < 1 {
+		return 0, errAt(a.Expr.Range(), "Invalid "+what, fmt.Sprintf("%d: must be at least 1", n))
+	}
+	return n, nil
+}
+
+func decodeVersions(body hcl.Body, v *Versions) hcl.Diagnostics {
+	c, diags := body.Content(versionsSchema)
+	for _, f := range []struct {
+		name string
+		dst  *string
+	}{{"nomad", &v.Nomad}, {"consul", &v.Consul}, {"vault", &v.Vault}} {
+		name, dst := f.name, f.dst
+		a, ok := c.Attributes[name]
+		if !ok {
+			continue
+		}
+		var s string
+		if d := gohcl.DecodeExpression(a.Expr, nil, &s); d.HasErrors() {
+			diags = append(diags, d...)
+			continue
+		}
+		if err := checkVersion(s); err != nil {
+			diags = append(diags, errAt(a.Expr.Range(), "Invalid "+name+" version", err.Error())...)
+			continue
+		}
+		*dst = s
+	}
+	return diags
+}
+
+// checkVersion accepts exact release versions only (1.10.5, 1.9.0-beta.1):
+// artifacts are fetched and built by exact number, so "1.10" or ">= 1.9"
+// cannot be honoured.
+func checkVersion(s string) error {
+	v, err := version.NewSemver(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a version: %w", s, err)
+	}
+	core, _, _ := strings.Cut(strings.SplitN(v.Original(), "+", 2)[0], "-")
+	if strings.HasPrefix(core, "v") || strings.Count(core, ".") != 2 {
+		return fmt.Errorf("%q: give an exact version such as 1.10.5", s)
+	}
+	return nil
+}
+
+func decodePool(b *hcl.Block) (Pool, hcl.Diagnostics) {
+	p := Pool{Name: b.Labels[0], Count: 1, Meta: map[string]string{}}
+	diags := checkName("pool name")(p.Name, b.LabelRanges[0])
+	c, d := b.Body.Content(poolSchema)
+	diags = append(diags, d...)
+	if a, ok := c.Attributes["count"]; ok {
+		n, d := decodeCount(a, "pool count")
+		diags = append(diags, d...)
+		p.Count = n
+	}
+	if a, ok := c.Attributes["node_class"]; ok {
+		diags = append(diags, gohcl.DecodeExpression(a.Expr, nil, &p.NodeClass)...)
+	}
+	if a, ok := c.Attributes["meta"]; ok {
+		diags = append(diags, gohcl.DecodeExpression(a.Expr, nil, &p.Meta)...)
+	}
+	return p, diags
+}
+
+// decodeProvider takes any attributes: each provider validates its own
+// options, so only their shape (scalar values) is checked here.
+func decodeProvider(b *hcl.Block) (Provider, hcl.Diagnostics) {
+	p := Provider{Name: b.Labels[0], Options: map[string]string{}}
+	diags := checkName("provider name")(p.Name, b.LabelRanges[0])
+	attrs, d := b.Body.JustAttributes()
+	diags = append(diags, d...)
+	names := make([]string, 0, len(attrs))
+	for n := range attrs {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		a := attrs[n]
+		v, d := a.Expr.Value(nil)
+		diags = append(diags, d...)
+		if d.HasErrors() {
+			continue
+		}
+		s, err := scalarString(v)
+		if err != nil {
+			diags = append(diags, errAt(a.Expr.Range(), "Invalid provider option "+n, err.Error())...)
+			continue
+		}
+		p.Options[n] = s
+	}
+	return p, diags
+}
+
+func scalarString(v cty.Value) (string, error) {
+	if v.IsNull() || !v.IsKnown() {
+		return "", errors.New("must have a value")
+	}
+	switch v.Type() {
+	case cty.String:
+		return v.AsString(), nil
+	case cty.Bool:
+		if v.True() {
+			return "true", nil
+		}
+		return "false", nil
+	case cty.Number:
+		return v.AsBigFloat().Text('f', -1), nil
+	}
+	return "", fmt.Errorf("must be a string, number or bool, not %s", v.Type().FriendlyName())
+}
+
+// Machines is the number of machines the spec asks for.
+func (s *Spec) Machines() int {
+	n := s.Servers.Count
+	for _, p := range s.Pools {
+		n += p.Count
+	}
+	return n
+}

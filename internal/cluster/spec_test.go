@@ -1,0 +1,154 @@
+package cluster
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestDefaultSpec(t *testing.T) {
+	s := DefaultSpec()
+	if s.Servers.Count != 3 || len(s.Pools) != 1 || s.Pools[0].Count != 2 {
+		t.Fatalf("default topology: %d servers, pools %+v", s.Servers.Count, s.Pools)
+	}
+	if s.Provider.Name != "local" || s.Versions.Nomad != "1.10.5" || s.Versions.Consul != "1.14.11" || s.Versions.Vault != "" {
+		t.Fatalf("default provider/versions: %+v %+v", s.Provider, s.Versions)
+	}
+	if s.Machines() != 5 {
+		t.Fatalf("Machines() = %d, want 5", s.Machines())
+	}
+}
+
+func TestParseEmptySpecIsDefault(t *testing.T) {
+	for _, src := range []string{"", "\n# nothing here\n"} {
+		s, err := ParseSpec([]byte(src), "cluster.hcl")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(s, DefaultSpec()) {
+			t.Fatalf("empty spec %q = %+v, want the default", src, s)
+		}
+	}
+}
+
+func TestParseFullSpec(t *testing.T) {
+	src := `
+name       = "prod"
+region     = "eu"
+datacenter = "fra1"
+artifact_store = "http://127.0.0.1:9000/releases"
+bundle_store   = "/srv/bundles"
+
+versions {
+  nomad  = "1.9.3"
+  consul = "1.14.8"
+  vault  = "1.21.0"
+}
+
+servers {
+  count = 5
+}
+
+pool "web" {
+  count      = 4
+  node_class = "web"
+  meta = {
+    rack = "r1"
+    tier = "front"
+  }
+}
+
+pool "batch" {}
+
+provider "local" {
+  first_address = "127.0.0.20"
+  detach        = true
+  base_port     = 4000
+}
+`
+	s, err := ParseSpec([]byte(src), "cluster.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &Spec{
+		Name: "prod", Region: "eu", Datacenter: "fra1",
+		Versions:      Versions{Nomad: "1.9.3", Consul: "1.14.8", Vault: "1.21.0"},
+		Servers:       Servers{Count: 5},
+		ArtifactStore: "http://127.0.0.1:9000/releases",
+		BundleStore:   "/srv/bundles",
+		Pools: []Pool{
+			{Name: "web", Count: 4, NodeClass: "web", Meta: map[string]string{"rack": "r1", "tier": "front"}},
+			{Name: "batch", Count: 1, Meta: map[string]string{}},
+		},
+		Provider: Provider{Name: "local", Options: map[string]string{"first_address": "127.0.0.20", "detach": "true", "base_port": "4000"}},
+	}
+	if !reflect.DeepEqual(s, want) {
+		t.Fatalf("got  %+v\nwant %+v", s, want)
+	}
+}
+
+func TestSpecErrorsNamePosition(t *testing.T) {
+	cases := []struct {
+		name, src, want string
+	}{
+		{"unknown top key", "name = \"a\"\ncolour = \"red\"\n", "cluster.hcl:2:1: Unsupported argument"},
+		{"unknown block", "\nfoo {}\n", "cluster.hcl:2:1: Unsupported block type"},
+		{"unknown key in pool", "pool \"a\" {\n  size = 3\n}\n", "cluster.hcl:2:3: Unsupported argument"},
+		{"bad type", "servers {\n  count = \"many\"\n}\n", "cluster.hcl:2:12: Unsuitable value type"},
+		{"count zero", "servers {\n  count = 0\n}\n", "cluster.hcl:2:11: Invalid servers count: 0: must be at least 1"},
+		{"pool count negative", "pool \"a\" {\n  count = -2\n}\n", "cluster.hcl:2:11: Invalid pool count"},
+		{"duplicate pool", "pool \"a\" {}\npool \"b\" {}\npool \"a\" {}\n", "cluster.hcl:3:6: Duplicate pool name"},
+		{"duplicate servers", "servers {}\nservers {}\n", "cluster.hcl:2:1: Duplicate servers block"},
+		{"bad version", "versions {\n  nomad = \"latest\"\n}\n", "cluster.hcl:2:11: Invalid nomad version"},
+		{"inexact version", "versions {\n  consul = \"1.14\"\n}\n", "cluster.hcl:2:12: Invalid consul version"},
+		{"bad name", "name = \"My Cluster\"\n", "cluster.hcl:1:8: Invalid cluster name"},
+		{"bad pool name", "pool \"Web_1\" {}\n", "cluster.hcl:1:6: Invalid pool name"},
+		{"provider option list", "provider \"ssh\" {\n  hosts = [\"a\"]\n}\n", "cluster.hcl:2:11: Invalid provider option hosts"},
+		{"provider without label", "provider {}\n", "cluster.hcl:1:10: Missing name for provider"},
+		{"syntax", "servers {\n  count = \n}\n", "cluster.hcl:2:"},
+		{"empty bundle store", "bundle_store = \"\"\n", "cluster.hcl:1:16: Empty bundle_store"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := ParseSpec([]byte(c.src), "cluster.hcl")
+			if err == nil {
+				t.Fatalf("no error for %q", c.src)
+			}
+			var se *SpecError
+			if !errors.As(err, &se) {
+				t.Fatalf("error %T is not a *SpecError", err)
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("error %q does not contain %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestSpecEvenServersWarns(t *testing.T) {
+	s, err := ParseSpec([]byte("servers {\n  count = 4\n}\n"), "c.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Servers.Count != 4 || len(s.Warnings) != 1 || !strings.HasPrefix(s.Warnings[0], "c.hcl:2:11: Even number of servers") {
+		t.Fatalf("count %d warnings %q", s.Servers.Count, s.Warnings)
+	}
+}
+
+func TestLoadSpec(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "cluster.hcl")
+	if err := os.WriteFile(p, []byte("pool \"gpu\" {\n  count = 3\n  nope = 1\n}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := LoadSpec(p)
+	if err == nil || !strings.Contains(err.Error(), p+":3:3: Unsupported argument") {
+		t.Fatalf("LoadSpec error = %v", err)
+	}
+	if _, err := LoadSpec(filepath.Join(dir, "absent.hcl")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("missing file: %v", err)
+	}
+}
