@@ -1,0 +1,308 @@
+package bundle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// CurrentName is the symlink in a releases directory that points at the
+// active release.
+const CurrentName = "current"
+
+// tmpPrefix starts the names of unfinished releases; Prune removes them.
+const tmpPrefix = ".unpack-"
+
+// Release is a verified bundle unpacked on disk.
+type Release struct {
+	Version  uint64
+	Dir      string // releasesDir/<version>
+	Manifest *Manifest
+	KeyID    string // the trusted key that signed it
+}
+
+// Unpack verifies the bundle read from r against p and unpacks it into the
+// new directory releasesDir/<version>. The files are written into a hidden
+// temporary directory through an os.Root (so no name can resolve outside
+// it) and the directory is renamed into place only when the whole bundle
+// has been read and checked: on any error nothing is left behind and the
+// current release is untouched. An existing directory of the same version
+// that is not current (an unfinished earlier attempt) is replaced.
+func Unpack(ctx context.Context, r io.Reader, releasesDir string, p Policy) (*Release, error) {
+	if err := os.MkdirAll(releasesDir, 0o755); err != nil {
+		return nil, fmt.Errorf("unpack: %w", err)
+	}
+	tmp, err := os.MkdirTemp(releasesDir, tmpPrefix+"*")
+	if err != nil {
+		return nil, fmt.Errorf("unpack: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.RemoveAll(tmp)
+		}
+	}()
+	root, err := os.OpenRoot(tmp)
+	if err != nil {
+		return nil, fmt.Errorf("unpack: %w", err)
+	}
+	defer root.Close()
+	m, keyID, err := readBundle(ctx, r, readOptions{policy: p, requireSig: true, checkPolicy: true}, &unpackSink{root: root})
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return nil, fmt.Errorf("unpack: %w", err)
+	}
+	if err := syncDir(tmp); err != nil {
+		return nil, fmt.Errorf("unpack: %w", err)
+	}
+	final := filepath.Join(releasesDir, strconv.FormatUint(m.Version, 10))
+	if cur, _, err := Current(releasesDir); err == nil && cur == m.Version {
+		return nil, fmt.Errorf("unpack: version %d is the current release already", m.Version)
+	}
+	if err := os.RemoveAll(final); err != nil {
+		return nil, fmt.Errorf("unpack: removing an unfinished %s: %w", final, err)
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return nil, fmt.Errorf("unpack: %w", err)
+	}
+	ok = true
+	if err := syncDir(releasesDir); err != nil {
+		return nil, fmt.Errorf("unpack: %w", err)
+	}
+	return &Release{Version: m.Version, Dir: final, Manifest: m, KeyID: keyID}, nil
+}
+
+type unpackSink struct{ root *os.Root }
+
+func (s *unpackSink) manifest(raw, sig []byte, _ *Manifest) error {
+	// Keep the signed manifest with the release so that later readers
+	// (the agent after a restart, people) see exactly what was verified.
+	if err := writeInRoot(s.root, ManifestName, 0o644, strings.NewReader(string(raw))); err != nil {
+		return err
+	}
+	return writeInRoot(s.root, SignatureName, 0o644, strings.NewReader(string(sig)))
+}
+
+func (s *unpackSink) file(f File, r io.Reader) error {
+	if d := path.Dir(f.Path); d != "." {
+		if err := s.root.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	return writeInRoot(s.root, f.Path, os.FileMode(f.Mode), r)
+}
+
+func writeInRoot(root *os.Root, name string, mode os.FileMode, r io.Reader) error {
+	// O_EXCL: a name is written once; nothing pre-existing is followed.
+	fh, err := root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(fh, r); err != nil {
+		fh.Close()
+		return err
+	}
+	if err := fh.Chmod(mode); err != nil {
+		fh.Close()
+		return err
+	}
+	if err := fh.Sync(); err != nil {
+		fh.Close()
+		return err
+	}
+	return fh.Close()
+}
+
+// ReadRelease reads the manifest kept in a release directory. It trusts
+// the directory: Unpack verified the manifest before writing it there.
+func ReadRelease(releasesDir string, version uint64) (*Release, error) {
+	dir := filepath.Join(releasesDir, strconv.FormatUint(version, 10))
+	b, err := os.ReadFile(filepath.Join(dir, ManifestName))
+	if err != nil {
+		return nil, fmt.Errorf("release %d: %w", version, err)
+	}
+	m, err := ParseManifest(b)
+	if err != nil {
+		return nil, fmt.Errorf("release %d: %w", version, err)
+	}
+	if m.Version != version {
+		return nil, fmt.Errorf("release %d: its manifest says version %d", version, m.Version)
+	}
+	return &Release{Version: version, Dir: dir, Manifest: m}, nil
+}
+
+// Activate makes releasesDir/<version> the current release by renaming a
+// new symlink over "current": readers see the old or the new target, never
+// neither.
+func Activate(releasesDir string, version uint64) error {
+	name := strconv.FormatUint(version, 10)
+	fi, err := os.Lstat(filepath.Join(releasesDir, name))
+	if err != nil {
+		return fmt.Errorf("activate %d: %w", version, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("activate %d: %s is not a directory", version, filepath.Join(releasesDir, name))
+	}
+	tmp := filepath.Join(releasesDir, "."+CurrentName+".tmp-"+name)
+	os.Remove(tmp)
+	// Relative target: the releases directory can be moved as a whole.
+	if err := os.Symlink(name, tmp); err != nil {
+		return fmt.Errorf("activate %d: %w", version, err)
+	}
+	if err := os.Rename(tmp, filepath.Join(releasesDir, CurrentName)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("activate %d: %w", version, err)
+	}
+	if err := syncDir(releasesDir); err != nil {
+		return fmt.Errorf("activate %d: %w", version, err)
+	}
+	return nil
+}
+
+// ErrNoCurrent means no release has been activated yet.
+var ErrNoCurrent = errors.New("no current release")
+
+// Current returns the version and directory of the current release.
+func Current(releasesDir string) (uint64, string, error) {
+	target, err := os.Readlink(filepath.Join(releasesDir, CurrentName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, "", ErrNoCurrent
+	}
+	if err != nil {
+		return 0, "", fmt.Errorf("current release: %w", err)
+	}
+	v, err := strconv.ParseUint(target, 10, 64)
+	if err != nil {
+		return 0, "", fmt.Errorf("current release: %s points at %q, not a version", filepath.Join(releasesDir, CurrentName), target)
+	}
+	return v, filepath.Join(releasesDir, target), nil
+}
+
+// Releases lists the versions unpacked in releasesDir, lowest first.
+func Releases(releasesDir string) ([]uint64, error) {
+	ents, err := os.ReadDir(releasesDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var vs []uint64
+	for _, e := range ents {
+		if v, err := strconv.ParseUint(e.Name(), 10, 64); err == nil && e.IsDir() {
+			vs = append(vs, v)
+		}
+	}
+	sort.Slice(vs, func(i, j int) bool { return vs[i] < vs[j] })
+	return vs, nil
+}
+
+// Remove deletes one release; it refuses to remove the current one.
+func Remove(releasesDir string, version uint64) error {
+	if cur, _, err := Current(releasesDir); err == nil && cur == version {
+		return fmt.Errorf("remove release %d: it is the current release", version)
+	}
+	if err := os.RemoveAll(filepath.Join(releasesDir, strconv.FormatUint(version, 10))); err != nil {
+		return fmt.Errorf("remove release %d: %w", version, err)
+	}
+	return nil
+}
+
+// Prune keeps the current release and the keep-1 highest releases below
+// it (the ones to roll back to), and removes older releases and unfinished
+// unpacks. Releases newer than the current one are left alone: one may be
+// on its way to activation; the caller removes a failed one with Remove.
+// It returns the versions removed.
+func Prune(releasesDir string, keep int) ([]uint64, error) {
+	if keep < 1 {
+		keep = 1
+	}
+	cur, _, err := Current(releasesDir)
+	if err != nil {
+		return nil, fmt.Errorf("prune: %w", err)
+	}
+	ents, err := os.ReadDir(releasesDir)
+	if err != nil {
+		return nil, fmt.Errorf("prune: %w", err)
+	}
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), tmpPrefix) {
+			if err := os.RemoveAll(filepath.Join(releasesDir, e.Name())); err != nil {
+				return nil, fmt.Errorf("prune: %w", err)
+			}
+		}
+	}
+	vs, err := Releases(releasesDir)
+	if err != nil {
+		return nil, fmt.Errorf("prune: %w", err)
+	}
+	var older []uint64
+	for _, v := range vs {
+		if v < cur {
+			older = append(older, v)
+		}
+	}
+	var removed []uint64
+	if n := len(older) - (keep - 1); n > 0 {
+		for _, v := range older[:n] {
+			if err := Remove(releasesDir, v); err != nil {
+				return removed, fmt.Errorf("prune: %w", err)
+			}
+			removed = append(removed, v)
+		}
+	}
+	return removed, nil
+}
+
+// acceptedName is the file in a state directory that holds the highest
+// accepted version.
+const acceptedName = "accepted-version"
+
+// LoadAccepted returns the highest version accepted so far (0 if none).
+func LoadAccepted(stateDir string) (uint64, error) {
+	b, err := os.ReadFile(filepath.Join(stateDir, acceptedName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("accepted version: %w", err)
+	}
+	v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("accepted version: %s holds %q, not a version", filepath.Join(stateDir, acceptedName), b)
+	}
+	return v, nil
+}
+
+// SaveAccepted records version as accepted, atomically (temp, fsync,
+// rename, fsync the directory). It refuses to lower the recorded version:
+// the record only grows, whatever the caller does.
+func SaveAccepted(stateDir string, version uint64) error {
+	old, err := LoadAccepted(stateDir)
+	if err != nil {
+		return err
+	}
+	if version < old {
+		return fmt.Errorf("accepted version: %d is lower than the recorded %d", version, old)
+	}
+	if version == old {
+		return nil
+	}
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return fmt.Errorf("accepted version: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(stateDir, acceptedName), []byte(strconv.FormatUint(version, 10)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("accepted version: %w", err)
+	}
+	return nil
+}
