@@ -1,0 +1,276 @@
+package bundle
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// ServerOptions tune a Server.
+type ServerOptions struct {
+	// PollInterval is how often the directory is looked at while clients
+	// wait; zero means 200ms. One stat per (cluster, role) being waited
+	// on, per interval, whatever the number of waiting clients.
+	PollInterval time.Duration
+	// MaxWait caps a client's ?wait=; zero means 5 minutes.
+	MaxWait time.Duration
+	// Keys, when set, enable PUT: a bundle signed by one of them, for the
+	// cluster and role of the URL and newer than the published one, is
+	// published. Without keys the server is read-only.
+	Keys []PublicKey
+	// Logger receives one line per publish and per error; nil means
+	// slog.Default().
+	Logger *slog.Logger
+}
+
+// Server serves a DirStore over HTTP with ETags and long polls (see
+// HTTPStore for the protocol). Publishes into the directory by any process
+// are noticed within PollInterval.
+type Server struct {
+	store *DirStore
+	opt   ServerOptions
+	log   *slog.Logger
+
+	mu      sync.Mutex
+	watches map[string]*watch // by cluster/role, only while someone waits
+	polling bool
+}
+
+// watch is the change signal for one cluster/role: ch is closed (and
+// replaced) when the latest file changes.
+type watch struct {
+	path    string
+	ch      chan struct{}
+	waiters int
+	id      fileID
+	exists  bool
+}
+
+// NewServer serves the bundles in dir.
+func NewServer(dir string, opt ServerOptions) *Server {
+	if opt.PollInterval <= 0 {
+		opt.PollInterval = 200 * time.Millisecond
+	}
+	if opt.MaxWait <= 0 {
+		opt.MaxWait = 5 * time.Minute
+	}
+	log := opt.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Server{store: &DirStore{Dir: dir}, opt: opt, log: log, watches: make(map[string]*watch)}
+}
+
+// Handler returns the HTTP handler: /v1/bundles/{cluster}/{role}.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/bundles/{cluster}/{role}", s.get)
+	mux.HandleFunc("HEAD /v1/bundles/{cluster}/{role}", s.get)
+	mux.HandleFunc("PUT /v1/bundles/{cluster}/{role}", s.put)
+	return mux
+}
+
+func (s *Server) get(w http.ResponseWriter, r *http.Request) {
+	cluster, role := r.PathValue("cluster"), r.PathValue("role")
+	latest, err := s.store.latestPath(cluster, role)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	var wait time.Duration
+	if q := r.URL.Query().Get("wait"); q != "" {
+		if wait, err = time.ParseDuration(q); err != nil || wait < 0 {
+			http.Error(w, fmt.Sprintf("wait=%q: want a duration such as 30s", q), http.StatusBadRequest)
+			return
+		}
+		wait = min(wait, s.opt.MaxWait)
+	}
+	inm := r.Header.Get("If-None-Match")
+	deadline := time.Now().Add(wait)
+	key := cluster + "/" + role
+
+	var ch <-chan struct{}
+	for {
+		f, etag, err := s.store.open(cluster, role)
+		switch {
+		case err == nil && (inm == "" || inm != etag):
+			defer f.Close()
+			s.serveFile(w, r, f, etag)
+			return
+		case err == nil:
+			f.Close()
+		case !errors.Is(err, ErrNotFound):
+			s.log.Error("bundle server: open", "bundle", key, "err", err)
+			http.Error(w, "cannot read the bundle", http.StatusInternalServerError)
+			return
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			if err != nil {
+				http.Error(w, fmt.Sprintf("no bundle published for %s", key), http.StatusNotFound)
+				return
+			}
+			w.Header().Set("ETag", etag)
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
+		if ch == nil {
+			// Subscribe, then look again (the loop) before sleeping, so a
+			// publish between the first look and the subscription is seen.
+			var done func()
+			ch, done = s.subscribe(key, latest)
+			defer done()
+			continue
+		}
+		t := time.NewTimer(left)
+		select {
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		case <-t.C:
+		case <-ch:
+			t.Stop()
+			ch, _ = s.current(key)
+		}
+	}
+}
+
+func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, f *os.File, etag string) {
+	fi, err := f.Stat()
+	if err != nil {
+		http.Error(w, "cannot read the bundle", http.StatusInternalServerError)
+		return
+	}
+	h := w.Header()
+	h.Set("ETag", etag)
+	h.Set("Content-Type", "application/gzip")
+	h.Set("Content-Length", strconv.FormatInt(fi.Size(), 10))
+	h.Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return
+	}
+	if _, err := io.Copy(w, f); err != nil {
+		s.log.Debug("bundle server: send", "path", r.URL.Path, "err", err)
+	}
+}
+
+func (s *Server) put(w http.ResponseWriter, r *http.Request) {
+	if len(s.opt.Keys) == 0 {
+		http.Error(w, "this server trusts no keys, so it accepts no publishes (start it with -key)", http.StatusMethodNotAllowed)
+		return
+	}
+	cluster, role := r.PathValue("cluster"), r.PathValue("role")
+	if _, err := s.store.latestPath(cluster, role); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	body := http.MaxBytesReader(w, r.Body, DefaultLimits.MaxTotalBytes+maxManifestBytes)
+	m, err := s.store.Publish(r.Context(), body, PublishOptions{Keys: s.opt.Keys, Cluster: cluster, Role: role})
+	if err != nil {
+		s.log.Warn("bundle server: publish refused", "bundle", cluster+"/"+role, "err", err)
+		http.Error(w, err.Error(), http.StatusConflict)
+		return
+	}
+	s.log.Info("bundle server: published", "bundle", cluster+"/"+role, "version", m.Version)
+	s.notify(cluster + "/" + role)
+	w.WriteHeader(http.StatusCreated)
+	fmt.Fprintf(w, "published %s/%s version %d\n", cluster, role, m.Version)
+}
+
+// subscribe registers a waiter for key and returns the channel closed at
+// the next change, and a function to call when done waiting.
+func (s *Server) subscribe(key, path string) (<-chan struct{}, func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	wt := s.watches[key]
+	if wt == nil {
+		wt = &watch{path: path, ch: make(chan struct{})}
+		wt.id, wt.exists = stat(path)
+		s.watches[key] = wt
+	}
+	wt.waiters++
+	if !s.polling {
+		s.polling = true
+		go s.poll()
+	}
+	return wt.ch, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if wt.waiters--; wt.waiters == 0 {
+			delete(s.watches, key)
+		}
+	}
+}
+
+// current returns the present change channel of key.
+func (s *Server) current(key string) (<-chan struct{}, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if wt := s.watches[key]; wt != nil {
+		return wt.ch, true
+	}
+	// Unreachable while the caller holds a subscription; a closed channel
+	// makes the caller look again rather than sleep forever.
+	ch := make(chan struct{})
+	close(ch)
+	return ch, false
+}
+
+func (s *Server) notify(key string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if wt := s.watches[key]; wt != nil {
+		wt.id, wt.exists = stat(wt.path)
+		close(wt.ch)
+		wt.ch = make(chan struct{})
+	}
+}
+
+// poll runs while anyone waits: it stats the latest file of every watched
+// cluster/role and wakes the waiters of those that changed.
+func (s *Server) poll() {
+	t := time.NewTicker(s.opt.PollInterval)
+	defer t.Stop()
+	type item struct {
+		key, path string
+	}
+	var items []item
+	for range t.C {
+		s.mu.Lock()
+		if len(s.watches) == 0 {
+			s.polling = false
+			s.mu.Unlock()
+			return
+		}
+		items = items[:0]
+		for k, wt := range s.watches {
+			items = append(items, item{k, wt.path})
+		}
+		s.mu.Unlock()
+		for _, it := range items {
+			id, exists := stat(it.path)
+			s.mu.Lock()
+			if wt := s.watches[it.key]; wt != nil && (id != wt.id || exists != wt.exists) {
+				wt.id, wt.exists = id, exists
+				close(wt.ch)
+				wt.ch = make(chan struct{})
+			}
+			s.mu.Unlock()
+		}
+	}
+}
+
+func stat(path string) (fileID, bool) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileID{}, false
+	}
+	return statID(fi), true
+}
