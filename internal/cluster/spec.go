@@ -352,6 +352,10 @@ func checkVersion(s string) error {
 func decodePool(b *hcl.Block) (Pool, hcl.Diagnostics) {
 	p := Pool{Name: b.Labels[0], Count: 1, Meta: map[string]string{}}
 	diags := checkName("pool name")(p.Name, b.LabelRanges[0])
+	if p.Name == "server" {
+		// Machine names are <cluster>-server-N for servers.
+		diags = append(diags, errAt(b.LabelRanges[0], "Invalid pool name", `"server" is reserved for the servers`)...)
+	}
 	c, d := b.Body.Content(poolSchema)
 	diags = append(diags, d...)
 	if a, ok := c.Attributes["count"]; ok {

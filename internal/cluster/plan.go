@@ -1,0 +1,450 @@
+package cluster
+
+import (
+	"encoding/json"
+	"fmt"
+	"path"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Role is what a machine runs.
+type Role string
+
+const (
+	RoleServer Role = "server" // Consul server + Nomad server
+	RoleClient Role = "client" // Consul client + Nomad client
+)
+
+// Ports every machine uses on its own address. The local provider gives
+// each machine its own loopback address, so they never collide.
+const (
+	ConsulHTTPSPort = 8501
+	ConsulDNSPort   = 8600
+	ConsulRPCPort   = 8300
+	ConsulSerfLAN   = 8301
+	ConsulSerfWAN   = 8302
+	NomadHTTPPort   = 4646
+	NomadRPCPort    = 4647
+	NomadSerfPort   = 4648
+)
+
+// Machine is one machine of the cluster as planning sees it.
+type Machine struct {
+	Name    string // unique in the cluster: <cluster>-server-1, <cluster>-<pool>-1
+	Role    Role
+	Pool    string // "" for servers
+	Address string // assigned by the provider; "" until it is
+}
+
+// MachineList lists the machines the spec asks for, servers first, without
+// addresses (the provider assigns them).
+func (s *Spec) MachineList() []Machine {
+	var ms []Machine
+	for i := 1; i <= s.Servers.Count; i++ {
+		ms = append(ms, Machine{Name: fmt.Sprintf("%s-server-%d", s.Name, i), Role: RoleServer})
+	}
+	for _, p := range s.Pools {
+		for i := 1; i <= p.Count; i++ {
+			ms = append(ms, Machine{Name: fmt.Sprintf("%s-%s-%d", s.Name, p.Name, i), Role: RoleClient, Pool: p.Name})
+		}
+	}
+	return ms
+}
+
+// RoleName is the bundle role of a machine: "server", or "client-<pool>".
+func RoleName(m Machine) string {
+	if m.Role == RoleServer {
+		return "server"
+	}
+	return "client-" + m.Pool
+}
+
+// The machine facts templates use. They are the render scope's names
+// (internal/render); everything else a template needs is in Vars.
+const (
+	factName       = "{{ .Machine.Name }}"
+	factAddress    = "{{ .Machine.Address }}"
+	factDataDir    = "{{ .Machine.DataDir }}"
+	factSecretsDir = "{{ .Machine.SecretsDir }}"
+	// factBundleDir is where the agent put the bundle's rendered files.
+	factBundleDir = "{{ .Bundle.Dir }}"
+)
+
+// Files of a machine's secrets directory (see MachineSecrets).
+const (
+	SecretCAFile        = "ca.pem"
+	SecretCertFile      = "cert.pem"
+	SecretKeyFile       = "key.pem"
+	SecretConsulConfig  = "consul.json"
+	SecretNomadConfig   = "nomad.json"
+	RoleConsulConfig    = "consul.json.tmpl"
+	RoleNomadConfig     = "nomad.json.tmpl"
+	ConsulProduct       = "consul"
+	NomadProduct        = "nomad"
+	serviceConsul       = "consul"
+	serviceNomad        = "nomad"
+	defaultStopTimeout  = 30 * time.Second
+	nomadClientStopWait = 60 * time.Second
+)
+
+// RolePlan is everything a bundle of one role holds: templates, services,
+// artifacts and variables. Nothing in it is secret: secrets are in each
+// machine's secrets directory (MachineSecrets), which the daemons read as
+// an extra config file.
+type RolePlan struct {
+	Role      string
+	Files     map[string][]byte // path in the bundle -> template (rendered per machine)
+	Services  []ServiceDef
+	Artifacts []ArtifactRef
+	Vars      map[string]string
+}
+
+// ArtifactRef names a binary a role runs.
+type ArtifactRef struct {
+	Product string
+	Version string
+}
+
+// ServiceDef is a service of a role. Its fields are named and valued as
+// those of supervise.Spec (StopMode "cgroup"|"main", Restart
+// "always"|"on-failure"|"never") without importing it, so that planning
+// does not depend on the supervisor; Artifact names the product whose
+// binary is the command, and Args are templates over the machine facts.
+type ServiceDef struct {
+	Name         string
+	Artifact     string   // product; the agent resolves its binary path
+	Args         []string // templates
+	Env          []string
+	After        []string
+	StopSignal   syscall.Signal
+	StopTimeout  time.Duration
+	StopMode     string
+	ReloadSignal syscall.Signal
+	Restart      string
+	Ready        *Readiness
+}
+
+// Readiness mirrors supervise.Readiness: exactly one of Notify, TCP, HTTP
+// and Command is set; TCP and HTTP are templates.
+type Readiness struct {
+	Notify   bool
+	TCP      string
+	HTTP     string
+	Command  []string
+	Timeout  time.Duration
+	Interval time.Duration
+}
+
+// Values of ServiceDef.StopMode and ServiceDef.Restart (as supervise's).
+const (
+	StopCgroup    = "cgroup"
+	StopMain      = "main"
+	RestartAlways = "always"
+)
+
+// Plan makes the plan of every role of the spec. servers are the server
+// machines with their addresses (retry_join targets). Plan takes no
+// secrets, so none can end up in a bundle.
+func Plan(spec *Spec, servers []Machine) ([]RolePlan, error) {
+	var join []string
+	for _, m := range servers {
+		if m.Address == "" {
+			return nil, fmt.Errorf("plan: server %s has no address", m.Name)
+		}
+		join = append(join, m.Address)
+	}
+	if len(join) != spec.Servers.Count {
+		return nil, fmt.Errorf("plan: %d server addresses for %d servers", len(join), spec.Servers.Count)
+	}
+	plans := []RolePlan{}
+	p, err := planRole(spec, RoleServer, Pool{}, join)
+	if err != nil {
+		return nil, err
+	}
+	plans = append(plans, p)
+	for _, pool := range spec.Pools {
+		p, err := planRole(spec, RoleClient, pool, join)
+		if err != nil {
+			return nil, err
+		}
+		plans = append(plans, p)
+	}
+	return plans, nil
+}
+
+func planRole(spec *Spec, role Role, pool Pool, join []string) (RolePlan, error) {
+	name := RoleName(Machine{Role: role, Pool: pool.Name})
+	consul, err := marshalTemplate(consulRoleConfig(spec, role, join))
+	if err != nil {
+		return RolePlan{}, fmt.Errorf("plan %s: consul config: %w", name, err)
+	}
+	nomad, err := marshalTemplate(nomadRoleConfig(spec, role, pool, join))
+	if err != nil {
+		return RolePlan{}, fmt.Errorf("plan %s: nomad config: %w", name, err)
+	}
+	p := RolePlan{
+		Role:  name,
+		Files: map[string][]byte{RoleConsulConfig: consul, RoleNomadConfig: nomad},
+		Artifacts: []ArtifactRef{
+			{Product: ConsulProduct, Version: spec.Versions.Consul},
+			{Product: NomadProduct, Version: spec.Versions.Nomad},
+		},
+		Vars: map[string]string{
+			"cluster":        spec.Name,
+			"region":         spec.Region,
+			"datacenter":     spec.Datacenter,
+			"role":           string(role),
+			"pool":           pool.Name,
+			"consul_version": spec.Versions.Consul,
+			"nomad_version":  spec.Versions.Nomad,
+		},
+	}
+	p.Services = []ServiceDef{consulService(), nomadService(role)}
+	return p, nil
+}
+
+// renderedName is the name of a role file on a machine once rendered: the
+// agent drops the template suffix.
+func renderedName(file string) string { return strings.TrimSuffix(file, ".tmpl") }
+
+func consulService() ServiceDef {
+	return ServiceDef{
+		Name:     serviceConsul,
+		Artifact: ConsulProduct,
+		Args: []string{
+			"agent",
+			"-config-file=" + path.Join(factBundleDir, renderedName(RoleConsulConfig)),
+			"-config-file=" + path.Join(factSecretsDir, SecretConsulConfig),
+		},
+		// SIGTERM: a server stays a raft member (no leave on terminate),
+		// a client leaves gracefully (leave_on_terminate is its default).
+		StopSignal:   syscall.SIGTERM,
+		StopTimeout:  defaultStopTimeout,
+		StopMode:     StopCgroup,
+		ReloadSignal: syscall.SIGHUP,
+		Restart:      RestartAlways,
+		// Consul sends READY=1 once it has joined the LAN pool.
+		Ready: &Readiness{Notify: true, Timeout: 5 * time.Minute},
+	}
+}
+
+func nomadService(role Role) ServiceDef {
+	s := ServiceDef{
+		Name:     serviceNomad,
+		Artifact: NomadProduct,
+		Args: []string{
+			"agent",
+			"-config=" + path.Join(factBundleDir, renderedName(RoleNomadConfig)),
+			"-config=" + path.Join(factSecretsDir, SecretNomadConfig),
+		},
+		After: []string{serviceConsul},
+		// SIGINT is what HashiCorp's own unit files send; with
+		// leave_on_interrupt unset it stops without leaving.
+		StopSignal:   syscall.SIGINT,
+		StopTimeout:  defaultStopTimeout,
+		StopMode:     StopCgroup,
+		ReloadSignal: syscall.SIGHUP,
+		Restart:      RestartAlways,
+		Ready:        &Readiness{Notify: true, Timeout: 5 * time.Minute},
+	}
+	if role == RoleClient {
+		// The task executors and tasks in the client's cgroup must outlive
+		// the agent (DESIGN: decision 1).
+		s.StopMode = StopMain
+		s.StopTimeout = nomadClientStopWait
+	}
+	return s
+}
+
+// escapeTemplate makes a value from the spec inert for the template
+// engine: a pool's meta value containing "{{" must stay text. A raw
+// string, because the JSON encoding of the file would escape quotes.
+func escapeTemplate(s string) string {
+	return strings.ReplaceAll(s, "{{", "{{`{{`}}")
+}
+
+func marshalTemplate(v any) ([]byte, error) {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
+	c := map[string]any{
+		"datacenter":           spec.Datacenter,
+		"node_name":            factName,
+		"data_dir":             path.Join(factDataDir, "consul"),
+		"bind_addr":            factAddress,
+		"advertise_addr":       factAddress,
+		"client_addr":          factAddress,
+		"retry_join":           join,
+		"disable_update_check": true,
+		"log_level":            "INFO",
+		"ports": map[string]any{
+			// No plaintext API, no plaintext gRPC.
+			"http": -1, "https": ConsulHTTPSPort, "grpc": -1, "grpc_tls": -1,
+			"dns": ConsulDNSPort, "server": ConsulRPCPort, "serf_lan": ConsulSerfLAN, "serf_wan": ConsulSerfWAN,
+		},
+		"tls": map[string]any{
+			"defaults": map[string]any{
+				"verify_incoming": true,
+				"verify_outgoing": true,
+				"tls_min_version": "TLSv1_2",
+			},
+			"internal_rpc": map[string]any{"verify_server_hostname": true},
+		},
+		"acl": map[string]any{
+			"enabled":                  true,
+			"default_policy":           "deny",
+			"down_policy":              "extend-cache",
+			"enable_token_persistence": false,
+		},
+		"encrypt_verify_incoming": true,
+		"encrypt_verify_outgoing": true,
+	}
+	if role == RoleServer {
+		c["server"] = true
+		c["bootstrap_expect"] = spec.Servers.Count
+		c["leave_on_terminate"] = false
+	} else {
+		c["server"] = false
+		c["leave_on_terminate"] = true
+	}
+	return c
+}
+
+func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string]any {
+	c := map[string]any{
+		"name":                 factName,
+		"region":               spec.Region,
+		"datacenter":           spec.Datacenter,
+		"data_dir":             path.Join(factDataDir, "nomad"),
+		"bind_addr":            factAddress,
+		"advertise":            map[string]any{"http": factAddress, "rpc": factAddress, "serf": factAddress},
+		"ports":                map[string]any{"http": NomadHTTPPort, "rpc": NomadRPCPort, "serf": NomadSerfPort},
+		"disable_update_check": true,
+		"log_level":            "INFO",
+		"leave_on_interrupt":   false,
+		"leave_on_terminate":   false,
+		"tls": map[string]any{
+			"http":                   true,
+			"rpc":                    true,
+			"verify_server_hostname": true,
+			"verify_https_client":    true,
+		},
+		"acl": map[string]any{"enabled": true},
+		"consul": map[string]any{
+			"address":          factAddress + fmt.Sprintf(":%d", ConsulHTTPSPort),
+			"ssl":              true,
+			"verify_ssl":       true,
+			"auto_advertise":   true,
+			"server_auto_join": false,
+			"client_auto_join": false,
+		},
+	}
+	rpcJoin := make([]string, len(join))
+	for i, a := range join {
+		rpcJoin[i] = fmt.Sprintf("%s:%d", a, NomadRPCPort)
+	}
+	if role == RoleServer {
+		c["server"] = map[string]any{
+			"enabled":          true,
+			"bootstrap_expect": spec.Servers.Count,
+			"server_join":      map[string]any{"retry_join": join},
+		}
+	} else {
+		meta := map[string]string{}
+		for k, v := range pool.Meta {
+			meta[escapeTemplate(k)] = escapeTemplate(v)
+		}
+		client := map[string]any{
+			"enabled":     true,
+			"server_join": map[string]any{"retry_join": rpcJoin},
+			"node_pool":   "default",
+			"meta":        meta,
+			// Tasks listen on the client's own address, not on 127.0.0.1
+			// that every local machine shares (DESIGN: facts).
+			"network_interface": "lo",
+		}
+		if pool.NodeClass != "" {
+			client["node_class"] = escapeTemplate(pool.NodeClass)
+		}
+		c["client"] = client
+		c["plugin"] = map[string]any{
+			"raw_exec": map[string]any{"config": map[string]any{"enabled": true}},
+		}
+	}
+	return c
+}
+
+// MachineSecrets is the content of machine m's secrets directory, which
+// the provider delivers (0700 directory, 0600 files) at secretsDir on the
+// machine: its key and certificate, the CA, and the daemons' secret config
+// (gossip keys, agent tokens, TLS file paths) that they read as an extra
+// config file after the role's.
+func MachineSecrets(spec *Spec, st *State, m Machine, secretsDir string) (map[string][]byte, error) {
+	if m.Address == "" {
+		return nil, fmt.Errorf("secrets for %s: no address", m.Name)
+	}
+	kp, err := st.NodeCert(spec, m)
+	if err != nil {
+		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+	}
+	agentTok, err := st.Token(TokenConsulAgent(m.Name))
+	if err != nil {
+		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+	}
+	nomadTok, err := st.Token(TokenNomadConsul(m.Name))
+	if err != nil {
+		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+	}
+	dnsTok, err := st.Token(TokenConsulDNS)
+	if err != nil {
+		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+	}
+	ca := path.Join(secretsDir, SecretCAFile)
+	cert := path.Join(secretsDir, SecretCertFile)
+	key := path.Join(secretsDir, SecretKeyFile)
+
+	consul := map[string]any{
+		"encrypt": st.ConsulGossipKey().Reveal(),
+		"tls": map[string]any{"defaults": map[string]any{
+			"ca_file": ca, "cert_file": cert, "key_file": key,
+		}},
+		"acl": map[string]any{"tokens": map[string]any{
+			"agent":   agentTok.Reveal(),
+			"default": dnsTok.Reveal(),
+		}},
+	}
+	nomad := map[string]any{
+		"tls": map[string]any{"ca_file": ca, "cert_file": cert, "key_file": key},
+		"consul": map[string]any{
+			"token":     nomadTok.Reveal(),
+			"ca_file":   ca,
+			"cert_file": cert,
+			"key_file":  key,
+		},
+	}
+	if m.Role == RoleServer {
+		nomad["server"] = map[string]any{"encrypt": st.NomadGossipKey().Reveal()}
+	}
+	cj, err := json.MarshalIndent(consul, "", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+	}
+	nj, err := json.MarshalIndent(nomad, "", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+	}
+	return map[string][]byte{
+		SecretCAFile:       st.CACertPEM(),
+		SecretCertFile:     kp.CertPEM,
+		SecretKeyFile:      []byte(kp.KeyPEM.Reveal()),
+		SecretConsulConfig: append(cj, '\n'),
+		SecretNomadConfig:  append(nj, '\n'),
+	}, nil
+}

@@ -1,0 +1,280 @@
+package cluster
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"text/template"
+)
+
+// facts is the render scope the plan's templates use (see the fact*
+// constants): a stand-in for internal/render's scope with the same names.
+type facts struct {
+	Machine struct{ Name, Address, DataDir, SecretsDir string }
+	Bundle  struct{ Dir string }
+	Vars    map[string]string
+}
+
+func renderAll(t *testing.T, p RolePlan, m Machine) map[string][]byte {
+	t.Helper()
+	var f facts
+	f.Machine.Name, f.Machine.Address = m.Name, m.Address
+	f.Machine.DataDir, f.Machine.SecretsDir = "/var/lib/steppe/data", "/var/lib/steppe/secrets"
+	f.Bundle.Dir = "/var/lib/steppe/releases/7"
+	f.Vars = p.Vars
+	out := map[string][]byte{}
+	for name, src := range p.Files {
+		tm, err := template.New(name).Option("missingkey=error").Parse(string(src))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		var b bytes.Buffer
+		if err := tm.Execute(&b, f); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		out[strings.TrimSuffix(name, ".tmpl")] = b.Bytes()
+	}
+	return out
+}
+
+func testMachines(spec *Spec) []Machine {
+	ms := spec.MachineList()
+	for i := range ms {
+		ms[i].Address = fmt.Sprintf("127.0.0.%d", 11+i)
+	}
+	return ms
+}
+
+func servers(ms []Machine) []Machine {
+	var s []Machine
+	for _, m := range ms {
+		if m.Role == RoleServer {
+			s = append(s, m)
+		}
+	}
+	return s
+}
+
+func TestPlanRoles(t *testing.T) {
+	spec, err := ParseSpec([]byte(`
+pool "web" {
+  count = 2
+  node_class = "web"
+  meta = { rack = "r{{1}}" }
+}
+pool "batch" {}
+`), "c.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := testMachines(spec)
+	plans, err := Plan(spec, servers(ms))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var roles []string
+	for _, p := range plans {
+		roles = append(roles, p.Role)
+	}
+	if strings.Join(roles, ",") != "server,client-web,client-batch" {
+		t.Fatalf("roles %v", roles)
+	}
+
+	srv := renderAll(t, plans[0], ms[0])
+	var consul, nomad map[string]any
+	if err := json.Unmarshal(srv["consul.json"], &consul); err != nil {
+		t.Fatalf("server consul.json: %v\n%s", err, srv["consul.json"])
+	}
+	if err := json.Unmarshal(srv["nomad.json"], &nomad); err != nil {
+		t.Fatalf("server nomad.json: %v\n%s", err, srv["nomad.json"])
+	}
+	if consul["bootstrap_expect"] != 3.0 || consul["server"] != true || consul["bind_addr"] != "127.0.0.11" || consul["node_name"] != "steppe-server-1" {
+		t.Fatalf("server consul config: %v", consul)
+	}
+	if fmt.Sprint(consul["retry_join"]) != "[127.0.0.11 127.0.0.12 127.0.0.13]" {
+		t.Fatalf("retry_join %v", consul["retry_join"])
+	}
+	acl := consul["acl"].(map[string]any)
+	if acl["enabled"] != true || acl["default_policy"] != "deny" || consul["disable_update_check"] != true {
+		t.Fatalf("consul acl %v", acl)
+	}
+	tlsd := consul["tls"].(map[string]any)["defaults"].(map[string]any)
+	if tlsd["verify_incoming"] != true || tlsd["verify_outgoing"] != true {
+		t.Fatalf("consul tls %v", tlsd)
+	}
+	if consul["ports"].(map[string]any)["http"] != -1.0 {
+		t.Fatal("consul plaintext HTTP is not disabled")
+	}
+	ns := nomad["server"].(map[string]any)
+	if ns["bootstrap_expect"] != 3.0 || nomad["disable_update_check"] != true || nomad["tls"].(map[string]any)["verify_server_hostname"] != true {
+		t.Fatalf("nomad server config %v", nomad)
+	}
+
+	web := renderAll(t, plans[1], ms[3])
+	nomad = nil
+	if err := json.Unmarshal(web["nomad.json"], &nomad); err != nil {
+		t.Fatal(err)
+	}
+	cl := nomad["client"].(map[string]any)
+	if cl["node_class"] != "web" || cl["meta"].(map[string]any)["rack"] != "r{{1}}" {
+		t.Fatalf("client config %v (meta must survive rendering verbatim)", cl)
+	}
+	if fmt.Sprint(cl["server_join"].(map[string]any)["retry_join"]) != "[127.0.0.11:4647 127.0.0.12:4647 127.0.0.13:4647]" {
+		t.Fatalf("client servers %v", cl["server_join"])
+	}
+	if _, ok := nomad["server"]; ok {
+		t.Fatal("a client has a server block")
+	}
+
+	for _, p := range plans {
+		byName := map[string]ServiceDef{}
+		for _, s := range p.Services {
+			byName[s.Name] = s
+		}
+		c, n := byName["consul"], byName["nomad"]
+		if c.Ready == nil || !c.Ready.Notify || n.Ready == nil || !n.Ready.Notify {
+			t.Fatalf("%s: readiness consul %+v nomad %+v", p.Role, c.Ready, n.Ready)
+		}
+		if len(n.After) != 1 || n.After[0] != "consul" {
+			t.Fatalf("%s: nomad after %v", p.Role, n.After)
+		}
+		wantMode := StopCgroup
+		if p.Role != "server" {
+			wantMode = StopMain
+		}
+		if n.StopMode != wantMode || c.StopMode != StopCgroup {
+			t.Fatalf("%s: stop modes consul %q nomad %q", p.Role, c.StopMode, n.StopMode)
+		}
+		if len(p.Artifacts) != 2 || p.Artifacts[0] != (ArtifactRef{"consul", "1.14.11"}) || p.Artifacts[1] != (ArtifactRef{"nomad", "1.10.5"}) {
+			t.Fatalf("%s: artifacts %v", p.Role, p.Artifacts)
+		}
+	}
+}
+
+func TestPlanNeedsServerAddresses(t *testing.T) {
+	spec := DefaultSpec()
+	ms := spec.MachineList()
+	if _, err := Plan(spec, servers(ms)); err == nil || !strings.Contains(err.Error(), "has no address") {
+		t.Fatalf("plan without addresses: %v", err)
+	}
+	if _, err := Plan(spec, servers(testMachines(spec))[:2]); err == nil {
+		t.Fatal("plan with 2 of 3 servers succeeded")
+	}
+}
+
+// TestNoSecretInBundles plans every role, renders it for every machine and
+// scans every byte that goes into a bundle for every secret the state
+// directory and the machines' secrets hold.
+func TestNoSecretInBundles(t *testing.T) {
+	dir := t.TempDir()
+	st, err := OpenState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := DefaultSpec()
+	ms := testMachines(spec)
+	plans, err := Plan(spec, servers(ms))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ConsulACL(spec, st, ms); err != nil {
+		t.Fatal(err)
+	}
+	secretDirs := map[string]map[string][]byte{}
+	for _, m := range ms {
+		sec, err := MachineSecrets(spec, st, m, "/var/lib/steppe/secrets")
+		if err != nil {
+			t.Fatal(err)
+		}
+		secretDirs[m.Name] = sec
+	}
+	if _, err := st.Token(TokenConsulBootstrap); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.OperatorCert(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Every secret: tokens, gossip keys, and the body of every private key
+	// in the state directory.
+	var secrets []string
+	for _, n := range st.TokenNames() {
+		s, _ := st.LookupToken(n)
+		secrets = append(secrets, s.Reveal())
+	}
+	secrets = append(secrets, st.ConsulGossipKey().Reveal(), st.NomadGossipKey().Reveal())
+	err = filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil || fi.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		if bytes.Contains(b, []byte("PRIVATE KEY")) {
+			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+			secrets = append(secrets, lines[1:len(lines)-1]...)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(secrets) < 3*len(ms) {
+		t.Fatalf("only %d secrets collected", len(secrets))
+	}
+
+	var bundle bytes.Buffer
+	for _, p := range plans {
+		for _, m := range ms {
+			if RoleName(m) != p.Role {
+				continue
+			}
+			for _, b := range renderAll(t, p, m) {
+				bundle.Write(b)
+			}
+		}
+		for _, b := range p.Files {
+			bundle.Write(b)
+		}
+		j, err := json.Marshal(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bundle.Write(j)
+	}
+	for _, s := range secrets {
+		if len(s) < 16 {
+			t.Fatalf("short secret line %q", s)
+		}
+		if bytes.Contains(bundle.Bytes(), []byte(s)) {
+			t.Fatalf("a secret appears in a bundle: %.6s…", s)
+		}
+	}
+
+	// The machines' secrets are where they belong: each has its own
+	// agent token and key, and servers alone carry the Nomad gossip key.
+	for _, m := range ms {
+		sec := secretDirs[m.Name]
+		tok, _ := st.LookupToken(TokenConsulAgent(m.Name))
+		if !bytes.Contains(sec[SecretConsulConfig], []byte(tok.Reveal())) {
+			t.Fatalf("%s: agent token not in its consul.json", m.Name)
+		}
+		hasNomadKey := bytes.Contains(sec[SecretNomadConfig], []byte(st.NomadGossipKey().Reveal()))
+		if hasNomadKey != (m.Role == RoleServer) {
+			t.Fatalf("%s (%s): nomad gossip key present = %v", m.Name, m.Role, hasNomadKey)
+		}
+		for _, o := range ms {
+			if o.Name == m.Name {
+				continue
+			}
+			if bytes.Equal(secretDirs[o.Name][SecretKeyFile], sec[SecretKeyFile]) {
+				t.Fatalf("%s and %s share a key", m.Name, o.Name)
+			}
+		}
+	}
+}
