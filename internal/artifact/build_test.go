@@ -1,0 +1,57 @@
+package artifact
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+)
+
+func TestBuildMissingMuslIsClearError(t *testing.T) {
+	var log bytes.Buffer
+	b := &Builder{CacheDir: t.TempDir(), Log: &log, CC: "steppe-no-such-musl-gcc"}
+	_, err := b.Build(context.Background(), "nomad", "1.9.3")
+	var se *StepError
+	if !errors.As(err, &se) || se.Step != "toolchain" {
+		t.Fatalf("err = %v, want a toolchain StepError", err)
+	}
+	if !strings.Contains(err.Error(), "musl-tools") {
+		t.Errorf("error %q does not say what to install", err)
+	}
+}
+
+func TestBuildUnobtainableVersionKeepsLog(t *testing.T) {
+	var log bytes.Buffer
+	cache := t.TempDir()
+	b := &Builder{CacheDir: cache, Log: &log}
+	_, err := b.Build(context.Background(), "nomad", "1.9.2")
+	var se *StepError
+	if !errors.As(err, &se) || se.Step != "fetch source" {
+		t.Fatalf("err = %v, want a fetch source StepError", err)
+	}
+	if !errors.Is(err, errUnavailable) || !strings.Contains(err.Error(), "Nomad 1.9.2 cannot be had") {
+		t.Errorf("error %q does not say the version cannot be had", err)
+	}
+	full, rerr := os.ReadFile(se.Log)
+	if rerr != nil {
+		t.Fatalf("build log not kept: %v", rerr)
+	}
+	if !strings.Contains(string(full), "FAILED at fetch source") || !strings.Contains(err.Error(), se.Log) {
+		t.Errorf("log %s or error lacks the failure: %q", se.Log, err)
+	}
+	if !strings.Contains(log.String(), "last lines of "+se.Log) {
+		t.Errorf("progress output lacks the log tail:\n%s", log.String())
+	}
+	if _, err := BinaryPath(cache, "nomad", "1.9.2"); err == nil {
+		t.Error("a failed build left a binary")
+	}
+}
+
+func TestBuildUnknownProduct(t *testing.T) {
+	_, err := (&Builder{CacheDir: t.TempDir()}).Build(context.Background(), "terraform", "1.9.0")
+	if err == nil || !strings.Contains(err.Error(), `unknown product "terraform"`) {
+		t.Errorf("err = %v", err)
+	}
+}

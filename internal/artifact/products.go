@@ -1,0 +1,123 @@
+// Package artifact builds static HashiCorp binaries from Go module sources,
+// publishes them into a store laid out like releases.hashicorp.com, and
+// fetches verified binaries from such a store.
+package artifact
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+)
+
+// product describes how one HashiCorp product is built the way its own
+// release build does it (GNUmakefile / scripts/build.sh of each product).
+type product struct {
+	name   string // "nomad": file names, index names
+	title  string // "Nomad": first word of "<bin> version"
+	module string // Go module path of the product's root module
+	// cgo is set for products that cannot be built without cgo; they are
+	// linked statically against musl.
+	cgo  bool
+	tags []string
+	// shortCommit: the product stamps the abbreviated commit (Consul's
+	// GNUmakefile uses `git rev-parse --short HEAD`).
+	shortCommit bool
+	// loudFallback: falling back to the sub-module version the root go.mod
+	// requires builds something other than the release, so it is a warning.
+	loudFallback bool
+	// stampPrerelease: VersionPrerelease is a plain string variable that the
+	// linker can set; Consul and Vault derive it from an embedded VERSION file.
+	stampPrerelease bool
+}
+
+func (p product) versionPkg() string { return p.module + "/version" }
+
+// products is a function rather than a package variable so that nothing
+// can mutate the table.
+func products() map[string]product {
+	return map[string]product{
+		"nomad": {
+			name: "nomad", title: "Nomad", module: "github.com/hashicorp/nomad",
+			// runc's nsenter needs cgo. The tags of Nomad's release target
+			// (ui codegen_generated release) plus the pure-Go resolvers so
+			// that the static binary needs no NSS.
+			cgo:             true,
+			tags:            []string{"ui", "codegen_generated", "release", "netgo", "osusergo"},
+			loudFallback:    true,
+			stampPrerelease: true,
+		},
+		"consul": {
+			name: "consul", title: "Consul", module: "github.com/hashicorp/consul",
+			tags:        []string{"netgo", "osusergo"},
+			shortCommit: true,
+		},
+		"vault": {
+			name: "vault", title: "Vault", module: "github.com/hashicorp/vault",
+			tags: []string{"netgo", "osusergo"},
+		},
+	}
+}
+
+func lookupProduct(name string) (product, error) {
+	ps := products()
+	p, ok := ps[name]
+	if !ok {
+		names := make([]string, 0, len(ps))
+		for n := range ps {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		return product{}, fmt.Errorf("unknown product %q (known: %s)", name, strings.Join(names, ", "))
+	}
+	return p, nil
+}
+
+// Products lists the products steppe knows how to build.
+func Products() []string {
+	ps := products()
+	names := make([]string, 0, len(ps))
+	for n := range ps {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// ParseRef splits "nomad@1.9.3" (a leading "v" on the version is accepted)
+// into product and version and checks that the product is known.
+func ParseRef(ref string) (product, version string, err error) {
+	name, ver, ok := strings.Cut(ref, "@")
+	if !ok || name == "" || ver == "" {
+		return "", "", fmt.Errorf("artifact %q: want PRODUCT@VERSION, e.g. nomad@1.9.3", ref)
+	}
+	if _, err := lookupProduct(name); err != nil {
+		return "", "", fmt.Errorf("artifact %q: %w", ref, err)
+	}
+	ver, err = normalizeVersion(ver)
+	if err != nil {
+		return "", "", fmt.Errorf("artifact %q: %w", ref, err)
+	}
+	return name, ver, nil
+}
+
+// normalizeVersion accepts "1.9.3" or "v1.9.3" and returns "1.9.3". Only
+// release versions (and pre-releases like 1.10.0-beta.1) are accepted: the
+// version becomes a path element and a module query, so nothing else may
+// pass.
+func normalizeVersion(v string) (string, error) {
+	v = strings.TrimPrefix(v, "v")
+	core, pre, _ := strings.Cut(v, "-")
+	parts := strings.Split(core, ".")
+	if len(parts) != 3 {
+		return "", fmt.Errorf("version %q: want MAJOR.MINOR.PATCH", v)
+	}
+	for _, p := range parts {
+		if p == "" || strings.Trim(p, "0123456789") != "" {
+			return "", fmt.Errorf("version %q: want MAJOR.MINOR.PATCH", v)
+		}
+	}
+	if strings.Trim(pre, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.") != "" {
+		return "", fmt.Errorf("version %q: bad pre-release part", v)
+	}
+	return v, nil
+}

@@ -1,0 +1,202 @@
+package artifact
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/ProtonMail/go-crypto/openpgp/armor"
+	"github.com/ProtonMail/go-crypto/openpgp/packet"
+)
+
+// StoreKeyFile is the name of the store's public key, exported at the
+// root of every store it signs.
+const StoreKeyFile = "steppe-store.asc"
+
+func pgpConfig() *packet.Config {
+	return &packet.Config{Algorithm: packet.PubKeyAlgoEdDSA}
+}
+
+// loadOrCreateKey reads the store's signing key from path, creating it on
+// first use. The key is written under a temporary name and linked into
+// place, so two builders starting at once agree on one key.
+func loadOrCreateKey(path string) (*openpgp.Entity, error) {
+	e, err := readPrivateKey(path)
+	if err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return e, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("store key: %w", err)
+	}
+	ent, err := openpgp.NewEntity("steppe artifact store", "built from Go module sources", "", pgpConfig())
+	if err != nil {
+		return nil, fmt.Errorf("store key: generate: %w", err)
+	}
+	var buf bytes.Buffer
+	w, err := armor.Encode(&buf, openpgp.PrivateKeyType, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := ent.SerializePrivate(w, pgpConfig()); err != nil {
+		return nil, fmt.Errorf("store key: serialize: %w", err)
+	}
+	if err := w.Close(); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), ".store-key-*")
+	if err != nil {
+		return nil, fmt.Errorf("store key: %w", err)
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if _, err := f.Write(buf.Bytes()); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Close(); err != nil {
+		return nil, err
+	}
+	if err := os.Link(tmp, path); err != nil && !errors.Is(err, fs.ErrExist) {
+		return nil, fmt.Errorf("store key: %w", err)
+	}
+	return readPrivateKey(path)
+}
+
+func readPrivateKey(path string) (*openpgp.Entity, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("store key: %w", err)
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err == nil && st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("store key %s: mode %v lets others read the private key; want 0600", path, st.Mode().Perm())
+	}
+	el, err := openpgp.ReadArmoredKeyRing(f)
+	if err != nil {
+		return nil, fmt.Errorf("store key %s: %w", path, err)
+	}
+	if len(el) != 1 || el[0].PrivateKey == nil {
+		return nil, fmt.Errorf("store key %s: want exactly one private key", path)
+	}
+	return el[0], nil
+}
+
+// armoredPublicKey exports the public half of a key.
+func armoredPublicKey(e *openpgp.Entity) ([]byte, error) {
+	var buf bytes.Buffer
+	w, err := armor.Encode(&buf, openpgp.PublicKeyType, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.Serialize(w); err != nil {
+		return nil, fmt.Errorf("export public key: %w", err)
+	}
+	if err := w.Close(); err != nil {
+		return nil, err
+	}
+	buf.WriteByte('\n')
+	return buf.Bytes(), nil
+}
+
+// signDetached makes a binary detached OpenPGP signature of data, the form
+// of HashiCorp's PRODUCT_VERSION_SHA256SUMS.sig.
+func signDetached(e *openpgp.Entity, data []byte) ([]byte, error) {
+	var sig bytes.Buffer
+	if err := openpgp.DetachSign(&sig, e, bytes.NewReader(data), pgpConfig()); err != nil {
+		return nil, fmt.Errorf("sign: %w", err)
+	}
+	return sig.Bytes(), nil
+}
+
+// Keyring is a set of trusted OpenPGP public keys; a signature by any one
+// of them is accepted.
+type Keyring struct {
+	entities openpgp.EntityList
+}
+
+// ReadKeyring parses one or more ASCII-armored public keys (concatenated
+// armor blocks are accepted, as in a keyring file of several trusted keys).
+func ReadKeyring(armored ...[]byte) (*Keyring, error) {
+	var k Keyring
+	for i, a := range armored {
+		rest := a
+		for len(bytes.TrimSpace(rest)) > 0 {
+			block, err := armor.Decode(bytes.NewReader(rest))
+			if err != nil {
+				return nil, fmt.Errorf("keyring entry %d: %w", i, err)
+			}
+			el, err := openpgp.ReadKeyRing(block.Body)
+			if err != nil {
+				return nil, fmt.Errorf("keyring entry %d: %w", i, err)
+			}
+			k.entities = append(k.entities, el...)
+			// armor.Decode consumes one block; find the next one.
+			end := bytes.Index(rest, []byte("-----END PGP"))
+			if end < 0 {
+				break
+			}
+			nl := bytes.IndexByte(rest[end:], '\n')
+			if nl < 0 {
+				break
+			}
+			rest = rest[end+nl+1:]
+		}
+	}
+	if len(k.entities) == 0 {
+		return nil, errors.New("keyring: no public keys")
+	}
+	return &k, nil
+}
+
+// ReadKeyringFile reads ReadKeyring's input from files.
+func ReadKeyringFile(paths ...string) (*Keyring, error) {
+	var all [][]byte
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, fmt.Errorf("keyring: %w", err)
+		}
+		all = append(all, b)
+	}
+	k, err := ReadKeyring(all...)
+	if err != nil {
+		return nil, fmt.Errorf("keyring %v: %w", paths, err)
+	}
+	return k, nil
+}
+
+// Fingerprints lists the trusted keys' fingerprints in hex.
+func (k *Keyring) Fingerprints() []string {
+	var fps []string
+	for _, e := range k.entities {
+		fps = append(fps, fmt.Sprintf("%X", e.PrimaryKey.Fingerprint))
+	}
+	return fps
+}
+
+// VerifyDetached checks a detached signature of data against the keyring
+// and returns the signer's fingerprint.
+func (k *Keyring) VerifyDetached(data, sig []byte) (string, error) {
+	signer, err := openpgp.CheckDetachedSignature(k.entities, bytes.NewReader(data), bytes.NewReader(sig), nil)
+	if err != nil {
+		return "", fmt.Errorf("signature check: %w", err)
+	}
+	return fmt.Sprintf("%X", signer.PrimaryKey.Fingerprint), nil
+}
+
+// keyringOf is the keyring of one entity's public half.
+func keyringOf(e *openpgp.Entity) (*Keyring, error) {
+	pub, err := armoredPublicKey(e)
+	if err != nil {
+		return nil, err
+	}
+	return ReadKeyring(pub)
+}
