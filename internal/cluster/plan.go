@@ -61,15 +61,24 @@ func RoleName(m Machine) string {
 	return "client-" + m.Pool
 }
 
-// The machine facts templates use. They are the render scope's names
-// (internal/render); everything else a template needs is in Vars.
+// The machine facts templates use, in internal/render's scope. The three
+// directories are machine tags the provider sets (the render scope has no
+// directory facts): data_dir (the daemons' state), secrets_dir (where the
+// provider delivered MachineSecrets) and config_dir (the stable path of the
+// active release's rendered files, such as a "current" symlink).
 const (
 	factName       = "{{ .Machine.Name }}"
 	factAddress    = "{{ .Machine.Address }}"
-	factDataDir    = "{{ .Machine.DataDir }}"
-	factSecretsDir = "{{ .Machine.SecretsDir }}"
-	// factBundleDir is where the agent put the bundle's rendered files.
-	factBundleDir = "{{ .Bundle.Dir }}"
+	factDataDir    = "{{ .Machine.Tags.data_dir }}"
+	factSecretsDir = "{{ .Machine.Tags.secrets_dir }}"
+	factConfigDir  = "{{ .Machine.Tags.config_dir }}"
+)
+
+// Machine tags the plan's templates need (see the fact constants).
+const (
+	TagDataDir    = "data_dir"
+	TagSecretsDir = "secrets_dir"
+	TagConfigDir  = "config_dir"
 )
 
 // Files of a machine's secrets directory (see MachineSecrets).
@@ -215,7 +224,7 @@ func consulService() ServiceDef {
 		Artifact: ConsulProduct,
 		Args: []string{
 			"agent",
-			"-config-file=" + path.Join(factBundleDir, renderedName(RoleConsulConfig)),
+			"-config-file=" + path.Join(factConfigDir, renderedName(RoleConsulConfig)),
 			"-config-file=" + path.Join(factSecretsDir, SecretConsulConfig),
 		},
 		// SIGTERM: a server stays a raft member (no leave on terminate),
@@ -236,7 +245,7 @@ func nomadService(role Role) ServiceDef {
 		Artifact: NomadProduct,
 		Args: []string{
 			"agent",
-			"-config=" + path.Join(factBundleDir, renderedName(RoleNomadConfig)),
+			"-config=" + path.Join(factConfigDir, renderedName(RoleNomadConfig)),
 			"-config=" + path.Join(factSecretsDir, SecretNomadConfig),
 		},
 		After: []string{serviceConsul},

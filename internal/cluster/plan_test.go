@@ -14,17 +14,20 @@ import (
 // facts is the render scope the plan's templates use (see the fact*
 // constants): a stand-in for internal/render's scope with the same names.
 type facts struct {
-	Machine struct{ Name, Address, DataDir, SecretsDir string }
-	Bundle  struct{ Dir string }
-	Vars    map[string]string
+	Machine struct {
+		Name, Address string
+		Tags          map[string]string
+	}
+	Vars map[string]string
 }
 
 func renderAll(t *testing.T, p RolePlan, m Machine) map[string][]byte {
 	t.Helper()
 	var f facts
 	f.Machine.Name, f.Machine.Address = m.Name, m.Address
-	f.Machine.DataDir, f.Machine.SecretsDir = "/var/lib/steppe/data", "/var/lib/steppe/secrets"
-	f.Bundle.Dir = "/var/lib/steppe/releases/7"
+	f.Machine.Tags = map[string]string{
+		TagDataDir: "/var/lib/steppe/data", TagSecretsDir: "/var/lib/steppe/secrets", TagConfigDir: "/var/lib/steppe/current",
+	}
 	f.Vars = p.Vars
 	out := map[string][]byte{}
 	for name, src := range p.Files {

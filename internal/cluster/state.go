@@ -606,3 +606,21 @@ func keyID(pub *ecdsa.PublicKey) []byte {
 	h := sha1.Sum(b)
 	return h[:]
 }
+
+// SetToken keeps a token learned from a daemon (Consul's bootstrap token)
+// under name.
+func (s *State) SetToken(name string, v Secret) error {
+	err := s.locked(func() error {
+		if err := s.readTokens(); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.tokens[name] = v
+		return s.writeTokens()
+	})
+	if err != nil {
+		return fmt.Errorf("token %s: %w", name, err)
+	}
+	return nil
+}

@@ -1,0 +1,288 @@
+// Package hashi runs the operations steppe performs on a cluster's Consul
+// and Nomad through their official Go API clients: ACL bootstrap, the
+// policies and tokens of the plan, waiting for a leader, members and
+// autopilot health.
+package hashi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	consulapi "github.com/hashicorp/consul/api"
+
+	"github.com/steppe/steppe/internal/cluster"
+)
+
+// TLSFiles are the files a client presents and trusts.
+type TLSFiles struct {
+	CAFile   string
+	CertFile string
+	KeyFile  string
+}
+
+// TokenStore keeps tokens that steppe learns from a daemon (Consul's
+// bootstrap token). *cluster.State is one.
+type TokenStore interface {
+	LookupToken(name string) (cluster.Secret, bool)
+	SetToken(name string, v cluster.Secret) error
+}
+
+// ConsulClient is a Consul API client for the HTTPS address addr
+// ("127.0.0.11:8501"), authenticating with the given client certificate
+// and token ("" for none).
+func ConsulClient(addr string, tls TLSFiles, token cluster.Secret) (*consulapi.Client, error) {
+	cfg := consulapi.DefaultNonPooledConfig()
+	cfg.Address = addr
+	cfg.Scheme = "https"
+	cfg.Token = token.Reveal()
+	cfg.TLSConfig = consulapi.TLSConfig{CAFile: tls.CAFile, CertFile: tls.CertFile, KeyFile: tls.KeyFile}
+	// The certificates name the servers server.<dc>.consul, not their
+	// addresses' DNS names; verify against the address (an IP SAN).
+	c, err := consulapi.NewClient(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("consul client for %s: %w", addr, err)
+	}
+	return c, nil
+}
+
+// poll calls f every interval until it returns true, an error that is not
+// retryable, or ctx ends; the last error is reported with the deadline.
+func poll(ctx context.Context, what string, f func() (bool, error)) error {
+	var last error
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		done, err := f()
+		if done && err == nil {
+			return nil
+		}
+		var perm *permanentError
+		if errors.As(err, &perm) {
+			return fmt.Errorf("%s: %w", what, perm.err)
+		}
+		if err != nil {
+			last = err
+		}
+		select {
+		case <-ctx.Done():
+			if last != nil {
+				return fmt.Errorf("%s: %w (last error: %v)", what, ctx.Err(), last)
+			}
+			return fmt.Errorf("%s: %w", what, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+type permanentError struct{ err error }
+
+func (p *permanentError) Error() string { return p.err.Error() }
+
+func permanent(err error) error { return &permanentError{err} }
+
+func statusCode(err error) int {
+	var se consulapi.StatusError
+	if errors.As(err, &se) {
+		return se.Code
+	}
+	return 0
+}
+
+// WaitConsulLeader waits until the Consul cluster has a leader and returns
+// its RPC address.
+func WaitConsulLeader(ctx context.Context, c *consulapi.Client) (string, error) {
+	var leader string
+	err := poll(ctx, "wait for a Consul leader", func() (bool, error) {
+		l, err := c.Status().Leader()
+		if err != nil {
+			return false, err
+		}
+		leader = l
+		return l != "", nil
+	})
+	return leader, err
+}
+
+// BootstrapConsulACL bootstraps Consul's ACL system and keeps the
+// management token in store under cluster.TokenConsulBootstrap. When store
+// already has it, it only checks that Consul accepts it: idempotent. A
+// Consul bootstrapped by someone else is an error that says so.
+//
+// Consul 1.14 cannot be handed a chosen bootstrap secret (the API takes
+// none), so the token is learned from Consul and stored at once.
+func BootstrapConsulACL(ctx context.Context, c *consulapi.Client, store TokenStore) (cluster.Secret, error) {
+	if tok, ok := store.LookupToken(cluster.TokenConsulBootstrap); ok {
+		err := poll(ctx, "check the stored Consul management token", func() (bool, error) {
+			_, _, err := c.ACL().TokenReadSelf((&consulapi.QueryOptions{Token: tok.Reveal()}).WithContext(ctx))
+			if code := statusCode(err); code == http.StatusForbidden || code == http.StatusUnauthorized {
+				return false, permanent(fmt.Errorf("consul refuses the management token in the state directory: %w", err))
+			}
+			return err == nil, err
+		})
+		return tok, err
+	}
+	var tok cluster.Secret
+	err := poll(ctx, "bootstrap Consul ACLs", func() (bool, error) {
+		t, _, err := c.ACL().Bootstrap()
+		if err != nil {
+			if strings.Contains(err.Error(), "ACL bootstrap no longer allowed") {
+				return false, permanent(errors.New("consul's ACLs were bootstrapped outside steppe and the state directory has no management token (reset with Consul's acl-bootstrap-reset procedure, then run again)"))
+			}
+			// No leader yet, or ACLs still initialising: retry.
+			return false, err
+		}
+		tok = cluster.Secret(t.SecretID)
+		return true, nil
+	})
+	if err != nil {
+		return "", err
+	}
+	if err := store.SetToken(cluster.TokenConsulBootstrap, tok); err != nil {
+		return "", fmt.Errorf("keep the Consul management token: %w", err)
+	}
+	return tok, nil
+}
+
+// ApplyConsulACL creates or updates the plan's policies and tokens. c
+// must carry a management token. Idempotent: run again, it changes
+// nothing that is already as planned.
+func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.ConsulACLPlan) error {
+	acl := c.ACL()
+	wo := (&consulapi.WriteOptions{}).WithContext(ctx)
+	for _, p := range plan.Policies {
+		existing, _, err := acl.PolicyReadByName(p.Name, (&consulapi.QueryOptions{}).WithContext(ctx))
+		if err != nil && statusCode(err) != http.StatusNotFound {
+			return fmt.Errorf("consul policy %s: %w", p.Name, err)
+		}
+		want := &consulapi.ACLPolicy{Name: p.Name, Description: p.Description, Rules: p.Rules}
+		switch {
+		case existing == nil:
+			if _, _, err := acl.PolicyCreate(want, wo); err != nil {
+				return fmt.Errorf("create consul policy %s: %w", p.Name, err)
+			}
+		case existing.Rules != p.Rules || existing.Description != p.Description:
+			want.ID = existing.ID
+			if _, _, err := acl.PolicyUpdate(want, wo); err != nil {
+				return fmt.Errorf("update consul policy %s: %w", p.Name, err)
+			}
+		}
+	}
+	for _, t := range plan.Tokens {
+		want := &consulapi.ACLToken{SecretID: t.SecretID.Reveal(), Description: t.Description}
+		for _, p := range t.Policies {
+			want.Policies = append(want.Policies, &consulapi.ACLTokenPolicyLink{Name: p})
+		}
+		if t.NodeIdentity != "" {
+			want.NodeIdentities = []*consulapi.ACLNodeIdentity{{NodeName: t.NodeIdentity, Datacenter: t.Datacenter}}
+		}
+		existing, _, err := acl.TokenReadSelf((&consulapi.QueryOptions{Token: t.SecretID.Reveal()}).WithContext(ctx))
+		if err != nil && !isACLNotFound(err) {
+			return fmt.Errorf("consul token %s: %w", t.Name, err)
+		}
+		if existing == nil {
+			if _, _, err := acl.TokenCreate(want, wo); err != nil {
+				return fmt.Errorf("create consul token %s: %w", t.Name, err)
+			}
+			continue
+		}
+		if tokenMatches(existing, want) {
+			continue
+		}
+		want.AccessorID = existing.AccessorID
+		if _, _, err := acl.TokenUpdate(want, wo); err != nil {
+			return fmt.Errorf("update consul token %s: %w", t.Name, err)
+		}
+	}
+	return nil
+}
+
+// isACLNotFound is Consul's answer to a secret it does not know.
+func isACLNotFound(err error) bool {
+	code := statusCode(err)
+	return (code == http.StatusForbidden || code == http.StatusNotFound) && strings.Contains(err.Error(), "ACL not found")
+}
+
+func tokenMatches(have, want *consulapi.ACLToken) bool {
+	if have.Description != want.Description || len(have.Policies) != len(want.Policies) || len(have.NodeIdentities) != len(want.NodeIdentities) {
+		return false
+	}
+	var hp, wp []string
+	for _, p := range have.Policies {
+		hp = append(hp, p.Name)
+	}
+	for _, p := range want.Policies {
+		wp = append(wp, p.Name)
+	}
+	slices.Sort(hp)
+	slices.Sort(wp)
+	if !slices.Equal(hp, wp) {
+		return false
+	}
+	for i := range have.NodeIdentities {
+		if *have.NodeIdentities[i] != *want.NodeIdentities[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// ConsulMember is one agent of the LAN pool.
+type ConsulMember struct {
+	Name   string
+	Addr   string
+	Server bool
+	Alive  bool
+}
+
+// ConsulMembers lists the LAN members as the agent behind c sees them.
+func ConsulMembers(c *consulapi.Client) ([]ConsulMember, error) {
+	ms, err := c.Agent().Members(false)
+	if err != nil {
+		return nil, fmt.Errorf("consul members: %w", err)
+	}
+	out := make([]ConsulMember, 0, len(ms))
+	for _, m := range ms {
+		out = append(out, ConsulMember{
+			Name:   m.Name,
+			Addr:   m.Addr,
+			Server: m.Tags["role"] == "consul",
+			Alive:  m.Status == serfAlive,
+		})
+	}
+	slices.SortFunc(out, func(a, b ConsulMember) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+// WaitConsulHealthy waits until autopilot reports every one of servers
+// servers healthy and voting, the state in which one can be lost (or
+// upgraded) without losing quorum.
+func WaitConsulHealthy(ctx context.Context, c *consulapi.Client, servers int) (*consulapi.OperatorHealthReply, error) {
+	var reply *consulapi.OperatorHealthReply
+	err := poll(ctx, "wait for Consul autopilot health", func() (bool, error) {
+		h, err := c.Operator().AutopilotServerHealth((&consulapi.QueryOptions{}).WithContext(ctx))
+		if err != nil {
+			return false, err
+		}
+		reply = h
+		voters := 0
+		for _, s := range h.Servers {
+			if s.Healthy && s.Voter {
+				voters++
+			}
+		}
+		if !h.Healthy || voters != servers {
+			return false, fmt.Errorf("%d of %d servers healthy voters", voters, servers)
+		}
+		return true, nil
+	})
+	return reply, err
+}
+
+// serfAlive is serf's MemberStatus for a live member (api v1.18 has no
+// constant for it).
+const serfAlive = 1

@@ -1,0 +1,297 @@
+package hashi
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	consulapi "github.com/hashicorp/consul/api"
+
+	"github.com/steppe/steppe/internal/cluster"
+)
+
+// consulCluster is 3 real Consul servers started from the plan.
+type consulCluster struct {
+	spec    *cluster.Spec
+	st      *cluster.State
+	servers []cluster.Machine
+	procs   []*proc
+	op      TLSFiles
+}
+
+// startConsulServers starts the servers of the plan with the real consul
+// binary on the given loopback addresses and waits for READY=1 (which
+// Consul sends once it has joined the LAN pool).
+func startConsulServers(ctx context.Context, t *testing.T, bin string, spec *cluster.Spec, st *cluster.State, addrs []string) *consulCluster {
+	t.Helper()
+	cc := &consulCluster{spec: spec, st: st}
+	for i, m := range spec.MachineList()[:spec.Servers.Count] {
+		m.Address = addrs[i]
+		cc.servers = append(cc.servers, m)
+	}
+	plans, err := cluster.Plan(spec, cc.servers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	for _, m := range cc.servers {
+		d, f := installMachine(t, root, spec, st, plans[0], m)
+		cc.procs = append(cc.procs, startService(t, bin, serviceDef(t, plans[0], "consul"), d, f))
+	}
+	waitReady(ctx, t, cc.procs...)
+	op, err := st.OperatorCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc.op = TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}
+	return cc
+}
+
+func (cc *consulCluster) client(t *testing.T, i int, token cluster.Secret) *consulapi.Client {
+	t.Helper()
+	c, err := ConsulClient(fmt.Sprintf("%s:%d", cc.servers[i].Address, cluster.ConsulHTTPSPort), cc.op, token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestConsulServersSecured starts 3 real Consul servers with the planned
+// configs and secrets (TLS with verified client certificates, gossip
+// encryption, ACLs default deny), bootstraps the ACLs, applies the
+// least-privilege policies and tokens, and checks what is refused.
+func TestConsulServersSecured(t *testing.T) {
+	bin := binary(t, "consul", cluster.DefaultConsulVersion)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+
+	st, err := cluster.OpenState(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := cluster.DefaultSpec()
+	cc := startConsulServers(ctx, t, bin, spec, st, []string{"127.0.0.111", "127.0.0.112", "127.0.0.113"})
+	fail := func(format string, args ...any) {
+		t.Helper()
+		t.Fatalf("%s\n%s", fmt.Sprintf(format, args...), logTails(cc.procs))
+	}
+
+	anon := cc.client(t, 0, "")
+	leader, err := WaitConsulLeader(ctx, anon)
+	if err != nil {
+		fail("%v", err)
+	}
+	t.Logf("leader %s", leader)
+
+	mgmt, err := BootstrapConsulACL(ctx, anon, st)
+	if err != nil {
+		fail("bootstrap: %v", err)
+	}
+	if again, err := BootstrapConsulACL(ctx, cc.client(t, 2, ""), st); err != nil || again != mgmt {
+		fail("second bootstrap: %v (same token: %v)", err, again == mgmt)
+	}
+	admin := cc.client(t, 1, mgmt)
+
+	plan, err := cluster.ConsulACL(spec, st, cc.servers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ApplyConsulACL(ctx, admin, plan); err != nil {
+		fail("apply acl: %v", err)
+	}
+	before, _, err := admin.ACL().TokenList(nil)
+	if err != nil {
+		fail("token list: %v", err)
+	}
+	if err := ApplyConsulACL(ctx, admin, plan); err != nil {
+		fail("apply acl again: %v", err)
+	}
+	after, _, err := admin.ACL().TokenList(nil)
+	if err != nil {
+		fail("token list: %v", err)
+	}
+	if len(after) != len(before) || len(after) != len(plan.Tokens)+2 { // + management, anonymous
+		fail("tokens: %d before, %d after the second apply, %d planned", len(before), len(after), len(plan.Tokens))
+	}
+	for i := range after {
+		if after[i].ModifyIndex != before[i].ModifyIndex {
+			fail("second apply modified token %s", after[i].Description)
+		}
+	}
+
+	// The agents' tokens from the machines' secrets work: each node
+	// registers itself in the catalog (blocked by ACLs until then).
+	err = poll(ctx, "3 nodes in the catalog", func() (bool, error) {
+		nodes, _, err := admin.Catalog().Nodes(nil)
+		if err != nil {
+			return false, err
+		}
+		if len(nodes) != 3 {
+			return false, fmt.Errorf("%d nodes", len(nodes))
+		}
+		return true, nil
+	})
+	if err != nil {
+		fail("%v", err)
+	}
+
+	members, err := ConsulMembers(admin)
+	if err != nil {
+		fail("%v", err)
+	}
+	alive := 0
+	for _, m := range members {
+		if m.Alive && m.Server {
+			alive++
+		}
+	}
+	if alive != 3 {
+		fail("members %+v", members)
+	}
+	if _, err := WaitConsulHealthy(ctx, admin, 3); err != nil {
+		fail("%v", err)
+	}
+
+	// Gossip is encrypted with the state directory's key, on every node.
+	rings, err := admin.Operator().KeyringList(nil)
+	if err != nil {
+		fail("keyring: %v", err)
+	}
+	for _, r := range rings {
+		if r.WAN {
+			continue
+		}
+		if len(r.Keys) != 1 || r.Keys[st.ConsulGossipKey().Reveal()] != 3 {
+			fail("LAN keyring %v: want the state's key on 3 nodes", len(r.Keys))
+		}
+	}
+
+	// Refused: no token.
+	if _, err := anon.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); statusCode(err) != http.StatusForbidden {
+		fail("KV put without a token: %v, want 403", err)
+	}
+	if _, _, err := anon.ACL().TokenList(nil); statusCode(err) != http.StatusForbidden {
+		fail("token list without a token: %v, want 403", err)
+	}
+
+	// Refused: plaintext HTTP, on the HTTPS port and on the default one.
+	addr := cc.servers[0].Address
+	if resp, err := http.Get(fmt.Sprintf("http://%s:%d/v1/status/leader", addr, cluster.ConsulHTTPSPort)); err == nil {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			fail("plaintext HTTP answered 200: %s", body)
+		}
+		t.Logf("plaintext HTTP on the HTTPS port: %d %s", resp.StatusCode, strings.TrimSpace(string(body)))
+	}
+	if conn, err := net.DialTimeout("tcp", addr+":8500", 5*time.Second); err == nil {
+		conn.Close()
+		fail("Consul listens on the plaintext port 8500")
+	}
+
+	// Refused: a client certificate from another CA, and none at all.
+	other, err := cluster.OpenState(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc, err := other.OperatorCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, files := range map[string]TLSFiles{
+		"other CA":    {CAFile: st.CAFile(), CertFile: oc.CertFile, KeyFile: oc.KeyFile},
+		"no cert":     {CAFile: st.CAFile()},
+		"other trust": {CAFile: other.CAFile(), CertFile: cc.op.CertFile, KeyFile: cc.op.KeyFile},
+	} {
+		c, err := ConsulClient(addr+":8501", files, mgmt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Status().Leader(); err == nil {
+			fail("%s: the request succeeded", name)
+		} else {
+			t.Logf("%s: refused: %v", name, err)
+		}
+	}
+	// The same refusal at the TLS layer, without the client library.
+	checkTLSRefused(t, addr+":8501", st.CACertPEM(), oc.CertFile, oc.KeyFile)
+
+	// Least privilege: a Nomad client's token registers services, and
+	// nothing else.
+	nomadTok, _ := st.LookupToken(cluster.TokenNomadConsul(cc.servers[0].Name))
+	srv := cc.client(t, 0, nomadTok)
+	if _, err := srv.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); statusCode(err) != http.StatusForbidden {
+		fail("KV put with the Nomad server token: %v, want 403", err)
+	}
+	clientPlan := &cluster.ConsulACLPlan{}
+	for _, tk := range plan.Tokens {
+		if strings.HasPrefix(tk.Name, "consul/nomad/") {
+			tk.Policies = []string{cluster.PolicyNomadClient}
+			tk.Name, tk.Description = "test/nomad-client", "test: a Nomad client token"
+			tk.SecretID = cluster.Secret("6f1b3c1e-1111-4222-8333-944455556666")
+			clientPlan.Tokens = append(clientPlan.Tokens, tk)
+			break
+		}
+	}
+	if err := ApplyConsulACL(ctx, admin, clientPlan); err != nil {
+		fail("%v", err)
+	}
+	cl := cc.client(t, 0, clientPlan.Tokens[0].SecretID)
+	if err := cl.Agent().ServiceRegister(&consulapi.AgentServiceRegistration{Name: "web", Port: 8080}); err != nil {
+		fail("service register with a Nomad client token: %v", err)
+	}
+	if _, _, err := cl.ACL().TokenList(nil); statusCode(err) != http.StatusForbidden {
+		fail("token list with a Nomad client token: %v, want 403", err)
+	}
+	if _, err := cl.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); statusCode(err) != http.StatusForbidden {
+		fail("KV put with a Nomad client token: %v, want 403", err)
+	}
+
+	// Nothing secret in the logs of the daemons either.
+	for _, p := range cc.procs {
+		b, _ := os.ReadFile(p.log)
+		for _, n := range st.TokenNames() {
+			s, _ := st.LookupToken(n)
+			if strings.Contains(string(b), s.Reveal()) {
+				t.Fatalf("%s's log holds token %s", p.name, n)
+			}
+		}
+		if strings.Contains(string(b), st.ConsulGossipKey().Reveal()) {
+			t.Fatalf("%s's log holds the gossip key", p.name)
+		}
+	}
+}
+
+// checkTLSRefused dials addr with a client certificate and checks that the
+// server refuses the handshake or the first request.
+func checkTLSRefused(t *testing.T, addr string, caPEM []byte, certFile, keyFile string) {
+	t.Helper()
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: "localhost"})
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	// TLS 1.3 reports a rejected client certificate on the first read.
+	fmt.Fprintf(conn, "GET /v1/status/leader HTTP/1.1\r\nHost: x\r\n\r\n")
+	buf := make([]byte, 64)
+	_, err = conn.Read(buf)
+	if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("TLS with a foreign client certificate: read %q, err %v", buf, err)
+	}
+}

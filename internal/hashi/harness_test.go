@@ -1,0 +1,227 @@
+package hashi
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"text/template"
+	"time"
+
+	"github.com/steppe/steppe/internal/cluster"
+)
+
+// binary finds a daemon built into the artifact cache (the layout of
+// internal/artifact: bin/PRODUCT/VERSION/PRODUCT). Outside CI a missing
+// binary skips the test with the reason; in CI (which builds them first
+// with `make artifacts`) it fails.
+func binary(t *testing.T, product, version string) string {
+	t.Helper()
+	cache := os.Getenv("STEPPE_CACHE")
+	if cache == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cache = filepath.Join(home, ".cache", "steppe")
+	}
+	p := filepath.Join(cache, "bin", product, version, product)
+	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm()&0o111 == 0 {
+		msg := fmt.Sprintf("%s %s is not built in %s (run `make artifacts`): %v", product, version, cache, err)
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	return p
+}
+
+// machineDirs is one test machine's directories, as an agent would lay
+// them out: the rendered bundle, data, and the secrets the provider
+// delivers.
+type machineDirs struct {
+	root, bundle, data, secrets string
+}
+
+type facts struct {
+	Machine struct {
+		Name, Address string
+		Tags          map[string]string
+	}
+	Vars map[string]string
+}
+
+func render(t *testing.T, name, src string, f facts) string {
+	t.Helper()
+	tm, err := template.New(name).Option("missingkey=error").Parse(src)
+	if err != nil {
+		t.Fatalf("template %s: %v", name, err)
+	}
+	var b bytes.Buffer
+	if err := tm.Execute(&b, f); err != nil {
+		t.Fatalf("template %s: %v", name, err)
+	}
+	return b.String()
+}
+
+// installMachine renders the role plan for m and writes m's secrets, as
+// the agent and the provider would.
+func installMachine(t *testing.T, root string, spec *cluster.Spec, st *cluster.State, plan cluster.RolePlan, m cluster.Machine) (machineDirs, facts) {
+	t.Helper()
+	d := machineDirs{root: filepath.Join(root, m.Name)}
+	d.bundle, d.data, d.secrets = filepath.Join(d.root, "bundle"), filepath.Join(d.root, "data"), filepath.Join(d.root, "secrets")
+	for _, p := range []string{d.bundle, d.data, d.secrets} {
+		if err := os.MkdirAll(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var f facts
+	f.Machine.Name, f.Machine.Address = m.Name, m.Address
+	f.Machine.Tags = map[string]string{cluster.TagDataDir: d.data, cluster.TagSecretsDir: d.secrets, cluster.TagConfigDir: d.bundle}
+	f.Vars = plan.Vars
+	for name, src := range plan.Files {
+		out := render(t, name, string(src), f)
+		if err := os.WriteFile(filepath.Join(d.bundle, strings.TrimSuffix(name, ".tmpl")), []byte(out), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sec, err := cluster.MachineSecrets(spec, st, m, d.secrets)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range sec {
+		if err := os.WriteFile(filepath.Join(d.secrets, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return d, f
+}
+
+// proc is a daemon started the way the plan's ServiceDef says.
+type proc struct {
+	name  string
+	cmd   *exec.Cmd
+	log   string
+	ready chan struct{} // closed on READY=1 through NOTIFY_SOCKET
+	done  chan struct{}
+}
+
+// startService starts def for a machine: args rendered, stdin /dev/null,
+// output to a log file, a NOTIFY_SOCKET of its own. Cleanup stops it with
+// the plan's stop signal and kills its process group after the timeout.
+func startService(t *testing.T, bin string, def cluster.ServiceDef, d machineDirs, f facts) *proc {
+	t.Helper()
+	var args []string
+	for i, a := range def.Args {
+		args = append(args, render(t, fmt.Sprintf("%s-arg%d", def.Name, i), a, f))
+	}
+	p := &proc{name: f.Machine.Name + "/" + def.Name, log: filepath.Join(d.root, def.Name+".log"), ready: make(chan struct{}), done: make(chan struct{})}
+
+	sock := filepath.Join(d.root, def.Name+".notify")
+	ln, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		buf := make([]byte, 4096)
+		readied := false
+		for {
+			n, _, err := ln.ReadFromUnix(buf)
+			if err != nil {
+				return
+			}
+			for _, line := range strings.Split(string(buf[:n]), "\n") {
+				if line == "READY=1" && !readied {
+					readied = true
+					close(p.ready)
+				}
+			}
+		}
+	}()
+
+	logf, err := os.Create(p.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.Env = append(def.Env, "NOTIFY_SOCKET="+sock, "HOME="+d.root, "PATH=/usr/bin:/bin")
+	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		p.cmd.Wait()
+		logf.Close()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		p.stop(t, def.StopSignal, def.StopTimeout)
+		ln.Close()
+	})
+	return p
+}
+
+func (p *proc) stop(t *testing.T, sig syscall.Signal, timeout time.Duration) {
+	select {
+	case <-p.done:
+	default:
+		p.cmd.Process.Signal(sig)
+		select {
+		case <-p.done:
+		case <-time.After(timeout):
+			t.Logf("%s did not stop within %v after %v: killing its process group", p.name, timeout, sig)
+		}
+	}
+	// Whatever it left behind (task executors) goes too.
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+}
+
+// tail is the end of a daemon's log, for failure messages.
+func (p *proc) tail() string {
+	b, _ := os.ReadFile(p.log)
+	if len(b) > 3000 {
+		b = b[len(b)-3000:]
+	}
+	return fmt.Sprintf("--- %s log (tail) ---\n%s", p.name, b)
+}
+
+func waitReady(ctx context.Context, t *testing.T, ps ...*proc) {
+	t.Helper()
+	for _, p := range ps {
+		select {
+		case <-p.ready:
+		case <-p.done:
+			t.Fatalf("%s exited before READY=1\n%s", p.name, p.tail())
+		case <-ctx.Done():
+			t.Fatalf("%s: no READY=1: %v\n%s", p.name, ctx.Err(), p.tail())
+		}
+	}
+}
+
+func serviceDef(t *testing.T, plan cluster.RolePlan, name string) cluster.ServiceDef {
+	t.Helper()
+	for _, s := range plan.Services {
+		if s.Name == name {
+			return s
+		}
+	}
+	t.Fatalf("role %s has no service %s", plan.Role, name)
+	return cluster.ServiceDef{}
+}
+
+func logTails(ps []*proc) string {
+	var b strings.Builder
+	for _, p := range ps {
+		b.WriteString(p.tail())
+		b.WriteString("\n")
+	}
+	return b.String()
+}
