@@ -25,19 +25,23 @@ type Limits struct {
 	MaxTotalBytes int64 // uncompressed size of all files together
 }
 
-// DefaultLimits suit configuration bundles: binaries travel as artifacts,
-// not inside bundles.
-var DefaultLimits = Limits{MaxFiles: 4096, MaxFileBytes: 64 << 20, MaxTotalBytes: 256 << 20}
+// The default limits, used for every zero field of Limits, suit
+// configuration bundles: binaries travel as artifacts, not in bundles.
+const (
+	DefaultMaxFiles      = 4096
+	DefaultMaxFileBytes  = 64 << 20
+	DefaultMaxTotalBytes = 256 << 20
+)
 
 func (l Limits) orDefault() Limits {
 	if l.MaxFiles <= 0 {
-		l.MaxFiles = DefaultLimits.MaxFiles
+		l.MaxFiles = DefaultMaxFiles
 	}
 	if l.MaxFileBytes <= 0 {
-		l.MaxFileBytes = DefaultLimits.MaxFileBytes
+		l.MaxFileBytes = DefaultMaxFileBytes
 	}
 	if l.MaxTotalBytes <= 0 {
-		l.MaxTotalBytes = DefaultLimits.MaxTotalBytes
+		l.MaxTotalBytes = DefaultMaxTotalBytes
 	}
 	return l
 }

@@ -171,7 +171,7 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	body := http.MaxBytesReader(w, r.Body, DefaultLimits.MaxTotalBytes+maxManifestBytes)
+	body := http.MaxBytesReader(w, r.Body, DefaultMaxTotalBytes+maxManifestBytes)
 	m, err := s.store.Publish(r.Context(), body, PublishOptions{Keys: s.opt.Keys, Cluster: cluster, Role: role})
 	if err != nil {
 		s.log.Warn("bundle server: publish refused", "bundle", cluster+"/"+role, "err", err)

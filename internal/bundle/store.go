@@ -373,7 +373,7 @@ func (h *HTTPStore) Fetch(ctx context.Context, cluster, role, etag string, wait 
 // Publish uploads a signed bundle; the server checks it against the keys
 // it trusts and refuses a version not greater than the published one.
 func (h *HTTPStore) Publish(ctx context.Context, r io.Reader) (*Manifest, error) {
-	b, err := io.ReadAll(io.LimitReader(r, DefaultLimits.MaxTotalBytes+1))
+	b, err := io.ReadAll(io.LimitReader(r, DefaultMaxTotalBytes+1))
 	if err != nil {
 		return nil, fmt.Errorf("publish: %w", err)
 	}
