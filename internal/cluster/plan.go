@@ -360,6 +360,13 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 		rpcJoin[i] = fmt.Sprintf("%s:%d", a, NomadRPCPort)
 	}
 	if role == RoleServer {
+		// Workload identity for Consul (what Nomad 1.10 requires for
+		// templates and recommends for services): servers sign the
+		// identities; hashi.SetupConsulWorkloadIdentity makes Consul trust
+		// them. The TTL is the identity's, not the Consul token's.
+		consul := c["consul"].(map[string]any)
+		consul["service_identity"] = map[string]any{"aud": []string{"consul.io"}, "ttl": "1h"}
+		consul["task_identity"] = map[string]any{"aud": []string{"consul.io"}, "ttl": "1h"}
 		c["server"] = map[string]any{
 			"enabled":          true,
 			"bootstrap_expect": spec.Servers.Count,
