@@ -1,0 +1,337 @@
+package hashi
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	consulapi "github.com/hashicorp/consul/api"
+	nomadapi "github.com/hashicorp/nomad/api"
+
+	"github.com/steppe/steppe/internal/cluster"
+)
+
+// TestNomadClusterSecured starts the default topology (3 servers, 2
+// clients) with the real consul and nomad binaries from the plan: Consul
+// on every machine, Nomad servers and clients talking to their local
+// Consul over mutual TLS with their least-privilege tokens. It bootstraps
+// Consul then Nomad ACLs, sets up workload identity, runs a raw_exec job
+// with a Consul service, and checks what must be refused.
+func TestNomadClusterSecured(t *testing.T) {
+	consulBin := binary(t, "consul", cluster.DefaultConsulVersion)
+	nomadBin := binary(t, "nomad", cluster.DefaultNomadVersion)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+
+	st, err := cluster.OpenState(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := cluster.DefaultSpec()
+	ms := spec.MachineList()
+	for i := range ms {
+		ms[i].Address = fmt.Sprintf("127.0.0.%d", 121+i)
+	}
+	servers := ms[:spec.Servers.Count]
+	plans, err := cluster.Plan(spec, servers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	planOf := map[string]cluster.RolePlan{}
+	for _, p := range plans {
+		planOf[p.Role] = p
+	}
+	op, err := st.OperatorCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	opFiles := TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}
+
+	root := t.TempDir()
+	type machine struct {
+		m      cluster.Machine
+		d      machineDirs
+		f      facts
+		plan   cluster.RolePlan
+		consul *proc
+		nomad  *proc
+	}
+	var machines []*machine
+	var all []*proc
+	for _, m := range ms {
+		p := planOf[cluster.RoleName(m)]
+		d, f := installMachine(t, root, spec, st, p, m)
+		mc := &machine{m: m, d: d, f: f, plan: p}
+		mc.consul = startService(t, consulBin, serviceDef(t, p, "consul"), d, f)
+		machines = append(machines, mc)
+		all = append(all, mc.consul)
+	}
+	fail := func(format string, args ...any) {
+		t.Helper()
+		t.Fatalf("%s\n%s", fmt.Sprintf(format, args...), logTails(all))
+	}
+	waitReady(ctx, t, all...)
+
+	// Consul first: its ACLs, and the tokens the machines already hold.
+	consulAnon, err := ConsulClient(servers[0].Address+":8501", opFiles, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := WaitConsulLeader(ctx, consulAnon); err != nil {
+		fail("%v", err)
+	}
+	consulMgmt, err := BootstrapConsulACL(ctx, consulAnon, st)
+	if err != nil {
+		fail("%v", err)
+	}
+	consulAdmin, err := ConsulClient(servers[1].Address+":8501", opFiles, consulMgmt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	aclPlan, err := cluster.ConsulACL(spec, st, ms)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ApplyConsulACL(ctx, consulAdmin, aclPlan); err != nil {
+		fail("%v", err)
+	}
+
+	// Then Nomad, after its local Consul is ready (ServiceDef.After).
+	for _, mc := range machines {
+		def := serviceDef(t, mc.plan, "nomad")
+		if len(def.After) != 1 || def.After[0] != "consul" {
+			t.Fatalf("nomad after %v", def.After)
+		}
+		mc.nomad = startService(t, nomadBin, def, mc.d, mc.f)
+		all = append(all, mc.nomad)
+	}
+	for _, mc := range machines {
+		waitReady(ctx, t, mc.nomad)
+	}
+
+	nomadAnon, err := NomadClient(servers[0].Address+":4646", opFiles, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := WaitNomadLeader(ctx, nomadAnon); err != nil {
+		fail("%v", err)
+	}
+	nomadMgmt, err := BootstrapNomadACL(ctx, nomadAnon, st)
+	if err != nil {
+		fail("%v", err)
+	}
+	if again, err := BootstrapNomadACL(ctx, nomadAnon, st); err != nil || again != nomadMgmt {
+		fail("second Nomad bootstrap: %v", err)
+	}
+	nomadAdmin, err := NomadClient(servers[2].Address+":4646", opFiles, nomadMgmt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := WaitNomadHealthy(ctx, nomadAdmin, 3); err != nil {
+		fail("%v", err)
+	}
+	peers, err := NomadServers(ctx, nomadAdmin)
+	if err != nil {
+		fail("%v", err)
+	}
+	leaders := 0
+	for _, p := range peers {
+		if p.Leader {
+			leaders++
+		}
+	}
+	if len(peers) != 3 || leaders != 1 {
+		fail("nomad raft peers %+v", peers)
+	}
+	nodes, err := WaitNomadClients(ctx, nomadAdmin, 2)
+	if err != nil {
+		fail("%v", err)
+	}
+	for _, n := range nodes {
+		t.Logf("nomad client %s at %s: %s", n.Name, n.Address, n.Status)
+	}
+
+	// 5 Consul members, and Nomad registered itself in Consul with its
+	// token over mutual TLS.
+	members, err := ConsulMembers(consulAdmin)
+	if err != nil {
+		fail("%v", err)
+	}
+	alive := 0
+	for _, m := range members {
+		if m.Alive {
+			alive++
+		}
+	}
+	if alive != 5 {
+		fail("consul members %+v", members)
+	}
+	err = poll(ctx, "nomad services in Consul", func() (bool, error) {
+		svcs, _, err := consulAdmin.Catalog().Services(nil)
+		if err != nil {
+			return false, err
+		}
+		_, s := svcs["nomad"]
+		_, c := svcs["nomad-client"]
+		if !s || !c {
+			return false, fmt.Errorf("services %v", svcs)
+		}
+		return true, nil
+	})
+	if err != nil {
+		fail("%v", err)
+	}
+
+	// Refused: no token, plaintext, a certificate from another CA.
+	if _, _, err := nomadAnon.Nodes().List(nil); err == nil || !strings.Contains(err.Error(), "403") {
+		fail("node list without a token: %v, want 403", err)
+	}
+	if resp, err := http.Get("http://" + servers[0].Address + ":4646/v1/agent/self"); err == nil {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			fail("nomad answered plaintext HTTP: %s", body)
+		}
+	}
+	other, err := cluster.OpenState(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc, err := other.OperatorCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign, err := NomadClient(servers[0].Address+":4646", TLSFiles{CAFile: st.CAFile(), CertFile: oc.CertFile, KeyFile: oc.KeyFile}, nomadMgmt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := foreign.Status().Leader(); err == nil {
+		fail("nomad accepted a client certificate from another CA")
+	}
+	checkTLSRefused(t, servers[0].Address+":4646", st.CACertPEM(), oc.CertFile, oc.KeyFile)
+
+	// Workload identity: Consul trusts Nomad's signing keys; a job's
+	// service registers with a token Consul issued through the auth method.
+	if err := SetupConsulWorkloadIdentity(ctx, consulAdmin, nomadAdmin, []string{"default"}); err != nil {
+		fail("%v", err)
+	}
+	if err := SetupConsulWorkloadIdentity(ctx, consulAdmin, nomadAdmin, []string{"default"}); err != nil {
+		fail("second workload identity setup: %v", err)
+	}
+	rules, _, err := consulAdmin.ACL().BindingRuleList(ConsulAuthMethod, nil)
+	if err != nil || len(rules) != 2 {
+		fail("binding rules after two setups: %d, %v", len(rules), err)
+	}
+
+	job := nomadapi.NewServiceJob("wi-test", "wi-test", spec.Region, 50)
+	job.Datacenters = []string{spec.Datacenter}
+	tg := nomadapi.NewTaskGroup("g", 2)
+	tg.Services = []*nomadapi.Service{{Name: "wi-web", Provider: "consul"}}
+	task := nomadapi.NewTask("sleep", "raw_exec")
+	task.Config = map[string]any{"command": "/bin/sleep", "args": []string{"3600"}}
+	task.Resources = &nomadapi.Resources{CPU: ptr(50), MemoryMB: ptr(32)}
+	tg.AddTask(task)
+	job.AddTaskGroup(tg)
+	if _, _, err := nomadAdmin.Jobs().Register(job, nil); err != nil {
+		fail("register job: %v", err)
+	}
+	t.Cleanup(func() {
+		// Stop the tasks through Nomad so that it unmounts what it mounted.
+		nomadAdmin.Jobs().Deregister("wi-test", true, nil)
+		dctx, dcancel := context.WithTimeout(context.Background(), time.Minute)
+		defer dcancel()
+		poll(dctx, "job stopped", func() (bool, error) {
+			allocs, _, err := nomadAdmin.Jobs().Allocations("wi-test", true, nil)
+			if err != nil {
+				return true, nil
+			}
+			for _, a := range allocs {
+				if a.ClientStatus == "running" || a.ClientStatus == "pending" {
+					return false, nil
+				}
+			}
+			return true, nil
+		})
+	})
+	err = poll(ctx, "2 running allocations", func() (bool, error) {
+		allocs, _, err := nomadAdmin.Jobs().Allocations("wi-test", false, nil)
+		if err != nil {
+			return false, err
+		}
+		running := 0
+		var states []string
+		for _, a := range allocs {
+			states = append(states, a.ClientStatus+" "+a.ClientDescription)
+			if a.ClientStatus == "running" {
+				running++
+			}
+			if a.ClientStatus == "failed" {
+				return false, permanent(fmt.Errorf("allocation %s failed: %s %v", a.ID, a.ClientDescription, a.TaskStates))
+			}
+		}
+		if running != 2 {
+			return false, fmt.Errorf("allocations %v", states)
+		}
+		return true, nil
+	})
+	if err != nil {
+		fail("%v", err)
+	}
+	err = poll(ctx, "wi-web registered in Consul", func() (bool, error) {
+		svc, _, err := consulAdmin.Catalog().Service("wi-web", "", nil)
+		if err != nil {
+			return false, err
+		}
+		if len(svc) != 2 {
+			return false, fmt.Errorf("%d instances", len(svc))
+		}
+		return true, nil
+	})
+	if err != nil {
+		fail("%v", err)
+	}
+	toks, _, err := consulAdmin.ACL().TokenListFiltered(consulapi.ACLTokenFilterOptions{AuthMethod: ConsulAuthMethod}, nil)
+	if err != nil {
+		fail("%v", err)
+	}
+	if len(toks) == 0 {
+		fail("no Consul token was issued through the %s auth method", ConsulAuthMethod)
+	}
+	t.Logf("%d Consul tokens issued to workloads through %s", len(toks), ConsulAuthMethod)
+
+	// Nothing secret in any daemon's log.
+	for _, p := range all {
+		checkLogClean(t, p, st)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func checkLogClean(t *testing.T, p *proc, st *cluster.State) {
+	t.Helper()
+	f, err := os.Open(p.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	secrets := []string{st.ConsulGossipKey().Reveal(), st.NomadGossipKey().Reveal()}
+	for _, n := range st.TokenNames() {
+		s, _ := st.LookupToken(n)
+		secrets = append(secrets, s.Reveal())
+	}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		for _, s := range secrets {
+			if strings.Contains(sc.Text(), s) {
+				t.Fatalf("%s's log holds a secret: %.40s…", p.name, sc.Text())
+			}
+		}
+	}
+}
