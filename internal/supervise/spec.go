@@ -102,4 +102,6 @@ type Status struct {
 	// ever started) or "fallback" (process group + subreaper + lock: weaker).
 	Isolation string `json:"isolation"`
 	Cgroup    string `json:"cgroup,omitempty"`
+	// Message is the last STATUS= the service sent through NOTIFY_SOCKET.
+	Message string `json:"message,omitempty"`
 }

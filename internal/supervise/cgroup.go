@@ -1,0 +1,245 @@
+package supervise
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// mounts are the cgroup hierarchies this process can see.
+type mounts struct {
+	v2       string // mount point of the cgroup v2 hierarchy; "" if none
+	memoryV1 string // directory of this process's own v1 memory cgroup; "" if none
+}
+
+// findMounts reads /proc/self/mountinfo and /proc/self/cgroup. It does not
+// assume /sys/fs/cgroup is cgroup v2: on hybrid hosts v2 sits at
+// /sys/fs/cgroup/unified and the controllers on v1 hierarchies.
+func findMounts() (mounts, error) {
+	var m mounts
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return m, fmt.Errorf("read mountinfo: %w", err)
+	}
+	var memMount, memRoot string
+	for line := range strings.Lines(string(data)) {
+		pre, post, ok := strings.Cut(strings.TrimSpace(line), " - ")
+		if !ok {
+			continue
+		}
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if len(f) < 5 || len(g) < 3 {
+			continue
+		}
+		switch g[0] {
+		case "cgroup2":
+			if m.v2 == "" {
+				m.v2 = unescapeMount(f[4])
+			}
+		case "cgroup":
+			if memMount == "" && hasOpt(g[2], "memory") {
+				memMount, memRoot = unescapeMount(f[4]), unescapeMount(f[3])
+			}
+		}
+	}
+	if memMount != "" {
+		own, err := os.ReadFile("/proc/self/cgroup")
+		if err == nil {
+			for line := range strings.Lines(string(own)) {
+				parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
+				if len(parts) == 3 && hasOpt(parts[1], "memory") {
+					rel := strings.TrimPrefix(parts[2], memRoot)
+					m.memoryV1 = filepath.Join(memMount, rel)
+				}
+			}
+		}
+	}
+	return m, nil
+}
+
+func hasOpt(opts, want string) bool {
+	for o := range strings.SplitSeq(opts, ",") {
+		if o == want {
+			return true
+		}
+	}
+	return false
+}
+
+// unescapeMount undoes the octal escapes of mountinfo (\040 for a space).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// cgPopulated reports whether the cgroup at dir (or a descendant) has a
+// process. A missing cgroup is not populated.
+func cgPopulated(dir string) (bool, error) {
+	data, err := os.ReadFile(filepath.Join(dir, "cgroup.events"))
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return bytes.Contains(data, []byte("populated 1")), nil
+}
+
+// cgProcs lists the processes of the cgroup at dir (v1 or v2).
+func cgProcs(dir string) ([]int, error) {
+	data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for f := range bytes.FieldsSeq(data) {
+		if n, err := strconv.Atoi(string(f)); err == nil {
+			pids = append(pids, n)
+		}
+	}
+	return pids, nil
+}
+
+// cgKill kills every process of the cgroup at once (cgroup.kill, Linux 5.14).
+// Where cgroup.kill is missing it falls back to SIGKILL each listed process,
+// repeating until the list is empty or a second has passed, since a process
+// may fork while it is being killed.
+func cgKill(dir string) error {
+	err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
+	if err == nil || errors.Is(err, os.ErrNotExist) && !dirExists(dir) {
+		return nil
+	}
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		pids, err := cgProcs(dir)
+		if err != nil {
+			return err
+		}
+		if len(pids) == 0 {
+			return nil
+		}
+		for _, p := range pids {
+			_ = unix.Kill(p, unix.SIGKILL)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return fmt.Errorf("kill cgroup %s: processes left after 1s", dir)
+}
+
+// cgSignal sends sig to every process of the cgroup at dir.
+func cgSignal(dir string, sig unix.Signal) error {
+	pids, err := cgProcs(dir)
+	if err != nil {
+		return err
+	}
+	for _, p := range pids {
+		_ = unix.Kill(p, sig)
+	}
+	return nil
+}
+
+// cgRemove removes an empty cgroup directory. The kernel reports EBUSY for a
+// short while after the last process left, so it retries briefly.
+func cgRemove(dir string) error {
+	var err error
+	for range 50 {
+		err = unix.Rmdir(dir)
+		if err == nil || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		if !errors.Is(err, unix.EBUSY) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("remove cgroup %s: %w", dir, err)
+}
+
+func dirExists(dir string) bool {
+	st, err := os.Stat(dir)
+	return err == nil && st.IsDir()
+}
+
+// readKeyed reads a "key value" file (memory.events, memory.oom_control)
+// and returns the value of key, 0 if absent.
+func readKeyed(path, key string) int64 {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), " ")
+		if ok && k == key {
+			n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// enableMemoryV2 enables the memory controller down the path from the v2
+// mount to parent, so that the service cgroups below parent get memory.max.
+// It reports whether memory.max can be used below parent.
+func enableMemoryV2(v2, parent string) bool {
+	rel, err := filepath.Rel(v2, parent)
+	if err != nil {
+		return false
+	}
+	dir := v2
+	chain := []string{dir}
+	if rel != "." {
+		for p := range strings.SplitSeq(rel, "/") {
+			dir = filepath.Join(dir, p)
+			chain = append(chain, dir)
+		}
+	}
+	for _, d := range chain {
+		ctrl, err := os.ReadFile(filepath.Join(d, "cgroup.controllers"))
+		if err != nil || !hasWord(string(ctrl), "memory") {
+			return false
+		}
+		sub, _ := os.ReadFile(filepath.Join(d, "cgroup.subtree_control"))
+		if hasWord(string(sub), "memory") {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(d, "cgroup.subtree_control"), []byte("+memory"), 0); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+func hasWord(s, w string) bool {
+	for f := range strings.FieldsSeq(s) {
+		if f == w {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,320 @@
+package supervise
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestMain makes the test binary its own exec trampoline and, in a mode
+// chosen by environment, a stand-alone agent that tests can SIGKILL.
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == ExecArg {
+		if err := ExecMain(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(127)
+		}
+	}
+	if cfg := os.Getenv("STEPPE_TEST_AGENT"); cfg != "" {
+		os.Exit(testAgentMain(cfg))
+	}
+	os.Exit(m.Run())
+}
+
+// agentConfig tells a re-executed test binary what to supervise.
+type agentConfig struct {
+	StateDir     string
+	CgroupParent string
+	Fallback     bool
+	Specs        []Spec
+	StatusFile   string // where it writes its Status, refreshed continuously
+}
+
+// testAgentMain is a minimal agent: Apply the specs, publish Status to a
+// file, Shutdown on SIGTERM. Tests kill it with SIGKILL to play a crash.
+func testAgentMain(path string) int {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	var cfg agentConfig
+	if err := json.Unmarshal(data, &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	exe, _ := os.Executable()
+	sup, err := New(ctx, Options{StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, Fallback: cfg.Fallback, Exec: []string{exe}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := sup.Apply(ctx, cfg.Specs); err != nil {
+		fmt.Fprintln(os.Stderr, "apply:", err)
+	}
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		b, _ := json.Marshal(sup.Status())
+		_ = os.WriteFile(cfg.StatusFile+".tmp", b, 0o600)
+		_ = os.Rename(cfg.StatusFile+".tmp", cfg.StatusFile)
+		select {
+		case <-ctx.Done():
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := sup.Shutdown(sctx)
+			cancel()
+			sup.Close()
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "shutdown:", err)
+				return 1
+			}
+			return 0
+		case <-t.C:
+		}
+	}
+}
+
+// testAgent is a re-executed test binary running testAgentMain.
+type testAgent struct {
+	t    *testing.T
+	cfg  agentConfig
+	cmd  *exec.Cmd
+	path string
+}
+
+func startAgent(t *testing.T, cfg agentConfig) *testAgent {
+	t.Helper()
+	dir := t.TempDir()
+	a := &testAgent{t: t, cfg: cfg, path: filepath.Join(dir, "agent.json")}
+	if a.cfg.StatusFile == "" {
+		a.cfg.StatusFile = filepath.Join(dir, "status.json")
+	}
+	b, _ := json.Marshal(a.cfg)
+	if err := os.WriteFile(a.path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.start()
+	return a
+}
+
+func (a *testAgent) start() {
+	a.t.Helper()
+	_ = os.Remove(a.cfg.StatusFile)
+	exe, _ := os.Executable()
+	a.cmd = exec.Command(exe, "-test.run=^$")
+	a.cmd.Env = append(os.Environ(), "STEPPE_TEST_AGENT="+a.path)
+	a.cmd.Stderr = os.Stderr
+	if err := a.cmd.Start(); err != nil {
+		a.t.Fatal(err)
+	}
+	a.t.Cleanup(func() {
+		if a.cmd.ProcessState == nil {
+			_ = a.cmd.Process.Kill()
+			_ = a.cmd.Wait()
+		}
+	})
+}
+
+func (a *testAgent) kill() {
+	a.t.Helper()
+	_ = a.cmd.Process.Signal(syscall.SIGKILL)
+	_ = a.cmd.Wait()
+}
+
+// terminate asks the agent to shut down (stop every service) and waits.
+func (a *testAgent) terminate() {
+	a.t.Helper()
+	_ = a.cmd.Process.Signal(syscall.SIGTERM)
+	if err := a.cmd.Wait(); err != nil {
+		a.t.Errorf("agent shutdown: %v", err)
+	}
+}
+
+func (a *testAgent) status() []Status {
+	data, err := os.ReadFile(a.cfg.StatusFile)
+	if err != nil {
+		return nil
+	}
+	var st []Status
+	_ = json.Unmarshal(data, &st)
+	return st
+}
+
+// waitStatus polls the agent's status until cond holds for it.
+func (a *testAgent) waitStatus(what string, cond func([]Status) bool) []Status {
+	a.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var st []Status
+	for time.Now().Before(deadline) {
+		st = a.status()
+		if st != nil && cond(st) {
+			return st
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	a.t.Fatalf("timeout waiting for %s; status: %+v", what, st)
+	return nil
+}
+
+func testExec() []string {
+	exe, _ := os.Executable()
+	return []string{exe}
+}
+
+// testOptions gives each test its own state directory and cgroup parent,
+// and removes the cgroups (killing what is left in them) at the end, even
+// when the test failed.
+func testOptions(t *testing.T) Options {
+	t.Helper()
+	parent := fmt.Sprintf("steppe-test/%s-%d", strings.ReplaceAll(t.Name(), "/", "_"), rand.IntN(1e9))
+	t.Cleanup(func() { cleanupCgroups(parent) })
+	return Options{StateDir: shortTempDir(t), CgroupParent: parent, Exec: testExec()}
+}
+
+// shortTempDir keeps notify socket paths below the 107-byte limit.
+func shortTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func cleanupCgroups(parent string) {
+	m, err := findMounts()
+	if err != nil {
+		return
+	}
+	var roots []string
+	if m.v2 != "" {
+		roots = append(roots, filepath.Join(m.v2, parent))
+	}
+	if m.memoryV1 != "" {
+		roots = append(roots, filepath.Join(m.memoryV1, parent))
+	}
+	for _, root := range roots {
+		ents, _ := os.ReadDir(root)
+		for _, e := range ents {
+			if e.IsDir() {
+				dir := filepath.Join(root, e.Name())
+				if strings.Contains(root, "memory") && m.v2 != "" && !strings.HasPrefix(root, m.v2) {
+					for _, p := range must(cgProcs(dir)) {
+						_ = syscall.Kill(p, syscall.SIGKILL)
+					}
+				} else {
+					_ = cgKill(dir)
+				}
+				_ = cgRemove(dir)
+			}
+		}
+		_ = cgRemove(root)
+		_ = syscall.Rmdir(filepath.Dir(root)) // the shared steppe-test, if empty
+	}
+}
+
+func must[T any](v T, _ error) T { return v }
+
+func newSup(t *testing.T, opts Options) *Supervisor {
+	t.Helper()
+	sup, err := New(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := sup.Shutdown(ctx); err != nil && err != ErrClosed {
+			t.Logf("shutdown: %v", err)
+		}
+		sup.Close()
+	})
+	return sup
+}
+
+func statusOf(t *testing.T, sup *Supervisor, name string) Status {
+	t.Helper()
+	for _, st := range sup.Status() {
+		if st.Name == name {
+			return st
+		}
+	}
+	t.Fatalf("no status for %q", name)
+	return Status{}
+}
+
+// waitFor polls cond until it holds or a generous deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("timeout waiting for %s", what)
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// listeners counts the TCP sockets listening on port (IPv4 and IPv6).
+func listeners(port int) int {
+	n := 0
+	hexPort := fmt.Sprintf(":%04X", port)
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for line := range strings.Lines(string(data)) {
+			fs := strings.Fields(line)
+			if len(fs) > 3 && strings.HasSuffix(fs[1], hexPort) && fs[3] == "0A" {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func sh(name, script string) Spec {
+	return Spec{Name: name, Command: "/bin/sh", Args: []string{"-c", script}}
+}
+
+func pidsOf(st []Status) map[string]int {
+	m := map[string]int{}
+	for _, s := range st {
+		m[s.Name] = s.PID
+	}
+	return m
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }

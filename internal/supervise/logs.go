@@ -1,0 +1,217 @@
+package supervise
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// The in-memory tail keeps at most this many lines and bytes per service.
+const (
+	tailLines = 256
+	tailBytes = 64 << 10
+)
+
+// logFile is one service's log: the file the child writes to directly
+// (stdout and stderr are an O_APPEND descriptor of it, never a pipe to the
+// agent, so a killed agent cannot break a daemon's stdout with SIGPIPE), and
+// an in-memory tail the agent keeps by following the file.
+//
+// Rotation is copy-then-truncate: the file is copied to path.1 (older copies
+// shifted up to path.LogKeep) and truncated to zero; thanks to O_APPEND the
+// child's next write lands at the new end. Whatever the child writes between
+// the copy and the truncate is lost: a window of one file copy, at most
+// LogMaxBytes plus what arrived since the last check (checked every second).
+type logFile struct {
+	path string
+	max  int64
+	keep int
+
+	mu      sync.Mutex
+	w       *os.File // O_APPEND, shared with children and used for agent lines
+	off     int64    // how far the tail has read the file
+	partial []byte   // a line not yet ended
+	lines   []string // the tail, oldest first
+	size    int      // bytes in lines
+}
+
+func openLog(path string, max int64, keep int) (*logFile, error) {
+	w, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open log: %w", err)
+	}
+	l := &logFile{path: path, max: max, keep: keep, w: w}
+	// Rebuild the tail from the end of the file (after an agent restart).
+	if st, err := w.Stat(); err == nil {
+		start := max64(0, st.Size()-tailBytes)
+		l.off = start
+		l.catchUp()
+		if start > 0 && len(l.lines) > 0 {
+			l.size -= len(l.lines[0]) // the first line is likely cut
+			l.lines = l.lines[1:]
+		}
+	}
+	return l, nil
+}
+
+func max64(a, b int64) int64 {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+func (l *logFile) setLimits(max int64, keep int) {
+	l.mu.Lock()
+	l.max, l.keep = max, keep
+	l.mu.Unlock()
+}
+
+// agentf writes a line of the agent's own into the service log.
+func (l *logFile) agentf(format string, a ...any) {
+	line := fmt.Sprintf("%s steppe: %s\n", time.Now().UTC().Format(time.RFC3339Nano), fmt.Sprintf(format, a...))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, _ = l.w.WriteString(line)
+}
+
+// catchUp reads what was appended since the last call. Caller holds l.mu.
+func (l *logFile) catchUp() {
+	f, err := os.Open(l.path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return
+	}
+	if st.Size() < l.off { // truncated behind our back
+		l.off, l.partial = 0, nil
+	}
+	if st.Size()-l.off > tailBytes { // skip what the tail would drop anyway
+		l.off, l.partial = st.Size()-tailBytes, nil
+	}
+	buf := make([]byte, st.Size()-l.off)
+	n, _ := f.ReadAt(buf, l.off)
+	l.off += int64(n)
+	data := append(l.partial, buf[:n]...)
+	for {
+		i := bytes.IndexByte(data, '\n')
+		if i < 0 {
+			break
+		}
+		l.push(string(data[:i]))
+		data = data[i+1:]
+	}
+	l.partial = append([]byte(nil), data...)
+}
+
+func (l *logFile) push(line string) {
+	l.lines = append(l.lines, line)
+	l.size += len(line)
+	for len(l.lines) > tailLines || l.size > tailBytes {
+		l.size -= len(l.lines[0])
+		l.lines[0] = ""
+		l.lines = l.lines[1:]
+	}
+	if cap(l.lines) > 4*tailLines { // do not let the backing array grow forever
+		l.lines = append([]string(nil), l.lines...)
+	}
+}
+
+// tick follows the file and rotates it when it grew past max.
+func (l *logFile) tick() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.catchUp()
+	if l.max <= 0 || l.off <= l.max {
+		return nil
+	}
+	return l.rotate()
+}
+
+func (l *logFile) rotate() error {
+	if l.keep > 0 {
+		_ = os.Remove(l.path + "." + strconv.Itoa(l.keep))
+		for i := l.keep - 1; i >= 1; i-- {
+			_ = os.Rename(l.path+"."+strconv.Itoa(i), l.path+"."+strconv.Itoa(i+1))
+		}
+		if err := copyFile(l.path, l.path+".1"); err != nil {
+			return fmt.Errorf("rotate %s: %w", l.path, err)
+		}
+	}
+	if err := os.Truncate(l.path, 0); err != nil {
+		return fmt.Errorf("rotate %s: %w", l.path, err)
+	}
+	l.off, l.partial = 0, nil
+	return nil
+}
+
+func copyFile(from, to string) error {
+	src, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		dst.Close()
+		return err
+	}
+	return dst.Close()
+}
+
+// tail returns the last n lines. Beyond the in-memory tail it reads the
+// files, rotated ones included.
+func (l *logFile) tail(n int) ([]string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.catchUp()
+	if n <= 0 {
+		return nil, nil
+	}
+	if n <= len(l.lines) {
+		return append([]string(nil), l.lines[len(l.lines)-n:]...), nil
+	}
+	var out []string
+	for i := 0; i <= l.keep && len(out) < n; i++ {
+		p := l.path
+		if i > 0 {
+			p += "." + strconv.Itoa(i)
+		}
+		data, err := os.ReadFile(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		data = bytes.TrimSuffix(data, []byte("\n"))
+		if len(data) == 0 {
+			continue
+		}
+		ls := bytes.Split(data, []byte("\n"))
+		k := max(0, len(ls)-(n-len(out)))
+		chunk := make([]string, 0, len(ls)-k)
+		for _, b := range ls[k:] {
+			chunk = append(chunk, string(b))
+		}
+		out = append(chunk, out...)
+	}
+	return out, nil
+}
+
+func (l *logFile) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.w.Close()
+}
