@@ -192,6 +192,10 @@ func reg(name, data string) entry {
 	return entry{hdr: tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(data))}, data: data}
 }
 
+func tarSymlink(name, target string) tar.Header {
+	return tar.Header{Name: name, Typeflag: tar.TypeSymlink, Linkname: target}
+}
+
 func fileOf(p, data string) File {
 	sum := sha256.Sum256([]byte(data))
 	return File{Path: p, Size: int64(len(data)), Mode: 0o644, SHA256: hex.EncodeToString(sum[:])}

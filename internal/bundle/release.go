@@ -37,6 +37,12 @@ type Release struct {
 // current release is untouched. An existing directory of the same version
 // that is not current (an unfinished earlier attempt) is replaced.
 func Unpack(ctx context.Context, r io.Reader, releasesDir string, p Policy) (*Release, error) {
+	return unpack(ctx, r, releasesDir, readOptions{policy: p, requireSig: true, checkPolicy: true})
+}
+
+// unpack is Unpack with the checks chosen by o; only the fuzzer turns the
+// signature and policy checks off, to reach the unpacker with random input.
+func unpack(ctx context.Context, r io.Reader, releasesDir string, o readOptions) (*Release, error) {
 	if err := os.MkdirAll(releasesDir, 0o755); err != nil {
 		return nil, fmt.Errorf("unpack: %w", err)
 	}
@@ -55,7 +61,7 @@ func Unpack(ctx context.Context, r io.Reader, releasesDir string, p Policy) (*Re
 		return nil, fmt.Errorf("unpack: %w", err)
 	}
 	defer root.Close()
-	m, keyID, err := readBundle(ctx, r, readOptions{policy: p, requireSig: true, checkPolicy: true}, &unpackSink{root: root})
+	m, keyID, err := readBundle(ctx, r, o, &unpackSink{root: root})
 	if err != nil {
 		return nil, err
 	}
