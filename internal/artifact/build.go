@@ -556,7 +556,13 @@ func tailFile(path string, n int) string {
 	return s
 }
 
-func since(t time.Time) time.Duration { return time.Since(t).Round(100 * time.Millisecond) }
+func since(t time.Time) time.Duration {
+	d := time.Since(t)
+	if d >= time.Minute {
+		return d.Round(time.Second)
+	}
+	return d.Round(100 * time.Millisecond)
+}
 
 func orUnknown(s string) string {
 	if s == "" {

@@ -26,7 +26,9 @@ func newGoTool(gobin string) *goTool {
 	if gobin == "" {
 		gobin = "go"
 	}
-	env := append(os.Environ(), "GOTOOLCHAIN=local", "GOWORK=off", "GOFLAGS=-mod=mod")
+	// -buildvcs=false: the build directory may sit inside some unrelated
+	// checkout whose VCS state must not be stamped into the product.
+	env := append(os.Environ(), "GOTOOLCHAIN=local", "GOWORK=off", "GOFLAGS=-mod=mod -buildvcs=false")
 	return &goTool{gobin: gobin, env: env}
 }
 
