@@ -117,6 +117,11 @@ pool "batch" {}
 		t.Fatalf("nomad server config %v", nomad)
 	}
 
+	nc := nomad["consul"].(map[string]any)
+	if nc["ssl"] != true || nc["verify_ssl"] != true || nc["service_identity"] == nil || nc["task_identity"] == nil {
+		t.Fatalf("nomad server consul block %v", nc)
+	}
+
 	web := renderAll(t, plans[1], ms[3])
 	nomad = nil
 	if err := json.Unmarshal(web["nomad.json"], &nomad); err != nil {
@@ -131,6 +136,9 @@ pool "batch" {}
 	}
 	if _, ok := nomad["server"]; ok {
 		t.Fatal("a client has a server block")
+	}
+	if fmt.Sprint(nomad["plugin"]) != "map[raw_exec:map[config:map[enabled:true]]]" {
+		t.Fatalf("client plugins %v", nomad["plugin"])
 	}
 
 	for _, p := range plans {

@@ -54,6 +54,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	opFiles := TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}
 
 	root := t.TempDir()
+	cleanupHost(t, root)
 	type machine struct {
 		m      cluster.Machine
 		d      machineDirs

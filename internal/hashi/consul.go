@@ -41,8 +41,8 @@ func ConsulClient(addr string, tls TLSFiles, token cluster.Secret) (*consulapi.C
 	cfg.Scheme = "https"
 	cfg.Token = token.Reveal()
 	cfg.TLSConfig = consulapi.TLSConfig{CAFile: tls.CAFile, CertFile: tls.CertFile, KeyFile: tls.KeyFile}
-	// The certificates name the servers server.<dc>.consul, not their
-	// addresses' DNS names; verify against the address (an IP SAN).
+	// The server's certificate is verified against addr's IP (every node
+	// certificate has its address as an IP SAN).
 	c, err := consulapi.NewClient(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("consul client for %s: %w", addr, err)
@@ -153,10 +153,21 @@ func BootstrapConsulACL(ctx context.Context, c *consulapi.Client, store TokenSto
 // nothing that is already as planned.
 func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.ConsulACLPlan) error {
 	acl := c.ACL()
+	// A follower resolves tokens from its own copy of the raft log: right
+	// after the bootstrap it may not know the management token yet.
+	err := poll(ctx, "wait until Consul knows the management token", func() (bool, error) {
+		_, _, err := acl.TokenReadSelf((&consulapi.QueryOptions{}).WithContext(ctx))
+		return err == nil, err
+	})
+	if err != nil {
+		return err
+	}
 	wo := (&consulapi.WriteOptions{}).WithContext(ctx)
 	for _, p := range plan.Policies {
+		// Consul 1.14 answers 403 "ACL not found" for a policy that does
+		// not exist (the token itself was checked above).
 		existing, _, err := acl.PolicyReadByName(p.Name, (&consulapi.QueryOptions{}).WithContext(ctx))
-		if err != nil && statusCode(err) != http.StatusNotFound {
+		if err != nil && !isACLNotFound(err) {
 			return fmt.Errorf("consul policy %s: %w", p.Name, err)
 		}
 		want := &consulapi.ACLPolicy{Name: p.Name, Description: p.Description, Rules: p.Rules}

@@ -246,8 +246,13 @@ func TestConsulServersSecured(t *testing.T) {
 		fail("%v", err)
 	}
 	cl := cc.client(t, 0, clientPlan.Tokens[0].SecretID)
-	if err := cl.Agent().ServiceRegister(&consulapi.AgentServiceRegistration{Name: "web", Port: 8080}); err != nil {
-		fail("service register with a Nomad client token: %v", err)
+	// The token was created through another server: wait for it here.
+	err = poll(ctx, "register a service with a Nomad client token", func() (bool, error) {
+		err := cl.Agent().ServiceRegister(&consulapi.AgentServiceRegistration{Name: "web", Port: 8080})
+		return err == nil, err
+	})
+	if err != nil {
+		fail("%v", err)
 	}
 	if _, _, err := cl.ACL().TokenList(nil); statusCode(err) != http.StatusForbidden {
 		fail("token list with a Nomad client token: %v, want 403", err)

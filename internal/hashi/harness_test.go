@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -224,4 +226,62 @@ func logTails(ps []*proc) string {
 		b.WriteString("\n")
 	}
 	return b.String()
+}
+
+// cleanupHost registers (to run after every process of the test is gone,
+// so call it before starting any) the removal of what Nomad clients leave
+// on the host: mounts under root (task secrets tmpfs) and the cgroups
+// created under Nomad's parents during the test.
+func cleanupHost(t *testing.T, root string) {
+	t.Helper()
+	before := nomadCgroups()
+	t.Cleanup(func() {
+		b, err := os.ReadFile("/proc/self/mountinfo")
+		if err == nil {
+			var mounts []string
+			for _, line := range strings.Split(string(b), "\n") {
+				f := strings.Fields(line)
+				if len(f) > 4 && strings.HasPrefix(f[4], root+"/") {
+					mounts = append(mounts, f[4])
+				}
+			}
+			// Deepest first.
+			slices.SortFunc(mounts, func(a, b string) int { return len(b) - len(a) })
+			for _, m := range mounts {
+				if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
+					t.Logf("unmount %s: %v", m, err)
+				}
+			}
+		}
+		var created []string
+		for _, d := range nomadCgroups() {
+			if !slices.Contains(before, d) {
+				created = append(created, d)
+			}
+		}
+		slices.SortFunc(created, func(a, b string) int { return len(b) - len(a) })
+		for _, d := range created {
+			if err := os.Remove(d); err != nil {
+				t.Logf("remove cgroup %s: %v", d, err)
+			}
+		}
+	})
+}
+
+// nomadCgroups lists the cgroup directories under Nomad's parents (v1
+// "nomad" in every hierarchy, v2 "nomad.slice").
+func nomadCgroups() []string {
+	var out []string
+	for _, pattern := range []string{"/sys/fs/cgroup/*/nomad", "/sys/fs/cgroup/nomad.slice", "/sys/fs/cgroup/unified/nomad.slice"} {
+		tops, _ := filepath.Glob(pattern)
+		for _, top := range tops {
+			filepath.WalkDir(top, func(p string, d fs.DirEntry, err error) error {
+				if err == nil && d.IsDir() {
+					out = append(out, p)
+				}
+				return nil
+			})
+		}
+	}
+	return out
 }

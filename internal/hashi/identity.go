@@ -133,7 +133,7 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 		},
 	}
 	existing, _, err := acl.AuthMethodRead(ConsulAuthMethod, qo)
-	if err != nil && statusCode(err) != http.StatusNotFound {
+	if err != nil && statusCode(err) != http.StatusNotFound && !isACLNotFound(err) {
 		return fmt.Errorf("consul auth method %s: %w", ConsulAuthMethod, err)
 	}
 	if existing == nil {
@@ -153,7 +153,7 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 	for _, ns := range namespaces {
 		name := fmt.Sprintf(nomadTasksRoleFmt, ns)
 		r, _, err := acl.RoleReadByName(name, qo)
-		if err != nil && statusCode(err) != http.StatusNotFound {
+		if err != nil && statusCode(err) != http.StatusNotFound && !isACLNotFound(err) {
 			return fmt.Errorf("consul role %s: %w", name, err)
 		}
 		if r == nil {
