@@ -51,15 +51,14 @@ func TestDoubleForkDaemon(t *testing.T) {
 	if err := sup.Apply(ctx, []Spec{spec}); err != nil {
 		t.Fatal(err)
 	}
+	// The first main process (sh) exits 0 once the daemon has forked off;
+	// the daemon's sole process becomes the main one. It may be caught
+	// between its fork and its exec, so wait for its name.
 	var st Status
-	waitFor(t, "the daemon's sole process to become main", func() bool {
+	waitFor(t, "the daemon to be followed as main", func() bool {
 		st = statusOf(t, sup, "daemon")
-		return st.State == StateRunning && st.Processes == 1 && st.PID != 0
-	})
-	// The sole process may be caught between its fork and its exec.
-	waitFor(t, "the main process to be the daemon (sleep)", func() bool {
 		comm, _ := os.ReadFile("/proc/" + itoa(st.PID) + "/comm")
-		return strings.TrimSpace(string(comm)) == "sleep"
+		return st.State == StateRunning && st.Processes == 1 && st.LastExit == "exit 0" && strings.TrimSpace(string(comm)) == "sleep"
 	})
 	if st.Restarts != 0 {
 		t.Fatalf("restarts = %d after a daemonizing start", st.Restarts)

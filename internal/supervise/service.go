@@ -276,6 +276,18 @@ func (a *service) publish() {
 		st.PID = a.main.pid
 	}
 	a.st = st
+	// The ready channel changes together with the Status: a WaitReady
+	// that returns sees a ready Status.
+	select {
+	case <-a.readyCh:
+		if !a.ready {
+			a.readyCh = make(chan struct{})
+		}
+	default:
+		if a.ready {
+			close(a.readyCh)
+		}
+	}
 }
 
 func (a *service) setPhase(p State) {
@@ -711,25 +723,11 @@ func (a *service) markReady() {
 	a.ready = true
 	a.lastErr = ""
 	a.setPhase(StateRunning)
-	a.mu.Lock()
-	select {
-	case <-a.readyCh:
-	default:
-		close(a.readyCh)
-	}
-	a.mu.Unlock()
 	a.saveRecord()
 }
 
 func (a *service) unready() {
 	a.ready = false
-	a.mu.Lock()
-	select {
-	case <-a.readyCh:
-		a.readyCh = make(chan struct{})
-	default:
-	}
-	a.mu.Unlock()
 }
 
 func (a *service) handleEvent(e event) {
