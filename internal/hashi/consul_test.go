@@ -99,6 +99,11 @@ func TestConsulServersSecured(t *testing.T) {
 	if again, err := BootstrapConsulACL(ctx, cc.client(t, 2, ""), st); err != nil || again != mgmt {
 		fail("second bootstrap: %v (same token: %v)", err, again == mgmt)
 	}
+	// A state directory without the token cannot take over a bootstrapped
+	// Consul, and says why.
+	if _, err := BootstrapConsulACL(ctx, anon, memStore{}); err == nil || !strings.Contains(err.Error(), "bootstrapped outside steppe") {
+		fail("bootstrap from another state dir: %v", err)
+	}
 	admin := cc.client(t, 1, mgmt)
 
 	plan, err := cluster.ConsulACL(spec, st, cc.servers)
@@ -300,3 +305,9 @@ func checkTLSRefused(t *testing.T, addr string, caPEM []byte, certFile, keyFile 
 		t.Fatalf("TLS with a foreign client certificate: read %q, err %v", buf, err)
 	}
 }
+
+// memStore is an empty token store: another operator's state directory.
+type memStore map[string]cluster.Secret
+
+func (m memStore) LookupToken(name string) (cluster.Secret, bool) { s, ok := m[name]; return s, ok }
+func (m memStore) SetToken(name string, v cluster.Secret) error   { m[name] = v; return nil }
