@@ -8,9 +8,6 @@ const (
 	TokenConsulBootstrap = "consul/bootstrap"
 	// TokenNomadBootstrap is Nomad's initial management token.
 	TokenNomadBootstrap = "nomad/bootstrap"
-	// TokenConsulDNS is every Consul agent's default token: read-only
-	// lookups for DNS.
-	TokenConsulDNS = "consul/dns"
 )
 
 // TokenConsulAgent names the Consul agent token of one machine.
@@ -24,7 +21,6 @@ func TokenNomadConsul(machine string) string { return "consul/nomad/" + machine 
 const (
 	PolicyNomadServer = "steppe-nomad-server"
 	PolicyNomadClient = "steppe-nomad-client"
-	PolicyDNS         = "steppe-dns"
 )
 
 // ConsulPolicy is a Consul ACL policy.
@@ -67,10 +63,6 @@ mesh = "write"
 node_prefix "" { policy = "read" }
 service_prefix "" { policy = "write" }
 `
-	dnsRules = `node_prefix "" { policy = "read" }
-service_prefix "" { policy = "read" }
-query_prefix "" { policy = "read" }
-`
 )
 
 // ConsulACL plans the Consul policies and tokens of the machines ms. The
@@ -80,7 +72,6 @@ func ConsulACL(spec *Spec, st *State, ms []Machine) (*ConsulACLPlan, error) {
 	p := &ConsulACLPlan{Policies: []ConsulPolicy{
 		{Name: PolicyNomadServer, Description: "steppe: Nomad servers", Rules: nomadServerRules},
 		{Name: PolicyNomadClient, Description: "steppe: Nomad clients", Rules: nomadClientRules},
-		{Name: PolicyDNS, Description: "steppe: anonymous-like DNS lookups", Rules: dnsRules},
 	}}
 	tok := func(name, desc string, policies []string, node string) error {
 		s, err := st.Token(name)
@@ -93,9 +84,6 @@ func ConsulACL(spec *Spec, st *State, ms []Machine) (*ConsulACLPlan, error) {
 		}
 		p.Tokens = append(p.Tokens, t)
 		return nil
-	}
-	if err := tok(TokenConsulDNS, "steppe: agents' default token (DNS)", []string{PolicyDNS}, ""); err != nil {
-		return nil, fmt.Errorf("consul acl plan: %w", err)
 	}
 	for _, m := range ms {
 		if err := tok(TokenConsulAgent(m.Name), "steppe: Consul agent "+m.Name, nil, m.Name); err != nil {

@@ -418,10 +418,6 @@ func MachineSecrets(spec *Spec, st *State, m Machine, secretsDir string) (map[st
 	if err != nil {
 		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
 	}
-	dnsTok, err := st.Token(TokenConsulDNS)
-	if err != nil {
-		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
-	}
 	ca := path.Join(secretsDir, SecretCAFile)
 	cert := path.Join(secretsDir, SecretCertFile)
 	key := path.Join(secretsDir, SecretKeyFile)
@@ -431,9 +427,10 @@ func MachineSecrets(spec *Spec, st *State, m Machine, secretsDir string) (map[st
 		"tls": map[string]any{"defaults": map[string]any{
 			"ca_file": ca, "cert_file": cert, "key_file": key,
 		}},
+		// No default token: in Consul 1.14 it would also answer every HTTP
+		// request that carries no token (a DNS-only token arrives in 1.17).
 		"acl": map[string]any{"tokens": map[string]any{
-			"agent":   agentTok.Reveal(),
-			"default": dnsTok.Reveal(),
+			"agent": agentTok.Reveal(),
 		}},
 	}
 	nomad := map[string]any{

@@ -187,6 +187,10 @@ func TestConsulServersSecured(t *testing.T) {
 	if _, _, err := anon.ACL().TokenList(nil); statusCode(err) != http.StatusForbidden {
 		fail("token list without a token: %v, want 403", err)
 	}
+	// Reads are filtered to nothing rather than refused.
+	if nodes, _, err := anon.Catalog().Nodes(nil); err != nil || len(nodes) != 0 {
+		fail("catalog without a token: %d nodes, %v; want none", len(nodes), err)
+	}
 
 	// Refused: plaintext HTTP, on the HTTPS port and on the default one.
 	addr := cc.servers[0].Address
