@@ -2,9 +2,149 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"flag"
 	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/steppe/steppe/internal/agent"
+	"github.com/steppe/steppe/internal/supervise"
 )
 
 func runAgent(ctx context.Context, args []string) error {
-	return fmt.Errorf("steppe agent: not built yet")
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		sub, rest := args[0], args[1:]
+		switch sub {
+		case "status":
+			return agentStatus(ctx, rest)
+		case "logs":
+			return agentLogs(ctx, rest)
+		case "start", "stop", "restart", "reload":
+			return agentControl(ctx, sub, rest)
+		default:
+			return fmt.Errorf("%w: steppe agent %s: unknown subcommand (want status, logs, start, stop, restart or reload)", errUsage, sub)
+		}
+	}
+	fs := flag.NewFlagSet("steppe agent", flag.ContinueOnError)
+	config := fs.String("config", "", "the agent's config file (HCL)")
+	state := fs.String("state", "", "state directory (overrides agent.state_dir; default "+agent.DefaultStateDir+")")
+	socket := fs.String("socket", "", "local API socket (overrides agent.socket; default "+agent.DefaultSocket+")")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if *config == "" || fs.NArg() > 0 {
+		fs.Usage()
+		return fmt.Errorf("%w: steppe agent needs -config FILE and nothing else", errUsage)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("find own executable for the exec trampoline: %w", err)
+	}
+	return agent.Run(ctx, agent.Options{
+		ConfigPath: *config,
+		StateDir:   *state,
+		Socket:     *socket,
+		Exec:       []string{exe},
+		Logger:     slog.New(slog.NewTextHandler(os.Stderr, nil)),
+	})
+}
+
+// clientFlags are the flags of every command that talks to a running agent.
+func clientFlags(name string) (*flag.FlagSet, *string) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	def := os.Getenv("STEPPE_AGENT_SOCKET")
+	if def == "" {
+		def = agent.DefaultSocket
+	}
+	socket := fs.String("socket", def, "the agent's local API socket (env STEPPE_AGENT_SOCKET)")
+	return fs, socket
+}
+
+func agentStatus(ctx context.Context, args []string) error {
+	fs, socket := clientFlags("steppe agent status")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if _, err := parseInterspersed(fs, args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	st, err := agent.NewClient(*socket).Status(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	printStatus(os.Stdout, st, time.Now())
+	return nil
+}
+
+func printStatus(w io.Writer, st agent.StatusReport, now time.Time) {
+	fmt.Fprintf(w, "agent pid %d, up %s, config %s\n", st.Agent.PID, now.Sub(st.Agent.StartedAt).Round(time.Second), st.Agent.Config)
+	if st.Agent.Isolation == "fallback" {
+		fmt.Fprintln(w, "WARNING: no writable cgroup v2: services are tracked by process group and lock only; a double fork can escape")
+	}
+	if st.Agent.ConfigError != "" {
+		fmt.Fprintf(w, "config reload refused (services run the previous config):\n  %s\n", strings.ReplaceAll(st.Agent.ConfigError, "\n", "\n  "))
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tSTATE\tPID\tPROCS\tREADY\tRESTARTS\tSINCE\tLAST EXIT\tNOTE")
+	for _, s := range st.Services {
+		pid := "-"
+		if s.PID > 0 {
+			pid = fmt.Sprint(s.PID)
+		}
+		note := s.LastError
+		if s.State == supervise.StateBackoff && !s.NextStart.IsZero() {
+			note = strings.TrimSpace(fmt.Sprintf("next start in %s %s", s.NextStart.Sub(now).Round(time.Millisecond), note))
+		}
+		if s.Adopted && note == "" {
+			note = "adopted"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%v\t%d\t%s\t%s\t%s\n", s.Name, s.State, pid, s.Processes, s.Ready, s.Restarts,
+			now.Sub(s.Since).Round(time.Second), dash(s.LastExit), note)
+	}
+	tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func agentLogs(ctx context.Context, args []string) error {
+	fs, socket := clientFlags("steppe agent logs")
+	n := fs.Int("n", 50, "number of lines")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil || len(pos) != 1 {
+		return fmt.Errorf("%w: steppe agent logs SERVICE [-n N]", errUsage)
+	}
+	lines, err := agent.NewClient(*socket).Logs(ctx, pos[0], *n)
+	if err != nil {
+		return err
+	}
+	for _, l := range lines {
+		fmt.Println(l)
+	}
+	return nil
+}
+
+func agentControl(ctx context.Context, action string, args []string) error {
+	fs, socket := clientFlags("steppe agent " + action)
+	pos, err := parseInterspersed(fs, args)
+	if err != nil || len(pos) != 1 {
+		return fmt.Errorf("%w: steppe agent %s SERVICE", errUsage, action)
+	}
+	if err := agent.NewClient(*socket).Control(ctx, pos[0], action); err != nil {
+		return fmt.Errorf("%s %s: %w", action, pos[0], err)
+	}
+	fmt.Printf("%s: %s done\n", pos[0], action)
+	return nil
 }

@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/steppe/steppe/internal/supervise"
 )
 
 const usage = `steppe: run Nomad somewhere, and keep it healthy.
@@ -37,6 +39,13 @@ Operator:
 var errUsage = errors.New("usage")
 
 func main() {
+	// The supervisor starts some services through steppe itself, which joins
+	// the service's memory cgroup and then execs the real program.
+	if len(os.Args) > 1 && os.Args[1] == supervise.ExecArg {
+		err := supervise.ExecMain(os.Args[2:])
+		fmt.Fprintf(os.Stderr, "steppe exec: %v\n", err)
+		os.Exit(127)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:]); err != nil {

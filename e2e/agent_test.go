@@ -1,0 +1,590 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/steppe/steppe/internal/agent"
+	"github.com/steppe/steppe/internal/supervise"
+)
+
+var agentBin struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// steppeBinary builds the real steppe binary once per test run.
+func steppeBinary(t testing.TB) string {
+	agentBin.once.Do(func() {
+		dir, err := os.MkdirTemp("", "steppe-e2e-bin-")
+		if err != nil {
+			agentBin.err = err
+			return
+		}
+		agentBin.path = filepath.Join(dir, "steppe")
+		out, err := exec.Command("go", "build", "-o", agentBin.path, "../cmd/steppe").CombinedOutput()
+		if err != nil {
+			agentBin.err = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if agentBin.err != nil {
+		t.Fatal(agentBin.err)
+	}
+	return agentBin.path
+}
+
+// testAgent is one real `steppe agent` process with its own state dir,
+// socket and cgroup parent.
+type testAgent struct {
+	t      testing.TB
+	dir    string
+	config string
+	socket string
+	cgroup string
+	cmd    *exec.Cmd
+	done   chan error
+}
+
+func newTestAgent(t testing.TB, config string) *testAgent {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("the agent needs root for cgroups; run the tests as root (CI does)")
+	}
+	dir := t.TempDir()
+	a := &testAgent{
+		t:      t,
+		dir:    dir,
+		config: filepath.Join(dir, "agent.hcl"),
+		socket: filepath.Join(dir, "run", "agent.sock"),
+		cgroup: fmt.Sprintf("steppe-e2e/%s-%d", sanitize(t.Name()), time.Now().UnixNano()),
+	}
+	a.writeConfig(config)
+	t.Cleanup(a.cleanup)
+	return a
+}
+
+func sanitize(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' {
+			return r
+		}
+		return '-'
+	}, s)
+}
+
+func (a *testAgent) writeConfig(services string) {
+	a.t.Helper()
+	cfg := fmt.Sprintf("agent {\n  state_dir = %q\n  socket = %q\n  cgroup = %q\n}\n%s", filepath.Join(a.dir, "state"), a.socket, a.cgroup, services)
+	if err := os.WriteFile(a.config, []byte(cfg), 0o600); err != nil {
+		a.t.Fatal(err)
+	}
+}
+
+func (a *testAgent) start() {
+	a.t.Helper()
+	a.cmd = exec.Command(steppeBinary(a.t), "agent", "-config", a.config)
+	logf, err := os.OpenFile(filepath.Join(a.dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	defer logf.Close()
+	a.cmd.Stdout, a.cmd.Stderr = logf, logf
+	if err := a.cmd.Start(); err != nil {
+		a.t.Fatal(err)
+	}
+	a.done = make(chan error, 1)
+	go func(c *exec.Cmd, done chan error) { done <- c.Wait() }(a.cmd, a.done)
+	a.waitAPI()
+}
+
+func (a *testAgent) waitAPI() {
+	a.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := a.client().Status(context.Background()); err == nil {
+			return
+		}
+		select {
+		case err := <-a.done:
+			a.t.Fatalf("agent exited: %v\n%s", err, a.log())
+		default:
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("agent API never answered\n%s", a.log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (a *testAgent) client() *agent.Client { return agent.NewClient(a.socket) }
+
+func (a *testAgent) log() string {
+	b, _ := os.ReadFile(filepath.Join(a.dir, "agent.log"))
+	return string(b)
+}
+
+func (a *testAgent) kill() {
+	a.t.Helper()
+	_ = a.cmd.Process.Signal(syscall.SIGKILL)
+	<-a.done
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (a *testAgent) stop() {
+	a.t.Helper()
+	_ = a.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-a.done:
+		if err != nil {
+			a.t.Fatalf("agent exited with %v after SIGTERM\n%s", err, a.log())
+		}
+	case <-time.After(60 * time.Second):
+		a.t.Fatalf("agent did not exit within 60s of SIGTERM\n%s", a.log())
+	}
+}
+
+func (a *testAgent) steppe(args ...string) (string, error) {
+	cmd := exec.Command(steppeBinary(a.t), args...)
+	cmd.Env = append(os.Environ(), "STEPPE_AGENT_SOCKET="+a.socket)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// cleanup kills whatever a failed test left: the agent, then every process
+// in the test's cgroups, then the cgroups.
+func (a *testAgent) cleanup() {
+	if a.cmd != nil && a.cmd.ProcessState == nil {
+		_ = a.cmd.Process.Signal(syscall.SIGKILL)
+		<-a.done
+	}
+	root := filepath.Join(cgroup2Mount(a.t), a.cgroup)
+	var dirs []string
+	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	for i := len(dirs) - 1; i >= 0; i-- {
+		_ = os.WriteFile(filepath.Join(dirs[i], "cgroup.kill"), []byte("1"), 0)
+		for j := 0; j < 100; j++ {
+			if os.Remove(dirs[i]) == nil {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+func cgroup2Mount(t testing.TB) string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		for i, fld := range fields {
+			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" {
+				return fields[4]
+			}
+		}
+	}
+	t.Fatal("no cgroup2 mount")
+	return ""
+}
+
+// waitFor polls the agent's status until cond holds.
+func (a *testAgent) waitFor(what string, timeout time.Duration, cond func(agent.StatusReport) bool) agent.StatusReport {
+	a.t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last agent.StatusReport
+	for time.Now().Before(deadline) {
+		st, err := a.client().Status(context.Background())
+		if err == nil {
+			last = st
+			if cond(st) {
+				return st
+			}
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	js, _ := json.MarshalIndent(last, "", "  ")
+	a.t.Fatalf("timed out after %v waiting for %s; last status:\n%s\nagent log:\n%s", timeout, what, js, a.log())
+	return last
+}
+
+func allRunning(n int) func(agent.StatusReport) bool {
+	return func(st agent.StatusReport) bool {
+		if len(st.Services) != n {
+			return false
+		}
+		for _, s := range st.Services {
+			if s.State != supervise.StateRunning || !s.Ready {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+func byName(st agent.StatusReport) map[string]supervise.Status {
+	m := map[string]supervise.Status{}
+	for _, s := range st.Services {
+		m[s.Name] = s
+	}
+	return m
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// listeners counts the sockets listening on 127.0.0.1:port, from the
+// kernel's table: a second copy of a daemon would show as a second one.
+func listeners(t testing.TB, port int) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[3] != "0A" { // 0A: LISTEN
+			continue
+		}
+		_, hexPort, _ := strings.Cut(f[1], ":")
+		if p, err := strconv.ParseUint(hexPort, 16, 16); err == nil && int(p) == port {
+			n++
+		}
+	}
+	return n
+}
+
+func httpService(name string, port int, extra string) string {
+	return fmt.Sprintf(`
+service %q {
+  command = "/usr/bin/python3"
+  args    = ["-m", "http.server", "%d", "--bind", "127.0.0.1"]
+  dir     = "/tmp"
+  ready {
+    http = "http://127.0.0.1:%d/"
+  }
+  %s
+}
+`, name, port, port, extra)
+}
+
+// The README's example config, exactly as written but for where the agent
+// keeps its state: web answers, after-web starts only after it, and the
+// CLI shows both.
+func TestAgentExampleConfig(t *testing.T) {
+	if listeners(t, 18080) > 0 {
+		t.Fatal("port 18080 is taken: the example config needs it")
+	}
+	src, err := os.ReadFile("../examples/agent.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTestAgent(t, string(src))
+	a.start()
+	st := a.waitFor("both example services running", 60*time.Second, allRunning(2))
+	svc := byName(st)
+	if svc["after-web"].Since.Before(svc["web"].Since) {
+		t.Errorf("after-web started at %v, before web was ready at %v", svc["after-web"].Since, svc["web"].Since)
+	}
+	resp, err := http.Get("http://127.0.0.1:18080/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+
+	out, err := a.steppe("agent", "status")
+	if err != nil || !strings.Contains(out, "web") || !strings.Contains(out, "after-web") || !strings.Contains(out, "running") {
+		t.Fatalf("steppe agent status: %v\n%s", err, out)
+	}
+	out, err = a.steppe("agent", "status", "-json")
+	if err != nil {
+		t.Fatalf("status -json: %v\n%s", err, out)
+	}
+	var js agent.StatusReport
+	if err := json.Unmarshal([]byte(out), &js); err != nil || len(js.Services) != 2 {
+		t.Fatalf("status -json: %v\n%s", err, out)
+	}
+	if fi, err := os.Stat(a.socket); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode: %v %v", fi.Mode(), err)
+	}
+	// python's http.server logs each request to stderr: the log has it.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, err = a.steppe("agent", "logs", "web", "-n", "20")
+		if err == nil && strings.Contains(out, "GET / HTTP") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("steppe agent logs web: %v\n%s", err, out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	a.stop()
+	if listeners(t, 18080) != 0 {
+		t.Fatal("web still listens after the agent stopped")
+	}
+}
+
+// SIGKILL the agent while five services run (one of them a real
+// daemonizing program, dnsmasq), start it again: every service is adopted,
+// exactly one copy of each runs, and no restart is counted.
+func TestAgentKilledAdoptsEveryService(t *testing.T) {
+	var cfg strings.Builder
+	ports := map[string]int{}
+	for i := range 4 {
+		name := fmt.Sprintf("http%d", i)
+		ports[name] = freePort(t)
+		cfg.WriteString(httpService(name, ports[name], ""))
+	}
+	dnsPort := freePort(t)
+	fmt.Fprintf(&cfg, `
+service "dnsmasq" {
+  command = "/usr/sbin/dnsmasq"
+  args    = ["--conf-file=/dev/null", "--port=%d", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root", "--pid-file=%s"]
+  ready {
+    tcp = "127.0.0.1:%d"
+  }
+}
+`, dnsPort, filepath.Join(t.TempDir(), "dnsmasq.pid"), dnsPort)
+	ports["dnsmasq"] = dnsPort
+
+	a := newTestAgent(t, cfg.String())
+	a.start()
+	before := byName(a.waitFor("5 services running", 60*time.Second, allRunning(5)))
+	for name, s := range before {
+		if s.Isolation != "cgroup2" {
+			t.Errorf("%s: isolation %q, want cgroup2", name, s.Isolation)
+		}
+	}
+	// dnsmasq forked into the background and its first process exited:
+	// it must still be tracked, through its cgroup.
+	if s := before["dnsmasq"]; s.Processes != 1 {
+		t.Errorf("dnsmasq: %d processes in its cgroup, want 1", s.Processes)
+	}
+
+	for round := range 3 {
+		a.kill()
+		for name, port := range ports {
+			if n := listeners(t, port); n != 1 {
+				t.Fatalf("round %d: %s: %d listeners on port %d while the agent is dead, want 1", round, name, n, port)
+			}
+		}
+		a.start()
+		after := byName(a.waitFor("5 services adopted", 30*time.Second, allRunning(5)))
+		for name, b := range before {
+			s := after[name]
+			if !s.Adopted {
+				t.Errorf("round %d: %s not adopted: %+v", round, name, s)
+			}
+			if s.Restarts != b.Restarts {
+				t.Errorf("round %d: %s restarts %d, want %d", round, name, s.Restarts, b.Restarts)
+			}
+			if b.PID != 0 && s.PID != b.PID {
+				t.Errorf("round %d: %s pid %d, was %d", round, name, s.PID, b.PID)
+			}
+			if s.Processes != b.Processes {
+				t.Errorf("round %d: %s has %d processes, had %d", round, name, s.Processes, b.Processes)
+			}
+			if n := listeners(t, ports[name]); n != 1 {
+				t.Errorf("round %d: %s: %d listeners on port %d, want 1", round, name, n, ports[name])
+			}
+		}
+	}
+	// The adopted services are fully controllable: stopping the agent stops
+	// them all, the daemonized dnsmasq included.
+	a.stop()
+	for name, port := range ports {
+		if n := listeners(t, port); n != 0 {
+			t.Errorf("%s still listens on %d after the agent stopped", name, port)
+		}
+	}
+}
+
+// SIGHUP applies only the differences; an invalid file changes nothing and
+// says what is wrong, with file:line.
+func TestAgentReloadConfig(t *testing.T) {
+	pa, pb, pc := freePort(t), freePort(t), freePort(t)
+	a := newTestAgent(t, httpService("a", pa, "")+httpService("b", pb, ""))
+	a.start()
+	before := byName(a.waitFor("a and b running", 60*time.Second, allRunning(2)))
+
+	// An invalid config: unknown key and a cycle. Nothing changes.
+	a.writeConfig(httpService("a", pa, `bogus = 1`) + httpService("c", pc, `after = ["c"]`))
+	_ = a.cmd.Process.Signal(syscall.SIGHUP)
+	st := a.waitFor("the reload to be refused", 20*time.Second, func(st agent.StatusReport) bool { return st.Agent.ConfigError != "" })
+	if !strings.Contains(st.Agent.ConfigError, "agent.hcl:") || !strings.Contains(st.Agent.ConfigError, "bogus") {
+		t.Errorf("config error does not name the file, line and key: %q", st.Agent.ConfigError)
+	}
+	time.Sleep(300 * time.Millisecond)
+	now := byName(a.waitFor("a and b still running", 5*time.Second, allRunning(2)))
+	for _, n := range []string{"a", "b"} {
+		if now[n].PID != before[n].PID {
+			t.Errorf("%s restarted by a refused reload: pid %d -> %d", n, before[n].PID, now[n].PID)
+		}
+	}
+	if listeners(t, pc) != 0 {
+		t.Error("service c started from a refused config")
+	}
+
+	// A valid change: a unchanged, b removed, c added.
+	a.writeConfig(httpService("a", pa, "") + httpService("c", pc, `after = ["a"]`))
+	_ = a.cmd.Process.Signal(syscall.SIGHUP)
+	st = a.waitFor("a and c running", 60*time.Second, func(st agent.StatusReport) bool {
+		return allRunning(2)(st) && byName(st)["c"].Name == "c" && st.Agent.ConfigError == ""
+	})
+	if p := byName(st)["a"].PID; p != before["a"].PID {
+		t.Errorf("a restarted by a reload that did not change it: pid %d -> %d", before["a"].PID, p)
+	}
+	if listeners(t, pb) != 0 {
+		t.Error("b still listens after it was removed from the config")
+	}
+
+	// A changed service restarts.
+	a.writeConfig(httpService("a", pa, `env = { CHANGED = "1" }`) + httpService("c", pc, `after = ["a"]`))
+	_ = a.cmd.Process.Signal(syscall.SIGHUP)
+	a.waitFor("a restarted with its new env", 60*time.Second, func(st agent.StatusReport) bool {
+		s := byName(st)["a"]
+		return allRunning(2)(st) && s.PID != 0 && s.PID != before["a"].PID
+	})
+	a.stop()
+}
+
+// The control commands act and report, and a non-root user cannot reach
+// the local API at all.
+func TestAgentControlCommands(t *testing.T) {
+	p := freePort(t)
+	a := newTestAgent(t, httpService("web", p, ""))
+	a.start()
+	before := byName(a.waitFor("web running", 60*time.Second, allRunning(1)))["web"]
+
+	if out, err := a.steppe("agent", "restart", "web"); err != nil {
+		t.Fatalf("restart: %v\n%s", err, out)
+	}
+	after := byName(a.waitFor("web running again", 60*time.Second, allRunning(1)))["web"]
+	if after.PID == before.PID {
+		t.Errorf("restart kept pid %d", after.PID)
+	}
+	if out, err := a.steppe("agent", "stop", "web"); err != nil {
+		t.Fatalf("stop: %v\n%s", err, out)
+	}
+	if s := byName(a.waitFor("web stopped", 30*time.Second, func(st agent.StatusReport) bool {
+		return byName(st)["web"].State == supervise.StateStopped
+	}))["web"]; s.Processes != 0 || listeners(t, p) != 0 {
+		t.Errorf("stopped web still has %d processes", s.Processes)
+	}
+	if out, err := a.steppe("agent", "start", "web"); err != nil {
+		t.Fatalf("start: %v\n%s", err, out)
+	}
+	a.waitFor("web running after start", 60*time.Second, allRunning(1))
+	if out, err := a.steppe("agent", "reload", "web"); err != nil {
+		// python's http.server dies of SIGHUP: the reload is delivered and
+		// the supervisor restarts it. What matters here is that the command
+		// reached the service.
+		t.Fatalf("reload: %v\n%s", err, out)
+	}
+	out, err := a.steppe("agent", "restart", "ghost")
+	if err == nil || !strings.Contains(out, "ghost") {
+		t.Errorf("restart of an unknown service: %v\n%s", err, out)
+	}
+
+	// nobody (65534) is refused by the socket's mode.
+	cmd := exec.Command(steppeBinary(t), "agent", "status", "-socket", a.socket)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out2, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Errorf("a non-root user read the agent's status:\n%s", out2)
+	}
+	a.stop()
+}
+
+// A second agent on the same state dir refuses to start: two agents would
+// both believe they own the same services.
+func TestAgentSecondCopyRefused(t *testing.T) {
+	a := newTestAgent(t, httpService("web", freePort(t), ""))
+	a.start()
+	a.waitFor("web running", 60*time.Second, allRunning(1))
+	out, err := exec.Command(steppeBinary(t), "agent", "-config", a.config).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "another agent") {
+		t.Fatalf("second agent: %v\n%s", err, out)
+	}
+	a.stop()
+}
+
+// BenchmarkAgentRSS measures the resident memory of a real agent process
+// supervising 10 services (target: 12 MiB or less).
+func BenchmarkAgentRSS(b *testing.B) {
+	var cfg strings.Builder
+	for i := range 10 {
+		fmt.Fprintf(&cfg, `
+service "s%d" {
+  command = "/bin/sleep"
+  args    = ["100000"]
+}
+`, i)
+	}
+	a := newTestAgent(b, cfg.String())
+	a.start()
+	a.waitFor("10 services running", 60*time.Second, allRunning(10))
+	var rss float64
+	for b.Loop() {
+		// Let the agent settle through a few status polls, as an operator's
+		// monitoring would, then read its resident set.
+		for range 20 {
+			if _, err := a.client().Status(context.Background()); err != nil {
+				b.Fatal(err)
+			}
+		}
+		runtime.Gosched()
+		rss = vmRSS(b, a.cmd.Process.Pid)
+	}
+	b.ReportMetric(rss/(1<<20), "MiB-RSS")
+	a.stop()
+}
+
+func vmRSS(t testing.TB, pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return kb * 1024
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
+}
