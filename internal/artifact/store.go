@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/ProtonMail/go-crypto/openpgp"
+	"golang.org/x/sys/unix"
 )
 
 // The store has the layout of releases.hashicorp.com:
@@ -76,10 +77,10 @@ type Published struct {
 
 // publish puts a binary into the store at storeDir as a linux/amd64 build
 // of product@version, signs the SHA256SUMS with key and rewrites the
-// indexes. modTime is the archive entry's time, so the same binary gives a
-// byte-identical zip. Publishing a version already present with the same
+// indexes. binSum is the binary's known SHA-256 ("" to compute it); modTime
+// is the archive entry's time, so the same binary gives a byte-identical zip. Publishing a version already present with the same
 // binary and a valid signature by key rewrites nothing but the indexes.
-func publish(storeDir string, key *openpgp.Entity, product, ver, binary string, modTime time.Time) (Published, error) {
+func publish(storeDir string, key *openpgp.Entity, product, ver, binary, binSum string, modTime time.Time) (Published, error) {
 	vdir := filepath.Join(storeDir, product, ver)
 	zipName := archiveName(product, ver, "linux", "amd64")
 	sums := shasumsName(product, ver)
@@ -92,6 +93,16 @@ func publish(storeDir string, key *openpgp.Entity, product, ver, binary string, 
 	}
 	if err := os.MkdirAll(vdir, 0o755); err != nil {
 		return out, fmt.Errorf("publish %s %s: %w", product, ver, err)
+	}
+	// Publishers of different versions share the product index; one at a
+	// time, so that none drops another's version from it.
+	lock, err := os.OpenFile(filepath.Join(storeDir, ".publish.lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return out, fmt.Errorf("publish %s %s: %w", product, ver, err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return out, fmt.Errorf("publish %s %s: lock store: %w", product, ver, err)
 	}
 	pub, err := armoredPublicKey(key)
 	if err != nil {
@@ -110,9 +121,10 @@ func publish(storeDir string, key *openpgp.Entity, product, ver, binary string, 
 		}
 	}
 
-	binSum, err := sha256File(binary)
-	if err != nil {
-		return out, err
+	if binSum == "" {
+		if binSum, err = sha256File(binary); err != nil {
+			return out, err
+		}
 	}
 	if sum, ok := upToDate(out, key, zipName, product, binSum); ok {
 		out.ArchiveSHA256 = sum
