@@ -37,7 +37,10 @@ func steppeBinary(t testing.TB) string {
 			return
 		}
 		agentBin.path = filepath.Join(dir, "steppe")
-		out, err := exec.Command("go", "build", "-o", agentBin.path, "../cmd/steppe").CombinedOutput()
+		// Built as released: static, stripped (see the Makefile).
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", agentBin.path, "../cmd/steppe")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			agentBin.err = fmt.Errorf("go build: %v\n%s", err, out)
 		}
