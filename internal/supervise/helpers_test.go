@@ -39,6 +39,8 @@ type agentConfig struct {
 	Fallback     bool
 	Specs        []Spec
 	StatusFile   string // where it writes its Status, refreshed continuously
+	// StatusEvery is how often the status file is refreshed (default 20ms).
+	StatusEvery time.Duration
 }
 
 // testAgentMain is a minimal agent: Apply the specs, publish Status to a
@@ -65,7 +67,10 @@ func testAgentMain(path string) int {
 	if err := sup.Apply(ctx, cfg.Specs); err != nil {
 		fmt.Fprintln(os.Stderr, "apply:", err)
 	}
-	t := time.NewTicker(20 * time.Millisecond)
+	if cfg.StatusEvery == 0 {
+		cfg.StatusEvery = 20 * time.Millisecond
+	}
+	t := time.NewTicker(cfg.StatusEvery)
 	defer t.Stop()
 	for {
 		b, _ := json.Marshal(sup.Status())
@@ -89,13 +94,13 @@ func testAgentMain(path string) int {
 
 // testAgent is a re-executed test binary running testAgentMain.
 type testAgent struct {
-	t    *testing.T
+	t    testing.TB
 	cfg  agentConfig
 	cmd  *exec.Cmd
 	path string
 }
 
-func startAgent(t *testing.T, cfg agentConfig) *testAgent {
+func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 	t.Helper()
 	dir := t.TempDir()
 	a := &testAgent{t: t, cfg: cfg, path: filepath.Join(dir, "agent.json")}
@@ -177,7 +182,7 @@ func testExec() []string {
 // testOptions gives each test its own state directory and cgroup parent,
 // and removes the cgroups (killing what is left in them) at the end, even
 // when the test failed.
-func testOptions(t *testing.T) Options {
+func testOptions(t testing.TB) Options {
 	t.Helper()
 	parent := fmt.Sprintf("steppe-test/%s-%d", strings.ReplaceAll(t.Name(), "/", "_"), rand.IntN(1e9))
 	t.Cleanup(func() { cleanupCgroups(parent) })
@@ -185,7 +190,7 @@ func testOptions(t *testing.T) Options {
 }
 
 // shortTempDir keeps notify socket paths below the 107-byte limit.
-func shortTempDir(t *testing.T) string {
+func shortTempDir(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "sv")
 	if err != nil {
@@ -229,7 +234,7 @@ func cleanupCgroups(parent string) {
 
 func must[T any](v T, _ error) T { return v }
 
-func newSup(t *testing.T, opts Options) *Supervisor {
+func newSup(t testing.TB, opts Options) *Supervisor {
 	t.Helper()
 	sup, err := New(context.Background(), opts)
 	if err != nil {
@@ -246,7 +251,7 @@ func newSup(t *testing.T, opts Options) *Supervisor {
 	return sup
 }
 
-func statusOf(t *testing.T, sup *Supervisor, name string) Status {
+func statusOf(t testing.TB, sup *Supervisor, name string) Status {
 	t.Helper()
 	for _, st := range sup.Status() {
 		if st.Name == name {
@@ -258,7 +263,7 @@ func statusOf(t *testing.T, sup *Supervisor, name string) Status {
 }
 
 // waitFor polls cond until it holds or a generous deadline passes.
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
@@ -299,7 +304,7 @@ func listeners(port int) int {
 	return n
 }
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	return ctx

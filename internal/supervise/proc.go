@@ -185,13 +185,9 @@ func readRecord(dir string) (record, error) {
 	return r, nil
 }
 
-// writeRecord replaces the record atomically (temp file + rename), so an
+// writeRecordData replaces the record atomically (temp file + rename), so an
 // agent killed mid-write leaves the old record or the new one, never half.
-func writeRecord(dir string, r record) error {
-	data, err := json.Marshal(r)
-	if err != nil {
-		return err
-	}
+func writeRecordData(dir string, data []byte) error {
 	tmp := filepath.Join(dir, ".record.json.tmp")
 	if err := os.WriteFile(tmp, data, 0o600); err != nil {
 		return fmt.Errorf("write record: %w", err)

@@ -1,7 +1,9 @@
 package supervise
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -120,7 +122,8 @@ type service struct {
 	pollDelay      time.Duration
 	outbox         []reply // answers sent after the next publish
 	warnedMemory   bool
-	cgKilled       bool // cgroup.kill was used: recreate the cgroup before the next spawn
+	saved          []byte // the record as last written
+	cgKilled       bool   // cgroup.kill was used: recreate the cgroup before the next spawn
 }
 
 func (s *Supervisor) newService(spec Spec, stray bool) (*service, error) {
@@ -440,13 +443,24 @@ func (a *service) record() record {
 	return r
 }
 
+// saveRecord persists the record when it changed: creating a file is the
+// dearest step of adopting a service that has not changed.
 func (a *service) saveRecord() {
 	if a.stray {
 		return
 	}
-	if err := writeRecord(a.dir, a.record()); err != nil {
-		a.sup.log.Error("persist service state", "service", a.name, "err", err)
+	data, err := json.Marshal(a.record())
+	if err == nil && bytes.Equal(data, a.saved) {
+		return
 	}
+	if err == nil {
+		err = writeRecordData(a.dir, data)
+	}
+	if err != nil {
+		a.sup.log.Error("persist service state", "service", a.name, "err", err)
+		return
+	}
+	a.saved = data
 }
 
 // initial adopts the service if it is found running, else starts it.
@@ -454,6 +468,7 @@ func (a *service) initial() error {
 	rec, recErr := readRecord(a.dir)
 	if recErr == nil {
 		a.restarts, a.oomKills = rec.Restarts, rec.OOMKills
+		a.saved, _ = json.Marshal(rec)
 	}
 	a.oomBase = a.oomCount()
 	if a.adopt(rec, recErr == nil) {
