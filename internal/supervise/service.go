@@ -62,6 +62,7 @@ type event struct {
 	known  bool // ws is the real exit status (the process was our child)
 	err    error
 	notify notifyMsg
+	sender int // pid that sent a notify message, 0 if unknown
 }
 
 // service is one supervised service. Its actor goroutine (run) owns every
@@ -344,7 +345,7 @@ func stopTimer(t **time.Timer) {
 func (a *service) handleCtl(m ctlMsg) {
 	switch m.op {
 	case ctlInit:
-		a.answer(m.reply, a.initial())
+		a.initial(m.reply)
 	case ctlStart:
 		a.want = true
 		switch a.phase {
@@ -463,8 +464,9 @@ func (a *service) saveRecord() {
 	a.saved = data
 }
 
-// initial adopts the service if it is found running, else starts it.
-func (a *service) initial() error {
+// initial adopts the service if it is found running, else starts it. The
+// answer comes once it is adopted, started, or waiting for dependencies.
+func (a *service) initial(reply chan error) {
 	rec, recErr := readRecord(a.dir)
 	if recErr == nil {
 		a.restarts, a.oomKills = rec.Restarts, rec.OOMKills
@@ -476,40 +478,23 @@ func (a *service) initial() error {
 			a.log.agentf("the spec changed while the agent was away: restarting")
 			a.sup.log.Info("spec changed while the agent was away: restarting", "service", a.name)
 			a.want = true
+			a.startWaiters = append(a.startWaiters, reply)
 			a.restartNow()
+			return
 		}
-		return nil
+		a.answer(reply, nil)
+		return
 	}
 	if a.stray {
 		a.toStopped()
-		return nil
+		a.answer(reply, nil)
+		return
 	}
 	a.want = true
-	return a.startAndWait()
-}
-
-// startAndWait begins a start and returns its first outcome: the spawn
-// result, or nil when it waits for dependencies.
-func (a *service) startAndWait() error {
-	reply := make(chan error, 1)
 	a.startWaiters = append(a.startWaiters, reply)
 	a.begin()
-	err, _ := a.takeAnswer(reply)
-	return err
 }
 
-// takeAnswer removes the answer to c from the outbox, for the actor's own
-// use of its start machinery.
-func (a *service) takeAnswer(c chan error) (error, bool) {
-	for i, r := range a.outbox {
-		if r.c == c {
-			a.outbox = append(a.outbox[:i], a.outbox[i+1:]...)
-			return r.err, true
-		}
-	}
-	a.startWaiters = slices.DeleteFunc(a.startWaiters, func(w chan error) bool { return w == c })
-	return nil, false
-}
 
 // adopt takes over a service found running: never a second copy. It
 // reports whether it did.
@@ -775,6 +760,10 @@ func (a *service) handleEvent(e event) {
 		}
 		a.launch()
 	case evNotify:
+		if e.sender > 0 && alive(e.sender, 0) && !a.isMember(e.sender) {
+			a.sup.log.Warn("notify message from a process outside the service ignored", "service", a.name, "pid", e.sender)
+			return
+		}
 		m := e.notify
 		if m.status != "" {
 			a.message = m.status
@@ -898,6 +887,7 @@ func (a *service) beginStop() {
 	stopTimer(&a.backoffT)
 	a.nextStart = time.Time{}
 	a.setPhase(StateStopping)
+	a.unready()
 	sig := a.spec.StopSignal
 	switch {
 	case a.main != nil:
@@ -1170,17 +1160,59 @@ func (a *service) openNotify() error {
 	if err != nil {
 		return err
 	}
+	if err := a.notifyAccess(); err != nil {
+		c.Close()
+		return err
+	}
+	// With SO_PASSCRED every datagram carries its sender's pid, checked
+	// against the service's processes.
+	if rc, err := c.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1)
+		})
+	}
 	a.notifyConn = c
 	go func() {
 		buf := make([]byte, 4096)
+		oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred))
 		for {
-			n, _, err := c.ReadFromUnix(buf)
+			n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 			if err != nil {
 				return
 			}
-			a.send(event{kind: evNotify, notify: parseNotify(buf[:n])})
+			pid := 0
+			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, m := range msgs {
+					if cred, err := unix.ParseUnixCredentials(&m); err == nil {
+						pid = int(cred.Pid)
+					}
+				}
+			}
+			a.send(event{kind: evNotify, notify: parseNotify(buf[:n]), sender: pid})
 		}
 	}()
+	return nil
+}
+
+// notifyAccess lets a service that runs as another user reach its notify
+// socket: the socket becomes the user's, and the two directories above it
+// searchable (not listable; the files in them stay 0600).
+func (a *service) notifyAccess() error {
+	if a.spec.User == "" && a.spec.Group == "" {
+		return nil
+	}
+	cred, err := credential(a.spec)
+	if err != nil || cred == nil {
+		return err
+	}
+	if err := os.Chown(a.notifyPath, int(cred.Uid), int(cred.Gid)); err != nil {
+		return fmt.Errorf("notify socket: %w", err)
+	}
+	for _, d := range []string{a.sup.opts.StateDir, a.dir} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			return fmt.Errorf("notify socket: %w", err)
+		}
+	}
 	return nil
 }
 

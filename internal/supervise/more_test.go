@@ -1,0 +1,158 @@
+package supervise
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A service running as another user (through the trampoline, since it has
+// a v1 memory limit) reaches its notify socket, is in its memory cgroup,
+// and gets its reload signal.
+func TestUserNotifyMemoryReload(t *testing.T) {
+	opts := testOptions(t)
+	sup := newSup(t, opts)
+	ctx := ctxT(t)
+	script := `
+import os, signal, socket, sys, time
+def hup(*_):
+    print("reloaded", flush=True)
+signal.signal(signal.SIGHUP, hup)
+mem = [l for l in open("/proc/self/cgroup").read().splitlines() if ":memory:" in l]
+print("uid", os.getuid(), "mem", mem, flush=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+while True:
+    time.sleep(1)
+`
+	spec := Spec{
+		Name: "asuser", Command: "/usr/bin/python3", Args: []string{"-c", script},
+		User: "nobody", MemoryMax: 256 << 20, Ready: &Readiness{Notify: true, Timeout: 20 * time.Second},
+	}
+	if err := sup.Apply(ctx, []Spec{spec}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sup.WaitReady(ctx, "asuser"); err != nil {
+		t.Fatal(err, sup.Status())
+	}
+	logs, _ := sup.Logs("asuser", 20)
+	text := strings.Join(logs, "\n")
+	if !strings.Contains(text, "uid 65534") {
+		t.Fatalf("not running as nobody: %s", text)
+	}
+	if sup.memV1 != "" && !strings.Contains(text, opts.CgroupParent+"/asuser") {
+		t.Fatalf("not in its memory cgroup: %s", text)
+	}
+	if err := sup.Reload(ctx, "asuser"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "reloaded in the log", func() bool {
+		l, _ := sup.Logs("asuser", 5)
+		return strings.Contains(strings.Join(l, "\n"), "\nreloaded")
+	})
+	if err := sup.Reload(ctx, "missing"); err == nil {
+		t.Fatal("reload of an unknown service")
+	}
+}
+
+// A service removed from the configuration while the agent was down is
+// stopped by the next Apply; one whose command changed is restarted.
+func TestChangesWhileAgentAway(t *testing.T) {
+	opts := testOptions(t)
+	ctx := ctxT(t)
+	keep := Spec{Name: "keep", Command: "/bin/sleep", Args: []string{"1000"}}
+	gone := Spec{Name: "gone", Command: "/bin/sleep", Args: []string{"1001"}}
+	changed := Spec{Name: "changed", Command: "/bin/sleep", Args: []string{"1002"}}
+	sup1 := newSup(t, opts)
+	if err := sup1.Apply(ctx, []Spec{keep, gone, changed}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sup1.WaitReady(ctx, "keep", "gone", "changed"); err != nil {
+		t.Fatal(err)
+	}
+	before := pidsOf(sup1.Status())
+	goneCg := statusOf(t, sup1, "gone").Cgroup
+	sup1.Close()
+
+	sup2 := newSup(t, opts)
+	changed.Args = []string{"1003"}
+	if err := sup2.Apply(ctx, []Spec{keep, changed}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sup2.WaitReady(ctx, "keep", "changed"); err != nil {
+		t.Fatal(err)
+	}
+	after := pidsOf(sup2.Status())
+	if len(after) != 2 || after["keep"] != before["keep"] || after["changed"] == before["changed"] {
+		t.Fatalf("before %v after %v", before, after)
+	}
+	if alive(before["gone"], 0) || alive(before["changed"], 0) {
+		t.Fatal("an old process survived")
+	}
+	if _, err := os.Stat(goneCg); !os.IsNotExist(err) {
+		t.Fatalf("cgroup of the removed service: %v", err)
+	}
+}
+
+// Shutdown stops dependents before what they depend on.
+func TestShutdownOrder(t *testing.T) {
+	sup := newSup(t, testOptions(t))
+	ctx := ctxT(t)
+	order := filepath.Join(t.TempDir(), "order")
+	mk := func(name string, after ...string) Spec {
+		s := sh(name, "trap 'echo "+name+" >> "+order+"; exit 0' TERM; while :; do sleep 0.05; done")
+		s.After = after
+		return s
+	}
+	if err := sup.Apply(ctx, []Spec{mk("web", "app"), mk("db"), mk("app", "db")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sup.WaitReady(ctx, "web", "app", "db"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sup.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(order)
+	if string(got) != "web\napp\ndb\n" {
+		t.Fatalf("stop order %q", got)
+	}
+	for _, st := range sup.Status() {
+		if st.State != StateStopped || st.Processes != 0 {
+			t.Fatalf("%+v", st)
+		}
+	}
+}
+
+// A stop signal that is ignored: after StopTimeout the whole cgroup is
+// killed.
+func TestStopTimeoutKills(t *testing.T) {
+	sup := newSup(t, testOptions(t))
+	ctx := ctxT(t)
+	s := sh("stubborn", "trap '' TERM; /bin/sleep 1000 & while :; do sleep 0.05; done")
+	s.StopTimeout = 200 * time.Millisecond
+	if err := sup.Apply(ctx, []Spec{s}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "running", func() bool { return statusOf(t, sup, "stubborn").Processes >= 2 })
+	t0 := time.Now()
+	if err := sup.Stop(ctx, "stubborn"); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); d < 200*time.Millisecond {
+		t.Fatalf("stopped after %v, before the timeout", d)
+	}
+	if st := statusOf(t, sup, "stubborn"); st.Processes != 0 || st.State != StateStopped {
+		t.Fatalf("%+v", st)
+	}
+	// It starts again normally (a fresh cgroup after cgroup.kill).
+	if err := sup.Start(ctx, "stubborn"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if st := statusOf(t, sup, "stubborn"); st.State != StateRunning || st.Restarts != 0 {
+		t.Fatalf("after start: %+v", st)
+	}
+}
