@@ -495,7 +495,6 @@ func (a *service) initial(reply chan error) {
 	a.begin()
 }
 
-
 // adopt takes over a service found running: never a second copy. It
 // reports whether it did.
 func (a *service) adopt(rec record, haveRec bool) bool {
