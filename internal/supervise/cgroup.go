@@ -162,9 +162,19 @@ func cgSignal(dir string, sig unix.Signal) error {
 	return nil
 }
 
-// cgRemove removes an empty cgroup directory. The kernel reports EBUSY for a
-// short while after the last process left, so it retries briefly.
+// cgRemove removes an empty cgroup directory, and the empty cgroups a
+// service may have created below it. The kernel reports EBUSY for a short
+// while after the last process left, so it retries briefly.
 func cgRemove(dir string) error {
+	if ents, err := os.ReadDir(dir); err == nil {
+		for _, e := range ents {
+			if e.IsDir() {
+				if err := cgRemove(filepath.Join(dir, e.Name())); err != nil {
+					return err
+				}
+			}
+		}
+	}
 	var err error
 	for range 50 {
 		err = unix.Rmdir(dir)

@@ -100,10 +100,14 @@ func TestChangesWhileAgentAway(t *testing.T) {
 func TestShutdownOrder(t *testing.T) {
 	sup := newSup(t, testOptions(t))
 	ctx := ctxT(t)
-	order := filepath.Join(t.TempDir(), "order")
+	dir := t.TempDir()
+	order := filepath.Join(dir, "order")
 	mk := func(name string, after ...string) Spec {
-		s := sh(name, "trap 'echo "+name+" >> "+order+"; exit 0' TERM; while :; do sleep 0.05; done")
+		// Ready (a readiness command) once the trap is set.
+		armed := filepath.Join(dir, name+".armed")
+		s := sh(name, "trap 'echo "+name+" >> "+order+"; exit 0' TERM; touch "+armed+"; while :; do sleep 0.05; done")
 		s.After = after
+		s.Ready = &Readiness{Command: []string{"/bin/sh", "-c", "test -e " + armed}}
 		return s
 	}
 	if err := sup.Apply(ctx, []Spec{mk("web", "app"), mk("db"), mk("app", "db")}); err != nil {

@@ -521,7 +521,6 @@ func (a *service) adopt(rec record, haveRec bool) bool {
 	if rec.Since.IsZero() {
 		a.startedAt = time.Now()
 	}
-	a.since = a.startedAt
 	a.runGen++
 	if main != nil {
 		a.setMain(main)
@@ -544,6 +543,7 @@ func (a *service) adopt(rec record, haveRec bool) bool {
 	}
 	if a.stray || (haveRec && rec.Ready) || a.spec.Ready == nil {
 		a.markReady()
+		a.since = a.startedAt // running since it was started, not adopted
 	} else {
 		a.startProbe()
 	}
