@@ -1,6 +1,7 @@
 package bundle
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -61,14 +62,15 @@ func unpack(ctx context.Context, r io.Reader, releasesDir string, o readOptions)
 		return nil, fmt.Errorf("unpack: %w", err)
 	}
 	defer root.Close()
-	m, keyID, err := readBundle(ctx, r, o, &unpackSink{root: root})
+	sink := &unpackSink{root: root}
+	m, keyID, err := readBundle(ctx, r, o, sink)
 	if err != nil {
 		return nil, err
 	}
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return nil, fmt.Errorf("unpack: %w", err)
 	}
-	if err := syncDir(tmp); err != nil {
+	if err := sink.sync(); err != nil {
 		return nil, fmt.Errorf("unpack: %w", err)
 	}
 	final := filepath.Join(releasesDir, strconv.FormatUint(m.Version, 10))
@@ -88,15 +90,23 @@ func unpack(ctx context.Context, r io.Reader, releasesDir string, o readOptions)
 	return &Release{Version: m.Version, Dir: final, Manifest: m, KeyID: keyID}, nil
 }
 
-type unpackSink struct{ root *os.Root }
+type unpackSink struct {
+	root *os.Root
+	// names and dirs written, synced together at the end: on ext4 the
+	// first fsync commits every file written before it, so the later ones
+	// cost little, where a fsync after each file would wait for a journal
+	// commit per file.
+	names []string
+	dirs  map[string]bool
+}
 
 func (s *unpackSink) manifest(raw, sig []byte, _ *Manifest) error {
 	// Keep the signed manifest with the release so that later readers
 	// (the agent after a restart, people) see exactly what was verified.
-	if err := writeInRoot(s.root, ManifestName, 0o644, strings.NewReader(string(raw))); err != nil {
+	if err := s.write(ManifestName, 0o644, bytes.NewReader(raw)); err != nil {
 		return err
 	}
-	return writeInRoot(s.root, SignatureName, 0o644, strings.NewReader(string(sig)))
+	return s.write(SignatureName, 0o644, bytes.NewReader(sig))
 }
 
 func (s *unpackSink) file(f File, r io.Reader) error {
@@ -104,16 +114,23 @@ func (s *unpackSink) file(f File, r io.Reader) error {
 		if err := s.root.MkdirAll(d, 0o755); err != nil {
 			return err
 		}
+		if s.dirs == nil {
+			s.dirs = make(map[string]bool)
+		}
+		for ; d != "." && !s.dirs[d]; d = path.Dir(d) {
+			s.dirs[d] = true
+		}
 	}
-	return writeInRoot(s.root, f.Path, os.FileMode(f.Mode), r)
+	return s.write(f.Path, os.FileMode(f.Mode), r)
 }
 
-func writeInRoot(root *os.Root, name string, mode os.FileMode, r io.Reader) error {
+func (s *unpackSink) write(name string, mode os.FileMode, r io.Reader) error {
 	// O_EXCL: a name is written once; nothing pre-existing is followed.
-	fh, err := root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	fh, err := s.root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
+	s.names = append(s.names, name)
 	if _, err := io.Copy(fh, r); err != nil {
 		fh.Close()
 		return err
@@ -122,11 +139,27 @@ func writeInRoot(root *os.Root, name string, mode os.FileMode, r io.Reader) erro
 		fh.Close()
 		return err
 	}
-	if err := fh.Sync(); err != nil {
-		fh.Close()
-		return err
-	}
 	return fh.Close()
+}
+
+// sync makes every file and directory written durable.
+func (s *unpackSink) sync() error {
+	names := append(s.names, ".")
+	for d := range s.dirs {
+		names = append(names, d)
+	}
+	for _, n := range names {
+		fh, err := s.root.Open(n)
+		if err != nil {
+			return err
+		}
+		err = fh.Sync()
+		fh.Close()
+		if err != nil {
+			return fmt.Errorf("sync %s: %w", n, err)
+		}
+	}
+	return nil
 }
 
 // ReadRelease reads the manifest kept in a release directory. It trusts

@@ -184,6 +184,17 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(w, "published %s/%s version %d\n", cluster, role, m.Version)
 }
 
+// Waiting returns the number of requests waiting in long polls.
+func (s *Server) Waiting() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, wt := range s.watches {
+		n += wt.waiters
+	}
+	return n
+}
+
 // subscribe registers a waiter for key and returns the channel closed at
 // the next change, and a function to call when done waiting.
 func (s *Server) subscribe(key, path string) (<-chan struct{}, func()) {
