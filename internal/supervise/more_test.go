@@ -160,3 +160,95 @@ func TestStopTimeoutKills(t *testing.T) {
 		t.Fatalf("after start: %+v", st)
 	}
 }
+
+// stdin is /dev/null, stdout and stderr the log file (not a pipe), no
+// controlling terminal, and only the declared environment.
+func TestStdioSessionEnv(t *testing.T) {
+	opts := testOptions(t)
+	sup := newSup(t, opts)
+	ctx := ctxT(t)
+	s := sh("io", `echo "in=$(readlink /proc/$$/fd/0) out=$(readlink /proc/$$/fd/1) err=$(readlink /proc/$$/fd/2)"; echo "tty=$(cut -d' ' -f7 /proc/$$/stat) sid=$(cut -d' ' -f6 /proc/$$/stat) pid=$$"; echo "env=$(env | grep -v '^PWD=' | sort | tr '\n' ' ')"; exec /bin/sleep 1000`)
+	s.Env = []string{"FOO=bar"}
+	if err := sup.Apply(ctx, []Spec{s}); err != nil {
+		t.Fatal(err)
+	}
+	var text string
+	waitFor(t, "output", func() bool {
+		l, _ := sup.Logs("io", 10)
+		text = strings.Join(l, "\n")
+		return strings.Contains(text, "env=")
+	})
+	logPath := filepath.Join(opts.StateDir, "io", "log")
+	pid := statusOf(t, sup, "io").PID
+	for _, want := range []string{
+		"in=/dev/null out=" + logPath + " err=" + logPath,
+		"tty=0 sid=" + itoa(pid) + " pid=" + itoa(pid),
+		"env=FOO=bar ",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("want %q in:\n%s", want, text)
+		}
+	}
+}
+
+// Concurrent Start, Restart and Apply never make a second copy.
+func TestNoSecondCopyUnderConcurrency(t *testing.T) {
+	sup := newSup(t, testOptions(t))
+	ctx := ctxT(t)
+	s := Spec{Name: "one", Command: "/bin/sleep", Args: []string{"1000"}}
+	if err := sup.Apply(ctx, []Spec{s}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	for i := range 20 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			switch i % 3 {
+			case 0:
+				_ = sup.Start(ctx, "one")
+			case 1:
+				_ = sup.Apply(ctx, []Spec{s})
+			case 2:
+				if i == 2 {
+					_ = sup.Restart(ctx, "one")
+				} else {
+					_ = sup.Start(ctx, "one")
+				}
+			}
+		}()
+	}
+	for range 20 {
+		<-done
+	}
+	if err := sup.WaitReady(ctx, "one"); err != nil {
+		t.Fatal(err)
+	}
+	if st := statusOf(t, sup, "one"); st.Processes != 1 || st.State != StateRunning {
+		t.Fatalf("%+v", st)
+	}
+}
+
+func TestRestartPolicies(t *testing.T) {
+	sup := newSup(t, testOptions(t))
+	ctx := ctxT(t)
+	ok := sh("ok", "exit 0")
+	ok.Restart = RestartOnFailure
+	bad := sh("bad", "exit 2")
+	bad.Restart = RestartOnFailure
+	bad.BackoffMax = 50 * time.Millisecond
+	never := sh("never", "exit 0")
+	never.Restart = RestartNever
+	if err := sup.Apply(ctx, []Spec{ok, bad, never}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "policies applied", func() bool {
+		return statusOf(t, sup, "ok").State == StateStopped && statusOf(t, sup, "never").State == StateStopped &&
+			statusOf(t, sup, "bad").Restarts >= 3
+	})
+	if st := statusOf(t, sup, "ok"); st.Restarts != 0 || st.LastExit != "exit 0" {
+		t.Fatalf("ok: %+v", st)
+	}
+	if st := statusOf(t, sup, "bad"); st.LastExit != "exit 2" {
+		t.Fatalf("bad: %+v", st)
+	}
+}
