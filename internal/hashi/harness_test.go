@@ -236,6 +236,14 @@ func cleanupHost(t *testing.T, root string) {
 	t.Helper()
 	before := nomadCgroups()
 	t.Cleanup(func() {
+		// Task executors and tasks outlive the Nomad agent by design: kill
+		// any process of this test that is left, found by its cgroup or by
+		// its command line naming the test's directory.
+		for _, pid := range leftovers(root, before) {
+			t.Logf("killing leftover process %d", pid)
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(200 * time.Millisecond)
 		b, err := os.ReadFile("/proc/self/mountinfo")
 		if err == nil {
 			var mounts []string
@@ -284,4 +292,46 @@ func nomadCgroups() []string {
 		}
 	}
 	return out
+}
+
+// leftovers are the processes in cgroups created since before, or whose
+// command line names root.
+func leftovers(root string, before []string) []int {
+	var pids []int
+	seen := map[int]bool{}
+	add := func(pid int) {
+		if pid > 1 && pid != os.Getpid() && !seen[pid] {
+			seen[pid] = true
+			pids = append(pids, pid)
+		}
+	}
+	for _, d := range nomadCgroups() {
+		if slices.Contains(before, d) {
+			continue
+		}
+		for _, f := range []string{"cgroup.procs", "tasks"} {
+			b, err := os.ReadFile(filepath.Join(d, f))
+			if err != nil {
+				continue
+			}
+			for _, l := range strings.Fields(string(b)) {
+				var pid int
+				if _, err := fmt.Sscan(l, &pid); err == nil {
+					add(pid)
+				}
+			}
+		}
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !bytes.Contains(b, []byte(root+"/")) {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscan(filepath.Base(filepath.Dir(p)), &pid); err == nil {
+			add(pid)
+		}
+	}
+	return pids
 }

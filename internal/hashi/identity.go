@@ -122,7 +122,7 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 		TokenLocality: "local",
 		Config: map[string]any{
 			"JWTValidationPubKeys": pems,
-			"JWTSupportedAlgs":     []string{"RS256", "EdDSA"},
+			"JWTSupportedAlgs":     []string{"RS256"}, // Consul 1.14 refuses EdDSA here; Nomad signs with RS256
 			"BoundAudiences":       []string{ConsulAudience},
 			"ClaimMappings": map[string]string{
 				"nomad_namespace": "nomad_namespace",
