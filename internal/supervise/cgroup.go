@@ -124,6 +124,26 @@ func cgProcs(dir string) ([]int, error) {
 	return pids, nil
 }
 
+// cgProcsAll lists the processes of the cgroup at dir and of the cgroups a
+// service created below it.
+func cgProcsAll(dir string) ([]int, error) {
+	pids, err := cgProcs(dir)
+	if err != nil {
+		return nil, err
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if e.IsDir() {
+			sub, err := cgProcsAll(filepath.Join(dir, e.Name()))
+			if err != nil {
+				return nil, err
+			}
+			pids = append(pids, sub...)
+		}
+	}
+	return pids, nil
+}
+
 // cgKill kills every process of the cgroup at once (cgroup.kill, Linux 5.14).
 // Where cgroup.kill is missing it falls back to SIGKILL each listed process,
 // repeating until the list is empty or a second has passed, since a process
@@ -152,7 +172,7 @@ func cgKill(dir string) error {
 
 // cgSignal sends sig to every process of the cgroup at dir.
 func cgSignal(dir string, sig unix.Signal) error {
-	pids, err := cgProcs(dir)
+	pids, err := cgProcsAll(dir)
 	if err != nil {
 		return err
 	}

@@ -71,10 +71,15 @@ func probe(ctx context.Context, r *Readiness) error {
 	var last error
 	for {
 		actx, acancel := context.WithTimeout(ctx, max(r.Interval, time.Second))
-		last = check(actx)
+		err := check(actx)
 		acancel()
-		if last == nil {
+		if err == nil {
 			return nil
+		}
+		// An attempt cut short by the overall deadline says less than
+		// the one before it ("i/o timeout" instead of "connection refused").
+		if ctx.Err() == nil || last == nil {
+			last = err
 		}
 		select {
 		case <-ctx.Done():

@@ -237,7 +237,7 @@ func (a *service) readyChan() chan struct{} {
 // mode those holding its lock file, plus the main process.
 func (a *service) members() []int {
 	if a.cg != "" {
-		pids, _ := cgProcs(a.cg)
+		pids, _ := cgProcsAll(a.cg)
 		return pids
 	}
 	pids := lockHolders(filepath.Join(a.dir, "lock"))
