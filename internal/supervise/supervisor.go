@@ -1,7 +1,3 @@
-// Package supervise runs daemons and never loses one or starts a second
-// copy: one cgroup v2 per service with the child spawned inside it, state
-// persisted for adoption after an agent restart, readiness, restarts with
-// backoff, logs to rotated files, and memory limits.
 package supervise
 
 import (

@@ -1,0 +1,43 @@
+// Package supervise runs daemons and never loses one or starts a second
+// copy.
+//
+// Each service has a cgroup v2 of its own (Options.CgroupParent/<name>
+// below the v2 mount, found in /proc/self/mountinfo) and its main process
+// is cloned directly into it (clone3 CLONE_INTO_CGROUP), so no fork, double
+// fork or setsid escapes. A service runs while its cgroup is populated: a
+// daemon whose first process exits 0 after forking stays running, and its
+// sole remaining process is followed as the main one. Exits are seen
+// through pidfds and inotify on cgroup.events, both on the runtime poller:
+// no thread per service.
+//
+// The main pid, its start time (which tells a reused pid apart), the
+// restart count and a hash of the spec are kept in StateDir, replaced
+// atomically. A new Supervisor adopts every populated cgroup instead of
+// starting the service again, and Apply stops running services that are
+// no longer configured.
+//
+// Stop sends the stop signal to the main process through its pidfd, then
+// after the timeout kills the whole cgroup (cgroup.kill), or for StopMain
+// only the main process, leaving the rest (a Nomad client's tasks) alone.
+// Linux kills any process later cloned into a cgroup that was the target
+// of cgroup.kill, so such a cgroup is replaced by a fresh one before the
+// next start.
+//
+// Without a writable cgroup v2 (or with Options.Fallback) a service runs
+// in its own session, the agent is a child subreaper, and the child
+// inherits a locked file descriptor: a held lock, or a live recorded pid,
+// means "running, adopt". Processes that close that descriptor and fork
+// away escape; Status.Isolation says "fallback".
+//
+// Children never have a pipe to the agent: stdin is /dev/null, stdout and
+// stderr an O_APPEND descriptor of the service's log file, so a killed
+// agent does not kill its daemons with SIGPIPE. The agent follows the file
+// for an in-memory tail and rotates it by copy-then-truncate (see logFile
+// for the window this leaves).
+//
+// Memory limits use memory.max where the v2 memory controller is available,
+// else the v1 memory controller: the service is started through the exec
+// trampoline (ExecMain), which joins the v1 memory cgroup before executing
+// the real command. OOM kills are read from memory.events or
+// memory.oom_control and reported as LastExit "oom".
+package supervise
