@@ -29,7 +29,7 @@ const bundleUsage = `steppe bundle: build, sign, verify, publish and serve signe
       (re)signs a bundle, in place unless -out is given
   steppe bundle verify FILE -key NAME.pub [-key ...] [-min-version N] [-cluster C] [-role R]
   steppe bundle publish FILE -store DIR|URL [-key NAME.pub]...
-  steppe bundle serve DIR [-addr 127.0.0.1:8480] [-key NAME.pub]... [-poll 200ms] [-max-wait 5m]
+  steppe bundle serve DIR [-addr 127.0.0.1:8480] [-key NAME.pub]... [-poll 100ms] [-max-wait 5m]
       serves /v1/bundles/CLUSTER/ROLE with ETag and ?wait= long polls;
       with -key, accepts PUT publishes signed by those keys
 `
@@ -311,7 +311,7 @@ func bundlePublish(ctx context.Context, args []string) error {
 func bundleServe(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	addr := fs.String("addr", "127.0.0.1:8480", "address to listen on")
-	poll := fs.Duration("poll", 200*time.Millisecond, "how often to look for new publishes while clients wait")
+	poll := fs.Duration("poll", 100*time.Millisecond, "how often to look for new publishes while clients wait")
 	maxWait := fs.Duration("max-wait", 5*time.Minute, "longest long poll a client may ask for")
 	var keys listFlag
 	fs.Var(&keys, "key", "public key whose bundles may be published by PUT (repeatable; none: read-only)")

@@ -15,7 +15,7 @@ import (
 // ServerOptions tune a Server.
 type ServerOptions struct {
 	// PollInterval is how often the directory is looked at while clients
-	// wait; zero means 200ms. One stat per (cluster, role) being waited
+	// wait; zero means 100ms. One stat per (cluster, role) being waited
 	// on, per interval, whatever the number of waiting clients.
 	PollInterval time.Duration
 	// MaxWait caps a client's ?wait=; zero means 5 minutes.
@@ -55,7 +55,7 @@ type watch struct {
 // NewServer serves the bundles in dir.
 func NewServer(dir string, opt ServerOptions) *Server {
 	if opt.PollInterval <= 0 {
-		opt.PollInterval = 200 * time.Millisecond
+		opt.PollInterval = 100 * time.Millisecond
 	}
 	if opt.MaxWait <= 0 {
 		opt.MaxWait = 5 * time.Minute
