@@ -161,6 +161,7 @@ func TestCrashLoop(t *testing.T) {
 	for i := 1; i < len(ts); i++ {
 		gaps = append(gaps, ts[i].Sub(ts[i-1]))
 	}
+	t.Logf("crash loop: %v CPU in %v; gaps between starts %v", cpu, wall.Round(time.Millisecond), gaps)
 	// The first restart is immediate, then each wait is longer.
 	if gaps[0] > 100*time.Millisecond {
 		t.Errorf("first restart after %v, want at once", gaps[0])

@@ -1138,6 +1138,9 @@ func (a *service) update(spec Spec, reply chan error) {
 		if a.phase != StateStopped && a.phase != StateFailed {
 			a.saveRecord()
 		}
+		if a.phase == StateWaiting && !slices.Equal(old.After, spec.After) {
+			a.begin() // wait for the new dependencies instead
+		}
 		a.answer(reply, nil)
 		return
 	}
