@@ -312,7 +312,7 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 		phase("WARNING: %s", w)
 	}
 	t = time.Now()
-	resolutions, edits, err := resolveReplaces(ctx, g, gm, mi.Origin, src, log)
+	resolutions, edits, err := resolveReplaces(ctx, g, gm, mi.Origin, p.pins[ver], src, log)
 	if err != nil {
 		return fail("resolve replaces", err)
 	}
@@ -320,10 +320,13 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 		return fail("resolve replaces", err)
 	}
 	for i, r := range resolutions {
-		if r.How == ResolvedRequired && p.loudFallback {
+		switch {
+		case r.How == ResolvedRequired && p.loudFallback:
 			r.Warning = fmt.Sprintf("%s is built against %s@%s, the version its go.mod requires, not the one it was released with", p.title, r.Module, r.Version)
-			resolutions[i] = r
+		case r.How == ResolvedPinned:
+			r.Warning = fmt.Sprintf("%s is built against %s@%s, pinned by steppe because the required %s does not compile", p.title, r.Module, r.Version, requiredOf(gm, r.Module))
 		}
+		resolutions[i] = r
 		phase("replace %s", r)
 		if r.Warning != "" {
 			info.Warnings = append(info.Warnings, r.Warning)
@@ -398,6 +401,15 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	}
 	_ = os.RemoveAll(filepath.Join(work, "out"))
 	return info, nil
+}
+
+func requiredOf(gm goMod, module string) string {
+	for _, r := range gm.Require {
+		if r.Path == module {
+			return r.Version
+		}
+	}
+	return "version"
 }
 
 // installBinary moves a checked binary and its build.json into the cache

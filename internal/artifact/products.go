@@ -28,6 +28,10 @@ type product struct {
 	// stampPrerelease: VersionPrerelease is a plain string variable that the
 	// linker can set; Consul and Vault derive it from an embedded VERSION file.
 	stampPrerelease bool
+	// pins name, per product version, the sub-module versions to use when
+	// the tagged commit's cannot be had and the version go.mod requires
+	// does not compile against the release's code.
+	pins map[string]map[string]string
 }
 
 func (p product) versionPkg() string { return p.module + "/version" }
@@ -50,6 +54,13 @@ func products() map[string]product {
 			name: "consul", title: "Consul", module: "github.com/hashicorp/consul",
 			tags:        []string{"netgo", "osusergo"},
 			shortCommit: true,
+			pins: map[string]map[string]string{
+				// 1.14.8's go.mod requires api v1.18.0 (Nov 2022), but its
+				// in-tree api already had RaftServer.LastIndex, which
+				// `operator raft list-peers` uses; the first tag with it
+				// is api v1.18.1, the 1.14.x line's (1.14.11 requires it).
+				"1.14.8": {"github.com/hashicorp/consul/api": "v1.18.1"},
+			},
 		},
 		"vault": {
 			name: "vault", title: "Vault", module: "github.com/hashicorp/vault",

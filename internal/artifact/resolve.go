@@ -17,14 +17,17 @@ import (
 //  1. the sub-module at the tagged commit (pseudo-version
 //     v0.0.0-<commit time>-<12 hex of the commit>, from the root version's
 //     .info), placed at the replaced directory: what the release built;
-//  2. the version the root go.mod requires, by dropping the replace: a
+//  2. a version pinned for this product version (see product.pins), where
+//     the required one is known not to compile;
+//  3. the version the root go.mod requires, by dropping the replace: a
 //     different (often older) sub-module than the release used;
-//  3. dropping the replace when nothing requires the module.
+//  4. dropping the replace when nothing requires the module.
 
 // How a replace directive was resolved.
 const (
 	ResolvedPresent  = "present"  // the directory is in the module zip
 	ResolvedCommit   = "commit"   // sub-module at the tagged commit, placed at the directory
+	ResolvedPinned   = "pinned"   // replace dropped; a version pinned by steppe is required
 	ResolvedRequired = "required" // replace dropped; the required version is used
 	ResolvedDropped  = "dropped"  // replace dropped; nothing requires the module
 )
@@ -49,6 +52,8 @@ func (r Resolution) String() string {
 		s = fmt.Sprintf("%s => %s: present in the module source", r.Module, r.Dir)
 	case ResolvedCommit:
 		s = fmt.Sprintf("%s => %s: %s@%s (the tagged commit)", r.Module, r.Dir, r.Module, r.Version)
+	case ResolvedPinned:
+		s = fmt.Sprintf("%s => %s: replace dropped, using %s@%s (pinned by steppe: the required version does not compile)", r.Module, r.Dir, r.Module, r.Version)
 	case ResolvedRequired:
 		s = fmt.Sprintf("%s => %s: replace dropped, using %s@%s (required by go.mod)", r.Module, r.Dir, r.Module, r.Version)
 	case ResolvedDropped:
@@ -114,7 +119,7 @@ type moduleDownloader interface {
 // resolveReplaces decides every missing local replace of the source tree
 // at srcDir and applies the decision: it copies sub-modules into place and
 // returns the go.mod edits (flags for `go mod edit`) that drop the others.
-func resolveReplaces(ctx context.Context, dl moduleDownloader, m goMod, root *origin, srcDir string, log io.Writer) (res []Resolution, edits []string, err error) {
+func resolveReplaces(ctx context.Context, dl moduleDownloader, m goMod, root *origin, pins map[string]string, srcDir string, log io.Writer) (res []Resolution, edits []string, err error) {
 	missing, present := missingLocalReplaces(m, srcDir)
 	res = append(res, present...)
 	pseudo := commitPseudoVersion(root)
@@ -142,7 +147,10 @@ func resolveReplaces(ctx context.Context, dl moduleDownloader, m goMod, root *or
 			target += "@" + lr.oldVer
 		}
 		edits = append(edits, "-dropreplace="+target)
-		if lr.required == "" {
+		if pin := pins[lr.module]; pin != "" {
+			edits = append(edits, "-require="+lr.module+"@"+pin)
+			r.How, r.Version = ResolvedPinned, pin
+		} else if lr.required == "" {
 			r.How = ResolvedDropped
 		} else {
 			r.How, r.Version = ResolvedRequired, lr.required

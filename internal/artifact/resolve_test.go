@@ -131,7 +131,7 @@ func TestResolveReplacesNomadUsesTaggedCommit(t *testing.T) {
 	}
 	m := readTestGoMod(t, "nomad-1.9.3.go.mod")
 	src := t.TempDir()
-	res, edits, err := resolveReplaces(ctx, g, m, root.Origin, src, nil)
+	res, edits, err := resolveReplaces(ctx, g, m, root.Origin, nil, src, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,7 +166,7 @@ func TestResolveReplacesConsulFallsBackToRequired(t *testing.T) {
 	}
 	m := readTestGoMod(t, "consul-1.14.8.go.mod")
 	src := t.TempDir()
-	res, edits, err := resolveReplaces(ctx, g, m, root.Origin, src, nil)
+	res, edits, err := resolveReplaces(ctx, g, m, root.Origin, nil, src, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,5 +218,44 @@ func TestDownloadUnavailableVersion(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "not obtainable") {
 		t.Errorf("error %q does not say the version is not obtainable", err)
+	}
+}
+
+func TestResolveReplacesConsul1148UsesPinnedAPI(t *testing.T) {
+	ctx := context.Background()
+	g := newGoTool("")
+	root, err := g.download(ctx, "github.com/hashicorp/consul", "v1.14.8", nil)
+	if err != nil {
+		t.Fatalf("download consul 1.14.8 (needs the Go module proxy): %v", err)
+	}
+	pins := products()["consul"].pins["1.14.8"]
+	m := readTestGoMod(t, "consul-1.14.8.go.mod")
+	res, edits, err := resolveReplaces(ctx, g, m, root.Origin, pins, t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	how := map[string]string{}
+	for _, r := range res {
+		how[r.Module] = r.How + " " + r.Version
+	}
+	if how["github.com/hashicorp/consul/api"] != "pinned v1.18.1" || how["github.com/hashicorp/consul/sdk"] != "required v0.13.0" {
+		t.Errorf("resolutions = %v", how)
+	}
+	gomod := filepath.Join(t.TempDir(), "go.mod")
+	raw, _ := os.ReadFile(filepath.Join("testdata", "consul-1.14.8.go.mod"))
+	if err := os.WriteFile(gomod, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.editGoMod(ctx, gomod, edits...); err != nil {
+		t.Fatal(err)
+	}
+	after, err := g.readGoMod(ctx, gomod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range after.Require {
+		if r.Path == "github.com/hashicorp/consul/api" && r.Version != "v1.18.1" {
+			t.Errorf("go.mod requires api %s after the edit, want v1.18.1", r.Version)
+		}
 	}
 }
