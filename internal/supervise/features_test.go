@@ -296,6 +296,9 @@ func TestFallback(t *testing.T) {
 		st = sup.Status()
 		return st[0].State == StateRunning && st[0].Processes == 1 && st[0].PID != 0 && st[1].State == StateRunning && st[1].PID != 0
 	})
+	if mode, reason := sup.Isolation(); mode != "fallback" || reason != "fallback requested" {
+		t.Fatalf("Isolation() = %q, %q", mode, reason)
+	}
 	for _, s := range st {
 		if s.Isolation != "fallback" || s.Cgroup != "" {
 			t.Fatalf("%+v", s)

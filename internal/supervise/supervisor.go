@@ -140,6 +140,12 @@ func New(ctx context.Context, opts Options) (*Supervisor, error) {
 	return s, nil
 }
 
+// Isolation reports the supervision mode, "cgroup2" or "fallback", and in
+// fallback mode why, for status displays.
+func (s *Supervisor) Isolation() (mode, reason string) {
+	return s.isolation(), s.reason
+}
+
 // isolation names the guarantee, as Status.Isolation shows it.
 func (s *Supervisor) isolation() string {
 	if s.fallback {
