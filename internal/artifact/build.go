@@ -367,6 +367,11 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	if err := b.runWithHeartbeat(cmd, func() {
 		phase("still compiling: %s, %d packages so far", since(t), counter.count())
 	}); err != nil {
+		// `go build -v` interleaves package names with the errors; lift
+		// the errors out so that the message says what broke.
+		if errs := compileErrors(logPath, 10); len(errs) > 0 {
+			err = fmt.Errorf("%w:\n  %s", err, strings.Join(errs, "\n  "))
+		}
 		return fail("compile", err)
 	}
 	phase("compiled in %s", since(t))
@@ -546,6 +551,34 @@ func (c *lineCounter) count() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.n
+}
+
+// compileErrors returns up to n compiler error lines ("file.go:L:C: msg")
+// from a build log.
+func compileErrors(path string, n int) []string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	var errs []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if compileErrorLine(line) {
+			errs = append(errs, line)
+			if len(errs) == n {
+				break
+			}
+		}
+	}
+	return errs
+}
+
+func compileErrorLine(line string) bool {
+	file, rest, ok := strings.Cut(line, ".go:")
+	if !ok || file == "" || strings.ContainsAny(file, " \t") {
+		return false
+	}
+	lineNo, _, ok := strings.Cut(rest, ":")
+	return ok && lineNo != "" && strings.Trim(lineNo, "0123456789") == ""
 }
 
 // tailFile returns the last n lines of a file.

@@ -55,3 +55,23 @@ func TestBuildUnknownProduct(t *testing.T) {
 		t.Errorf("err = %v", err)
 	}
 }
+
+func TestCompileErrorsFromVerboseLog(t *testing.T) {
+	// The shape of a real failed `go build -v` log (consul 1.14.8 against
+	// the api version its go.mod requires).
+	log := `github.com/hashicorp/consul/command/operator/raft
+github.com/hashicorp/consul/command/operator/raft/listpeers
+# github.com/hashicorp/consul/command/operator/raft/listpeers
+command/operator/raft/listpeers/operator_raft_list.go:74:52: raftServer.LastIndex undefined (type *api.RaftServer has no field or method LastIndex)
+github.com/hashicorp/consul/command/peering
+go: downloading github.com/x/y v1.0.0
+`
+	p := t.TempDir() + "/build.log"
+	if err := os.WriteFile(p, []byte(log), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got := compileErrors(p, 10)
+	if len(got) != 1 || !strings.HasPrefix(got[0], "command/operator/raft/listpeers/operator_raft_list.go:74:52: raftServer.LastIndex undefined") {
+		t.Errorf("compileErrors = %q", got)
+	}
+}
