@@ -280,6 +280,13 @@ func (s *Supervisor) Apply(ctx context.Context, specs []Spec) error {
 	if err := Validate(norm); err != nil {
 		return err
 	}
+	if s.memV1 != "" && len(s.opts.Exec) == 0 {
+		for _, sp := range norm {
+			if sp.MemoryMax > 0 {
+				return fmt.Errorf("service %q: a memory limit here needs the cgroup v1 memory controller and so the exec trampoline, but Options.Exec is empty", sp.Name)
+			}
+		}
+	}
 	s.applyMu.Lock()
 	defer s.applyMu.Unlock()
 	s.mu.Lock()
