@@ -2,8 +2,19 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
+	"math/big"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -186,6 +197,85 @@ func TestBundleCLI(t *testing.T) {
 		t.Fatalf("accepted = %d", v)
 	}
 	if _, err := os.Stat(filepath.Join(store, "prod", "server", strconv.Itoa(11)+".tar.gz")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBundleServeTLS serves a store over HTTPS with a certificate made
+// here and pulls from it with a client that trusts only that certificate.
+func TestBundleServeTLS(t *testing.T) {
+	bin := steppeBinary(t)
+	work := t.TempDir()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "bundles"},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalECPrivateKey(caKey)
+	os.WriteFile(filepath.Join(work, "tls.crt"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	os.WriteFile(filepath.Join(work, "tls.key"), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+
+	k, err := bundle.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	now := time.Now()
+	os.MkdirAll(filepath.Join(work, "cfg"), 0o755)
+	os.WriteFile(filepath.Join(work, "cfg", "a.conf"), []byte("a"), 0o644)
+	if _, err := bundle.Build(&buf, filepath.Join(work, "cfg"), bundle.Manifest{Cluster: "prod", Role: "server", Version: 1, Created: now, Expires: now.Add(time.Hour)}, &k); err != nil {
+		t.Fatal(err)
+	}
+	store := filepath.Join(work, "store")
+	if _, err := bundle.NewDirStore(store).Publish(context.Background(), &buf, bundle.PublishOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	srv := exec.Command(bin, "bundle", "serve", store, "-addr", "127.0.0.1:0", "-tls-cert", "tls.crt", "-tls-key", "tls.key")
+	srv.Dir = work
+	stdout, _ := srv.StdoutPipe()
+	srv.Stderr = os.Stderr
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		srv.Process.Signal(syscall.SIGTERM)
+		srv.Wait()
+	}()
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.Index(line, "https://")
+	if i < 0 {
+		t.Fatalf("serve said %q", line)
+	}
+	base := strings.TrimSuffix(strings.TrimSpace(line[i:]), "/v1/bundles/")
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	hs, err := bundle.NewHTTPStore(base, &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := hs.Fetch(context.Background(), "prod", "server", "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Body.Close()
+	if _, _, err := bundle.Verify(context.Background(), f.Body, bundle.Policy{Keys: []bundle.PublicKey{k.Public()}}); err != nil {
 		t.Fatal(err)
 	}
 }

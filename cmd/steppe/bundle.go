@@ -30,6 +30,7 @@ const bundleUsage = `steppe bundle: build, sign, verify, publish and serve signe
   steppe bundle verify FILE -key NAME.pub [-key ...] [-min-version N] [-cluster C] [-role R]
   steppe bundle publish FILE -store DIR|URL [-key NAME.pub]...
   steppe bundle serve DIR [-addr 127.0.0.1:8480] [-key NAME.pub]... [-poll 100ms] [-max-wait 5m]
+                      [-tls-cert FILE -tls-key FILE]
       serves /v1/bundles/CLUSTER/ROLE with ETag and ?wait= long polls;
       with -key, accepts PUT publishes signed by those keys
 `
@@ -313,11 +314,16 @@ func bundleServe(ctx context.Context, args []string) error {
 	addr := fs.String("addr", "127.0.0.1:8480", "address to listen on")
 	poll := fs.Duration("poll", 100*time.Millisecond, "how often to look for new publishes while clients wait")
 	maxWait := fs.Duration("max-wait", 5*time.Minute, "longest long poll a client may ask for")
+	tlsCert := fs.String("tls-cert", "", "serve HTTPS with this certificate (PEM; with -tls-key)")
+	tlsKey := fs.String("tls-key", "", "private key of -tls-cert (PEM)")
 	var keys listFlag
 	fs.Var(&keys, "key", "public key whose bundles may be published by PUT (repeatable; none: read-only)")
 	pos, err := parseArgs(fs, args, "DIR")
 	if err != nil {
 		return err
+	}
+	if (*tlsCert == "") != (*tlsKey == "") {
+		return fmt.Errorf("%w: bundle serve: -tls-cert and -tls-key go together", errUsage)
 	}
 	pubs, err := bundle.ReadPublicKeyFiles(keys...)
 	if err != nil {
@@ -344,9 +350,18 @@ func bundleServe(ctx context.Context, args []string) error {
 		hs.Shutdown(sctx)
 	}()
 	abs, _ := filepath.Abs(pos[0])
-	log.Info("serving bundles", "dir", abs, "addr", ln.Addr().String(), "publish", len(pubs) > 0)
-	fmt.Printf("serving %s on http://%s/v1/bundles/\n", abs, ln.Addr())
-	if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	scheme := "http"
+	if *tlsCert != "" {
+		scheme = "https"
+	}
+	log.Info("serving bundles", "dir", abs, "addr", ln.Addr().String(), "tls", *tlsCert != "", "publish", len(pubs) > 0)
+	fmt.Printf("serving %s on %s://%s/v1/bundles/\n", abs, scheme, ln.Addr())
+	if *tlsCert != "" {
+		err = hs.ServeTLS(ln, *tlsCert, *tlsKey)
+	} else {
+		err = hs.Serve(ln)
+	}
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil

@@ -297,10 +297,12 @@ func BenchmarkPublishToPullers(b *testing.B) {
 						if err = SaveAccepted(state, r.Version); err == nil {
 							err = Activate(rel, r.Version)
 						}
+						// Converged once activated; pruning old releases
+						// comes after, as in the agent.
+						results <- done{version: r.Version, at: time.Now(), err: err}
 						if err == nil {
 							_, err = Prune(rel, 3)
 						}
-						results <- done{version: r.Version, at: time.Now(), err: err}
 					}
 				}
 				f.Body.Close()

@@ -266,3 +266,25 @@ func TestServerBadRequests(t *testing.T) {
 		}
 	}
 }
+
+func TestHTTPSStore(t *testing.T) {
+	key := mustKey(t)
+	dir := t.TempDir()
+	publishDir(t, NewDirStore(dir), buildBundle(t, &key, baseManifest(1), sampleFiles))
+	srv := httptest.NewTLSServer(NewServer(dir, ServerOptions{}).Handler())
+	defer srv.Close()
+	// The test server's own client trusts its certificate; a default
+	// client must not.
+	plain, _ := NewHTTPStore(srv.URL, nil)
+	if _, err := plain.Fetch(context.Background(), "prod", "server", "", 0); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("fetch from an untrusted certificate: %v", err)
+	}
+	st, _ := NewHTTPStore(srv.URL, srv.Client())
+	r, etag, err := pullOnce(t, st, "", 0, t.TempDir(), policy(key))
+	if err != nil || r.Version != 1 || etag == "" {
+		t.Fatalf("pull over HTTPS: %+v %v", r, err)
+	}
+	if _, err := NewHTTPStore("ftp://x", nil); err == nil {
+		t.Fatal("ftp:// store accepted")
+	}
+}
