@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -40,6 +41,22 @@ type Store interface {
 	// the ETag of the latest bundle, Fetch returns ErrNotModified, after
 	// waiting up to wait for a newer one to be published.
 	Fetch(ctx context.Context, cluster, role, etag string, wait time.Duration) (*Fetched, error)
+}
+
+// OpenStore opens the store an agent's configuration names: an http:// or
+// https:// URL of a bundle server (fetched with client; nil means a
+// default client), or a local directory.
+func OpenStore(location string, client *http.Client) (Store, error) {
+	if strings.HasPrefix(location, "http://") || strings.HasPrefix(location, "https://") {
+		return NewHTTPStore(location, client)
+	}
+	if strings.Contains(location, "://") {
+		return nil, fmt.Errorf("bundle store %q: want an http:// or https:// URL or a directory", location)
+	}
+	if location == "" {
+		return nil, fmt.Errorf("bundle store: no location given")
+	}
+	return NewDirStore(location), nil
 }
 
 // latestName is the file in DIR/<cluster>/<role>/ that holds the latest

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -286,5 +287,21 @@ func TestHTTPSStore(t *testing.T) {
 	}
 	if _, err := NewHTTPStore("ftp://x", nil); err == nil {
 		t.Fatal("ftp:// store accepted")
+	}
+}
+
+func TestOpenStore(t *testing.T) {
+	for loc, want := range map[string]string{
+		"http://127.0.0.1:8480": "*bundle.HTTPStore", "https://bundles.example": "*bundle.HTTPStore",
+		"/var/lib/steppe/store": "*bundle.DirStore", "s3://bucket": "error", "": "error",
+	} {
+		st, err := OpenStore(loc, nil)
+		got := "error"
+		if err == nil {
+			got = fmt.Sprintf("%T", st)
+		}
+		if got != want {
+			t.Errorf("OpenStore(%q) = %s (%v), want %s", loc, got, err, want)
+		}
 	}
 }
