@@ -318,6 +318,10 @@ func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
 	if role == RoleServer {
 		c["server"] = true
 		c["bootstrap_expect"] = spec.Servers.Count
+		// HashiCorp's production recommendation (the default, 5, is
+		// tuned for tiny VMs): leaders elected and failures detected
+		// five times sooner.
+		c["performance"] = map[string]any{"raft_multiplier": 1}
 		c["leave_on_terminate"] = false
 	} else {
 		c["server"] = false

@@ -61,6 +61,8 @@ func TestNomadClusterSecured(t *testing.T) {
 
 	root := t.TempDir()
 	cleanupHost(t, root)
+	start := time.Now()
+	phase := func(name string) { t.Logf("phase %-32s done at %v", name, time.Since(start).Round(time.Millisecond)) }
 	type machine struct {
 		m      cluster.Machine
 		d      machineDirs
@@ -84,6 +86,7 @@ func TestNomadClusterSecured(t *testing.T) {
 		t.Fatalf("%s\n%s", fmt.Sprintf(format, args...), logTails(all))
 	}
 	waitReady(ctx, t, all...)
+	phase("consul: 5 agents joined")
 
 	// Consul first: its ACLs, and the tokens the machines already hold.
 	consulAnon, err := ConsulClient(servers[0].Address+":8501", opFiles, "")
@@ -108,6 +111,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	if err := ApplyConsulACL(ctx, consulAdmin, aclPlan); err != nil {
 		fail("%v", err)
 	}
+	phase("consul: ACLs bootstrapped")
 
 	// Then Nomad, after its local Consul is ready (ServiceDef.After).
 	for _, mc := range machines {
@@ -121,6 +125,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	for _, mc := range machines {
 		waitReady(ctx, t, mc.nomad)
 	}
+	phase("nomad: 5 agents started")
 
 	nomadAnon, err := NomadClient(servers[0].Address+":4646", opFiles, "")
 	if err != nil {
@@ -143,6 +148,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	if _, err := WaitNomadHealthy(ctx, nomadAdmin, 3); err != nil {
 		fail("%v", err)
 	}
+	phase("nomad: ACLs, 3 healthy servers")
 	peers, err := NomadServers(ctx, nomadAdmin)
 	if err != nil {
 		fail("%v", err)
@@ -160,8 +166,18 @@ func TestNomadClusterSecured(t *testing.T) {
 	if err != nil {
 		fail("%v", err)
 	}
+	phase("nomad: 2 clients ready")
 	for _, n := range nodes {
 		t.Logf("nomad client %s at %s: %s", n.Name, n.Address, n.Status)
+	}
+
+	// Nomad's gossip is encrypted with the state directory's key.
+	keys, err := nomadAdmin.Agent().ListKeys()
+	if err != nil {
+		fail("nomad keyring: %v", err)
+	}
+	if len(keys.Keys) != 1 || keys.Keys[st.NomadGossipKey().Reveal()] != 3 {
+		fail("nomad keyring has %d keys, the state's on %d servers", len(keys.Keys), keys.Keys[st.NomadGossipKey().Reveal()])
 	}
 
 	// 5 Consul members, and Nomad registered itself in Consul with its
@@ -178,6 +194,20 @@ func TestNomadClusterSecured(t *testing.T) {
 	}
 	if alive != 5 {
 		fail("consul members %+v", members)
+	}
+	// Every agent registered its node with its own token.
+	err = poll(ctx, "5 nodes in the Consul catalog", func() (bool, error) {
+		nodes, _, err := consulAdmin.Catalog().Nodes(nil)
+		if err != nil {
+			return false, err
+		}
+		if len(nodes) != 5 {
+			return false, fmt.Errorf("%d nodes", len(nodes))
+		}
+		return true, nil
+	})
+	if err != nil {
+		fail("%v", err)
 	}
 	err = poll(ctx, "nomad services in Consul", func() (bool, error) {
 		svcs, _, err := consulAdmin.Catalog().Services(nil)
@@ -308,6 +338,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	if err != nil {
 		fail("%v", err)
 	}
+	phase("job: 2 allocations, services in Consul")
 	toks, _, err := consulAdmin.ACL().TokenListFiltered(consulapi.ACLTokenFilterOptions{AuthMethod: ConsulAuthMethod}, nil)
 	if err != nil {
 		fail("%v", err)
