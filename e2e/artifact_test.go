@@ -194,9 +194,23 @@ func TestArtifactServeAndFetch(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Minute)
 	defer cancel()
 	steppe := artifactSteppe(t)
-	// Cached after prepare-artifacts; builds otherwise.
-	artifactRun(t, ctx, steppe, "artifact", "build", "consul@1.14.11")
-	store := artifact.DefaultStoreDir(cache)
+	// Cached after prepare-artifacts (builds otherwise), then published into
+	// a store of its own with -out after the positional argument.
+	store := filepath.Join(t.TempDir(), "store")
+	artifactRun(t, ctx, steppe, "artifact", "build", "consul@1.14.11", "-out", store)
+	for _, f := range []string{artifact.StoreKeyFile, "consul/index.json", "consul/1.14.11/index.json",
+		"consul/1.14.11/consul_1.14.11_linux_amd64.zip", "consul/1.14.11/consul_1.14.11_SHA256SUMS",
+		"consul/1.14.11/consul_1.14.11_SHA256SUMS.sig"} {
+		if _, err := os.Stat(filepath.Join(store, f)); err != nil {
+			t.Errorf("-out store lacks %s: %v", f, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(store, "nomad")); err == nil {
+		t.Error("-out store holds nomad, which was not asked for")
+	}
+	if _, err := artifact.BinaryPath(cache, "consul", "1.14.11"); err != nil {
+		t.Fatal(err)
+	}
 
 	cmd := exec.CommandContext(ctx, steppe, "artifact", "serve", store, "-addr", "127.0.0.1:0")
 	stderr, err := cmd.StderrPipe()
