@@ -152,7 +152,7 @@ func (b *Builder) Build(ctx context.Context, productName, ver string) (Result, e
 	if err != nil {
 		return res, &StepError{Product: p.name, Version: ver, Step: "store key", Err: err}
 	}
-	pub, err := publish(storeDir, key, p.name, ver, res.Binary, info.SHA256, info.CommitTime)
+	pub, err := publish(storeDir, key, p.name, ver, res.Binary, info.CommitTime)
 	if err != nil {
 		return res, &StepError{Product: p.name, Version: ver, Step: "publish", Err: err}
 	}

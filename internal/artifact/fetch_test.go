@@ -36,7 +36,7 @@ func newTestStore(t *testing.T) *testStore {
 		t.Fatal(err)
 	}
 	for _, v := range []string{"1.9.3", "1.10.5"} {
-		if _, err := publish(ts.dir, key, "nomad", v, fakeBinary(t, "#!/bin/sh\necho Nomad v"+v+"\n"), "", time.Unix(1700000000, 0)); err != nil {
+		if _, err := publish(ts.dir, key, "nomad", v, fakeBinary(t, "#!/bin/sh\necho Nomad v"+v+"\n"), time.Unix(1700000000, 0)); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"io/fs"
 	"os"
@@ -106,10 +107,15 @@ func sha256Hex(b []byte) string {
 	return hex.EncodeToString(s[:])
 }
 
-func sha256Reader(r io.Reader) (string, error) {
-	h := sha256.New()
-	if _, err := io.Copy(h, r); err != nil {
-		return "", err
+func crc32File(p string) (uint32, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return 0, err
 	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	defer f.Close()
+	h := crc32.NewIEEE()
+	if _, err := io.Copy(h, f); err != nil {
+		return 0, fmt.Errorf("read %s: %w", p, err)
+	}
+	return h.Sum32(), nil
 }

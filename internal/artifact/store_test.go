@@ -40,11 +40,11 @@ func TestPublishLayoutIndexAndSignature(t *testing.T) {
 	}
 	when := time.Date(2024, 11, 11, 16, 35, 41, 0, time.UTC)
 	bin := fakeBinary(t, "nomad 1.9.3 binary")
-	pub, err := publish(store, key, "nomad", "1.9.3", bin, "", when)
+	pub, err := publish(store, key, "nomad", "1.9.3", bin, when)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := publish(store, key, "nomad", "1.10.5", fakeBinary(t, "nomad 1.10.5 binary"), "", when); err != nil {
+	if _, err := publish(store, key, "nomad", "1.10.5", fakeBinary(t, "nomad 1.10.5 binary"), when); err != nil {
 		t.Fatal(err)
 	}
 
@@ -163,13 +163,13 @@ func TestPublishIsIdempotentAndDeterministic(t *testing.T) {
 	}
 	when := time.Date(2023, 10, 31, 18, 7, 9, 0, time.UTC)
 	bin := fakeBinary(t, "consul")
-	first, err := publish(store, key, "consul", "1.14.11", bin, "", when)
+	first, err := publish(store, key, "consul", "1.14.11", bin, when)
 	if err != nil {
 		t.Fatal(err)
 	}
 	sig1, _ := os.ReadFile(first.Signature)
 	st1, _ := os.Stat(first.Archive)
-	second, err := publish(store, key, "consul", "1.14.11", bin, "", when)
+	second, err := publish(store, key, "consul", "1.14.11", bin, when)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,15 +179,15 @@ func TestPublishIsIdempotentAndDeterministic(t *testing.T) {
 		t.Error("publishing the same binary again rewrote the archive or signature")
 	}
 	// Another store gets a byte-identical archive from the same binary.
-	other, err := publish(t.TempDir(), key, "consul", "1.14.11", bin, "", when)
+	other, err := publish(t.TempDir(), key, "consul", "1.14.11", bin, when)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if other.ArchiveSHA256 != first.ArchiveSHA256 {
 		t.Errorf("archive not deterministic: %s vs %s", other.ArchiveSHA256, first.ArchiveSHA256)
 	}
-	// A changed binary is re-published and re-signed.
-	third, err := publish(store, key, "consul", "1.14.11", fakeBinary(t, "consul rebuilt"), "", when)
+	// A changed binary (even of the same size) is re-published and re-signed.
+	third, err := publish(store, key, "consul", "1.14.11", fakeBinary(t, "consuL"), when)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,10 +207,10 @@ func TestPublishRefusesStoreOfAnotherKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	bin := fakeBinary(t, "x")
-	if _, err := publish(store, k1, "nomad", "1.9.3", bin, "", time.Unix(0, 0)); err != nil {
+	if _, err := publish(store, k1, "nomad", "1.9.3", bin, time.Unix(0, 0)); err != nil {
 		t.Fatal(err)
 	}
-	_, err = publish(store, k2, "nomad", "1.10.5", bin, "", time.Unix(0, 0))
+	_, err = publish(store, k2, "nomad", "1.10.5", bin, time.Unix(0, 0))
 	if err == nil || !strings.Contains(err.Error(), "signed by key") {
 		t.Fatalf("publishing with another key: err = %v, want a refusal", err)
 	}
@@ -317,7 +317,7 @@ func TestConcurrentPublishKeepsEveryVersionInIndex(t *testing.T) {
 	errc := make(chan error, len(versions))
 	for i, v := range versions {
 		go func() {
-			_, err := publish(store, key, "consul", v, bins[i], "", time.Unix(0, 0))
+			_, err := publish(store, key, "consul", v, bins[i], time.Unix(0, 0))
 			errc <- err
 		}()
 	}
