@@ -311,7 +311,6 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 		info.Warnings = append(info.Warnings, w)
 		phase("WARNING: %s", w)
 	}
-	t = time.Now()
 	resolutions, edits, err := resolveReplaces(ctx, g, gm, mi.Origin, p.pins[ver], src, log)
 	if err != nil {
 		return fail("resolve replaces", err)
@@ -337,7 +336,6 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 		phase("no local replace directives")
 	}
 	info.Resolutions = resolutions
-	_ = t
 
 	// Step: compile.
 	out := filepath.Join(work, "out", p.name)
