@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +19,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/bundle"
 	"github.com/steppe/steppe/internal/supervise"
 )
 
@@ -39,6 +43,13 @@ type Agent struct {
 	mu        sync.Mutex
 	cfg       *Config
 	configErr string
+	bundle    *BundleStatus // nil: the machine pulls no bundle
+
+	// applyMu orders applies: the config reload and the pull loop both
+	// hand the supervisor the whole set (the machine's services and the
+	// running release's).
+	applyMu sync.Mutex
+	release *plan
 }
 
 // Run runs the agent until ctx is done, then stops every service in reverse
@@ -89,10 +100,38 @@ func Run(ctx context.Context, opts Options) error {
 	}()
 	log.Info("agent started", "config", opts.ConfigPath, "state_dir", cfg.StateDir, "socket", cfg.Socket, "services", len(cfg.Services))
 
+	var pull *puller
+	if cfg.Bundle != nil {
+		if pull, err = a.newPuller(cfg); err != nil {
+			a.sup.Close()
+			srv.Close()
+			return err
+		}
+	}
+
 	// The first apply runs in the background so that the API answers while
-	// services wait for their dependencies.
+	// services wait for their dependencies. The machine first runs what it
+	// ran before (its last good release), whether the store answers or not.
 	applied := make(chan error, 1)
-	go func() { applied <- a.sup.Apply(ctx, cfg.Services) }()
+	go func() {
+		if pull == nil {
+			applied <- a.applyOwn(ctx, cfg)
+			return
+		}
+		// One apply of the machine's services together with the last good
+		// release: an apply without the release would stop its services.
+		if err := pull.boot(ctx); err != nil {
+			log.Error("starting the last good release", "err", err)
+			if a.runningRelease() == nil {
+				if err := a.applyOwn(ctx, cfg); err != nil {
+					applied <- err
+					return
+				}
+			}
+		}
+		go pull.run(ctx)
+		applied <- nil
+	}()
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -155,17 +194,114 @@ func (a *Agent) ReloadConfig(ctx context.Context) error {
 			err = fmt.Errorf("%s: agent.cgroup cannot change while the agent runs (restart it)", cfg.Path)
 		}
 	}
+	if err == nil && !sameSource(cfg, a.currentConfig()) {
+		err = fmt.Errorf("%s: the machine, bundle and artifacts blocks cannot change while the agent runs (restart it)", cfg.Path)
+	}
 	if err == nil {
 		a.log.Info("config reloaded", "config", cfg.Path, "services", len(cfg.Services))
-		err = a.sup.Apply(ctx, cfg.Services)
-		if err == nil {
-			a.mu.Lock()
-			a.cfg = cfg
-			a.mu.Unlock()
-		}
+		err = a.applyOwn(ctx, cfg)
 	}
 	a.setConfigErr(err)
 	return err
+}
+
+func (a *Agent) currentConfig() *Config {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cfg
+}
+
+func sameSource(x, y *Config) bool {
+	bx, _ := json.Marshal([]any{x.Machine, x.Bundle, x.ArtifactKeys})
+	by, _ := json.Marshal([]any{y.Machine, y.Bundle, y.ArtifactKeys})
+	return string(bx) == string(by)
+}
+
+// applyOwn runs the services of cfg next to the running release, and makes
+// cfg the agent's config once they run.
+func (a *Agent) applyOwn(ctx context.Context, cfg *Config) error {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
+	if err := a.applyLocked(ctx, cfg.Services, a.release); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.cfg = cfg
+	a.mu.Unlock()
+	return nil
+}
+
+// applyRelease runs release rel (nil: none) next to the machine's own services.
+func (a *Agent) applyRelease(ctx context.Context, rel *plan) error {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
+	return a.applyLocked(ctx, a.currentConfig().Services, rel)
+}
+
+// applyLocked hands the supervisor the whole set, as it must run.
+func (a *Agent) applyLocked(ctx context.Context, own []supervise.Spec, rel *plan) error {
+	specs := slices.Clone(own)
+	if rel != nil {
+		for _, d := range rel.Services {
+			specs = append(specs, d.Spec)
+		}
+	}
+	if err := a.sup.Apply(ctx, specs); err != nil {
+		return err
+	}
+	a.release = rel
+	return nil
+}
+
+func (a *Agent) runningRelease() *plan {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
+	return a.release
+}
+
+func (a *Agent) newPuller(cfg *Config) (*puller, error) {
+	src := *cfg.Bundle
+	keys, err := bundle.ReadPublicKeyFiles(src.Keys...)
+	if err != nil {
+		return nil, fmt.Errorf("bundle keys: %w", err)
+	}
+	var keyring *artifact.Keyring
+	if len(cfg.ArtifactKeys) > 0 {
+		if keyring, err = artifact.ReadKeyringFile(cfg.ArtifactKeys...); err != nil {
+			return nil, fmt.Errorf("artifact keys: %w", err)
+		}
+	}
+	store, err := bundle.OpenStore(src.Store, nil)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	a.bundle = &BundleStatus{Store: src.Store, Cluster: src.Cluster, Role: src.Role}
+	a.mu.Unlock()
+	return &puller{
+		src:     src,
+		facts:   discoverFacts(cfg.Machine, cfg.Bundle),
+		dir:     cfg.StateDir,
+		keys:    keys,
+		keyring: keyring,
+		store:   store,
+		fetcher: &artifact.Fetcher{CacheDir: filepath.Join(cfg.StateDir, "artifacts"), Log: a.log},
+		log:     a.log,
+		sup:     a.sup,
+		apply:   a.applyRelease,
+		external: func() []string {
+			var names []string
+			for _, s := range a.currentConfig().Services {
+				names = append(names, s.Name)
+			}
+			return names
+		},
+		onStatus: func(f func(*BundleStatus)) {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			f(a.bundle)
+		},
+	}, nil
 }
 
 func (a *Agent) setConfigErr(err error) {
@@ -181,6 +317,11 @@ func (a *Agent) setConfigErr(err error) {
 func (a *Agent) Status() StatusReport {
 	a.mu.Lock()
 	cfg, cerr := a.cfg, a.configErr
+	var bs *BundleStatus
+	if a.bundle != nil {
+		b := *a.bundle
+		bs = &b
+	}
 	a.mu.Unlock()
 	services := a.sup.Status()
 	iso := ""
@@ -196,6 +337,7 @@ func (a *Agent) Status() StatusReport {
 			ConfigError: cerr,
 			Isolation:   iso,
 		},
+		Bundle:   bs,
 		Services: services,
 	}
 }

@@ -23,6 +23,7 @@ import (
 // StatusReport is what `steppe agent status -json` prints.
 type StatusReport struct {
 	Agent    AgentInfo          `json:"agent"`
+	Bundle   *BundleStatus      `json:"bundle,omitempty"`
 	Services []supervise.Status `json:"services"`
 }
 

@@ -36,7 +36,38 @@ type Config struct {
 	StateDir string
 	Socket   string
 	Cgroup   string // parent of the services' cgroups, relative to the cgroup v2 mount
-	Services []supervise.Spec
+	Machine  Machine
+	// Bundle is where the machine pulls its role's config from; nil: the
+	// agent runs only the services of this file.
+	Bundle *BundleSource
+	// ArtifactKeys are files of armored OpenPGP public keys trusted to sign
+	// artifact stores' SHA256SUMS.
+	ArtifactKeys []string
+	Services     []supervise.Spec
+}
+
+// Machine holds the facts templates see; what is not given is discovered.
+type Machine struct {
+	Name       string
+	Address    string
+	Pool       string
+	Region     string
+	Datacenter string
+	Tags       map[string]string
+}
+
+// BundleSource says which bundles a machine pulls and trusts.
+type BundleSource struct {
+	Store   string // a bundle server's URL or a directory
+	Cluster string // the cluster and role the machine pulls bundles of
+	Role    string
+	Keys    []string // files of Ed25519 public keys trusted to sign bundles
+	// Wait is how long one long-poll waits for a new version.
+	Wait time.Duration
+	// HealthTimeout bounds the health gate after an apply.
+	HealthTimeout time.Duration
+	// Keep is how many releases stay on disk, the current one included.
+	Keep int
 }
 
 // ConfigError is every problem found in a config file, each with its
@@ -92,8 +123,38 @@ func ParseConfig(path string, src []byte) (*Config, error) {
 var rootSchema = &hcl.BodySchema{
 	Blocks: []hcl.BlockHeaderSchema{
 		{Type: "agent"},
+		{Type: "machine"},
+		{Type: "bundle"},
+		{Type: "artifacts"},
 		{Type: "service", LabelNames: []string{"name"}},
 	},
+}
+
+// bundleRootSchema is what a service file inside a bundle may hold.
+var bundleRootSchema = &hcl.BodySchema{
+	Blocks: []hcl.BlockHeaderSchema{{Type: "service", LabelNames: []string{"name"}}},
+}
+
+var machineSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{
+		{Name: "name"}, {Name: "address"}, {Name: "pool"}, {Name: "region"}, {Name: "datacenter"}, {Name: "tags"},
+	},
+}
+
+var bundleSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{
+		{Name: "store", Required: true},
+		{Name: "cluster", Required: true},
+		{Name: "role", Required: true},
+		{Name: "keys", Required: true},
+		{Name: "wait"},
+		{Name: "health_timeout"},
+		{Name: "keep"},
+	},
+}
+
+var artifactsSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{{Name: "keys", Required: true}},
 }
 
 var agentSchema = &hcl.BodySchema{
@@ -105,28 +166,37 @@ var agentSchema = &hcl.BodySchema{
 }
 
 var serviceSchema = &hcl.BodySchema{
-	Attributes: []hcl.AttributeSchema{
-		{Name: "command", Required: true},
-		{Name: "args"},
-		{Name: "env"},
-		{Name: "dir"},
-		{Name: "user"},
-		{Name: "group"},
-		{Name: "after"},
-		{Name: "stop_signal"},
-		{Name: "stop_timeout"},
-		{Name: "stop_mode"},
-		{Name: "reload_signal"},
-		{Name: "restart"},
-		{Name: "backoff_min"},
-		{Name: "backoff_max"},
-		{Name: "healthy_after"},
-		{Name: "memory_max"},
-		{Name: "memory_high"},
-		{Name: "log_max_size"},
-		{Name: "log_keep"},
-	},
-	Blocks: []hcl.BlockHeaderSchema{{Type: "ready"}},
+	Attributes: serviceAttrs,
+	Blocks:     []hcl.BlockHeaderSchema{{Type: "ready"}},
+}
+
+// A service in a bundle may also name the files it reads (so that a change
+// to them reloads or restarts it) and what a change does.
+var bundleServiceSchema = &hcl.BodySchema{
+	Attributes: append(slices.Clone(serviceAttrs), hcl.AttributeSchema{Name: "files"}, hcl.AttributeSchema{Name: "on_change"}),
+	Blocks:     []hcl.BlockHeaderSchema{{Type: "ready"}},
+}
+
+var serviceAttrs = []hcl.AttributeSchema{
+	{Name: "command", Required: true},
+	{Name: "args"},
+	{Name: "env"},
+	{Name: "dir"},
+	{Name: "user"},
+	{Name: "group"},
+	{Name: "after"},
+	{Name: "stop_signal"},
+	{Name: "stop_timeout"},
+	{Name: "stop_mode"},
+	{Name: "reload_signal"},
+	{Name: "restart"},
+	{Name: "backoff_min"},
+	{Name: "backoff_max"},
+	{Name: "healthy_after"},
+	{Name: "memory_max"},
+	{Name: "memory_high"},
+	{Name: "log_max_size"},
+	{Name: "log_keep"},
 }
 
 var readySchema = &hcl.BodySchema{
@@ -143,6 +213,14 @@ var readySchema = &hcl.BodySchema{
 // parser collects diagnostics instead of stopping at the first problem.
 type parser struct {
 	diags hcl.Diagnostics
+	// resolve, when set, parses a bundle's service file: it turns a
+	// service's command into the path to run, or says why it cannot.
+	resolve func(command string) (string, error)
+	// external are services defined elsewhere that a service may be after.
+	external []string
+	// vars are the variables a bundle's service file may use, such as
+	// "${release}/consul.d" or artifact.nomad; nil in the agent's config.
+	vars *hcl.EvalContext
 }
 
 func (p *parser) errorf(rng hcl.Range, summary, format string, args ...any) {
@@ -162,7 +240,7 @@ func (p *parser) content(body hcl.Body, schema *hcl.BodySchema) *hcl.BodyContent
 }
 
 func (p *parser) decode(attr *hcl.Attribute, v any) bool {
-	diags := gohcl.DecodeExpression(attr.Expr, nil, v)
+	diags := gohcl.DecodeExpression(attr.Expr, p.vars, v)
 	p.diags = append(p.diags, diags...)
 	return !diags.HasErrors()
 }
@@ -230,43 +308,127 @@ func (p *parser) config(body hcl.Body) *Config {
 	if c == nil {
 		return cfg
 	}
-	seen := map[string]hcl.Range{}
-	after := map[string]*hcl.Attribute{}
-	var agentSeen *hcl.Range
+	once := map[string]hcl.Range{}
+	var services []*hcl.Block
 	for _, b := range c.Blocks {
+		if b.Type == "service" {
+			services = append(services, b)
+			continue
+		}
+		if prev, dup := once[b.Type]; dup {
+			p.errorf(b.DefRange, "Duplicate "+b.Type+" block", "the %s block is already defined at %s", b.Type, prev)
+			continue
+		}
+		once[b.Type] = b.DefRange
 		switch b.Type {
 		case "agent":
-			if agentSeen != nil {
-				p.errorf(b.DefRange, "Duplicate agent block", "the agent block is already defined at %s", agentSeen)
-				continue
+			if ac := p.content(b.Body, agentSchema); ac != nil {
+				p.str(ac.Attributes, "state_dir", &cfg.StateDir)
+				p.str(ac.Attributes, "socket", &cfg.Socket)
+				p.str(ac.Attributes, "cgroup", &cfg.Cgroup)
 			}
-			agentSeen = &b.DefRange
-			ac := p.content(b.Body, agentSchema)
-			if ac == nil {
-				continue
+		case "machine":
+			if mc := p.content(b.Body, machineSchema); mc != nil {
+				at := mc.Attributes
+				p.str(at, "name", &cfg.Machine.Name)
+				p.str(at, "address", &cfg.Machine.Address)
+				p.str(at, "pool", &cfg.Machine.Pool)
+				p.str(at, "region", &cfg.Machine.Region)
+				p.str(at, "datacenter", &cfg.Machine.Datacenter)
+				if a, ok := at["tags"]; ok {
+					p.decode(a, &cfg.Machine.Tags)
+				}
 			}
-			p.str(ac.Attributes, "state_dir", &cfg.StateDir)
-			p.str(ac.Attributes, "socket", &cfg.Socket)
-			p.str(ac.Attributes, "cgroup", &cfg.Cgroup)
-		case "service":
-			name := b.Labels[0]
-			if prev, dup := seen[name]; dup {
-				p.errorf(b.LabelRanges[0], "Duplicate service", "service %q is already defined at %s", name, prev)
-				continue
+		case "bundle":
+			cfg.Bundle = p.bundle(b)
+		case "artifacts":
+			if ac := p.content(b.Body, artifactsSchema); ac != nil {
+				if a, ok := ac.Attributes["keys"]; ok && p.decode(a, &cfg.ArtifactKeys) {
+					p.readable(a, cfg.ArtifactKeys)
+				}
 			}
-			seen[name] = b.DefRange
-			if !validName(name) {
-				p.errorf(b.LabelRanges[0], "Invalid service name", "%q: use letters, digits, '-', '_' and '.', starting with a letter or digit", name)
-			}
-			spec, afterAttr := p.service(name, b.Body)
-			if afterAttr != nil {
-				after[name] = afterAttr
-			}
-			cfg.Services = append(cfg.Services, spec)
 		}
 	}
-	p.dependencies(cfg.Services, after)
+	defs := p.services(services, serviceSchema)
+	for _, d := range defs {
+		cfg.Services = append(cfg.Services, d.Spec)
+	}
 	return cfg
+}
+
+func (p *parser) bundle(b *hcl.Block) *BundleSource {
+	src := &BundleSource{Wait: 30 * time.Second, HealthTimeout: 60 * time.Second, Keep: 3}
+	bc := p.content(b.Body, bundleSchema)
+	if bc == nil {
+		return src
+	}
+	at := bc.Attributes
+	p.str(at, "store", &src.Store)
+	p.str(at, "cluster", &src.Cluster)
+	p.str(at, "role", &src.Role)
+	if a, ok := at["keys"]; ok && p.decode(a, &src.Keys) {
+		if len(src.Keys) == 0 {
+			p.errorf(a.Expr.Range(), "No trusted keys", "bundle keys: name at least one public key file")
+		}
+		p.readable(a, src.Keys)
+	}
+	p.duration(at, "wait", &src.Wait)
+	p.duration(at, "health_timeout", &src.HealthTimeout)
+	if a, ok := at["keep"]; ok && p.decode(a, &src.Keep) && src.Keep < 1 {
+		p.errorf(a.Expr.Range(), "Invalid keep", "bundle keep = %d: keep at least the current release (1)", src.Keep)
+	}
+	return src
+}
+
+// readable checks that every file an attribute names can be read now, so
+// that a typo fails at start rather than at the first pull.
+func (p *parser) readable(a *hcl.Attribute, files []string) {
+	for _, f := range files {
+		if _, err := os.Stat(f); err != nil {
+			p.errorf(a.Expr.Range(), "Unreadable key file", "%v", err)
+		}
+	}
+}
+
+// serviceDef is a service as a config or bundle file declares it.
+type serviceDef struct {
+	Spec supervise.Spec
+	// Files (bundle services only) are release paths the service reads;
+	// OnChange says what a change to them does: "restart" or "reload".
+	Files    []string
+	OnChange string
+}
+
+func (p *parser) services(blocks []*hcl.Block, schema *hcl.BodySchema) []serviceDef {
+	seen := map[string]hcl.Range{}
+	after := map[string]*hcl.Attribute{}
+	var defs []serviceDef
+	for _, b := range blocks {
+		name := b.Labels[0]
+		if prev, dup := seen[name]; dup {
+			p.errorf(b.LabelRanges[0], "Duplicate service", "service %q is already defined at %s", name, prev)
+			continue
+		}
+		seen[name] = b.DefRange
+		if slices.Contains(p.external, name) {
+			p.errorf(b.LabelRanges[0], "Duplicate service", "service %q is also defined by the agent's own config", name)
+			continue
+		}
+		if !validName(name) {
+			p.errorf(b.LabelRanges[0], "Invalid service name", "%q: use letters, digits, '-', '_' and '.', starting with a letter or digit", name)
+		}
+		def, afterAttr := p.service(name, b.Body, schema)
+		if afterAttr != nil {
+			after[name] = afterAttr
+		}
+		defs = append(defs, def)
+	}
+	specs := make([]supervise.Spec, len(defs))
+	for i, d := range defs {
+		specs[i] = d.Spec
+	}
+	p.dependencies(specs, after)
+	return defs
 }
 
 func validName(s string) bool {
@@ -284,16 +446,36 @@ func validName(s string) bool {
 	return true
 }
 
-func (p *parser) service(name string, body hcl.Body) (supervise.Spec, *hcl.Attribute) {
-	spec := supervise.Spec{Name: name}
-	c := p.content(body, serviceSchema)
+func (p *parser) service(name string, body hcl.Body, schema *hcl.BodySchema) (serviceDef, *hcl.Attribute) {
+	def := serviceDef{OnChange: "restart"}
+	spec := &def.Spec
+	spec.Name = name
+	c := p.content(body, schema)
 	if c == nil {
-		return spec, nil
+		return def, nil
 	}
 	at := c.Attributes
 	if a, ok := at["command"]; ok && p.decode(a, &spec.Command) {
-		if err := checkExecutable(spec.Command); err != nil {
+		if p.resolve != nil {
+			path, err := p.resolve(spec.Command)
+			if err != nil {
+				p.errorf(a.Expr.Range(), "Bad command", "service %q: %v", name, err)
+			}
+			spec.Command = path
+		} else if err := checkExecutable(spec.Command); err != nil {
 			p.errorf(a.Expr.Range(), "Bad command", "service %q: %v", name, err)
+		}
+	}
+	if a, ok := at["files"]; ok && p.decode(a, &def.Files) {
+		for _, f := range def.Files {
+			if f == "" || filepath.IsAbs(f) || strings.HasPrefix(filepath.Clean(f), "..") {
+				p.errorf(a.Expr.Range(), "Invalid files", "service %q: %q must be a path inside the release", name, f)
+			}
+		}
+	}
+	if a, ok := at["on_change"]; ok && p.decode(a, &def.OnChange) {
+		if def.OnChange != "restart" && def.OnChange != "reload" {
+			p.errorf(a.Expr.Range(), "Invalid on_change", "service %q: on_change = %q: want restart or reload", name, def.OnChange)
 		}
 	}
 	if a, ok := at["args"]; ok {
@@ -374,7 +556,7 @@ func (p *parser) service(name string, body hcl.Body) (supervise.Spec, *hcl.Attri
 		}
 		spec.Ready = p.ready(name, b)
 	}
-	return spec, afterAttr
+	return def, afterAttr
 }
 
 func (p *parser) ready(service string, b *hcl.Block) *supervise.Readiness {
@@ -426,12 +608,19 @@ func (p *parser) dependencies(specs []supervise.Spec, after map[string]*hcl.Attr
 	for _, s := range specs {
 		known[s.Name] = true
 	}
+	external := map[string]bool{}
+	for _, n := range p.external {
+		external[n] = true
+	}
 	graph := map[string][]string{}
 	for _, s := range specs {
 		for _, d := range s.After {
 			switch {
 			case d == s.Name:
 				p.errorf(after[s.Name].Expr.Range(), "Dependency cycle", "service %q is after itself", s.Name)
+			case external[d] && !known[d]:
+				// Defined by the agent's config; it cannot be after a
+				// bundle service, so no cycle can pass through it.
 			case !known[d]:
 				p.errorf(after[s.Name].Expr.Range(), "Unknown dependency", "service %q is after %q, which is not defined", s.Name, d)
 			default:
@@ -538,4 +727,36 @@ func checkHostPort(addr string) error {
 		return fmt.Errorf("bad port %q", port)
 	}
 	return nil
+}
+
+// sourceFile is one file's name and content.
+type sourceFile struct {
+	Path string
+	Src  []byte
+}
+
+// parseBundleServices reads the service files of a release together, so
+// that a service may come after one defined in another file, or after one
+// of the machine's own services (external). Commands go through resolve.
+// The files may use vars (see puller.prepare), and nothing else: HCL has
+// no file, environment or command access without functions, and none are
+// given.
+func parseBundleServices(files []sourceFile, external []string, vars *hcl.EvalContext, resolve func(string) (string, error)) ([]serviceDef, error) {
+	p := &parser{resolve: resolve, external: external, vars: vars}
+	var blocks []*hcl.Block
+	for _, f := range files {
+		file, diags := hclsyntax.ParseConfig(f.Src, f.Path, hcl.InitialPos)
+		p.diags = append(p.diags, diags...)
+		if diags.HasErrors() {
+			continue
+		}
+		if c := p.content(file.Body, bundleRootSchema); c != nil {
+			blocks = append(blocks, c.Blocks...)
+		}
+	}
+	defs := p.services(blocks, bundleServiceSchema)
+	if len(p.diags) > 0 {
+		return nil, &ConfigError{p.diags}
+	}
+	return defs, nil
 }
