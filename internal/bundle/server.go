@@ -7,16 +7,22 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // ServerOptions tune a Server.
 type ServerOptions struct {
-	// PollInterval is how often the directory is looked at while clients
-	// wait; zero means 100ms. One stat per (cluster, role) being waited
-	// on, per interval, whatever the number of waiting clients.
+	// PollInterval is how often the latest file of a cluster/role is
+	// looked at (stat) while clients wait on it and its directory cannot
+	// be watched through inotify (it does not exist yet, or inotify is
+	// unavailable); zero means 100ms. One stat per (cluster, role) being
+	// waited on, per interval, whatever the number of waiting clients.
 	PollInterval time.Duration
 	// MaxWait caps a client's ?wait=; zero means 5 minutes.
 	MaxWait time.Duration
@@ -31,7 +37,7 @@ type ServerOptions struct {
 
 // Server serves a DirStore over HTTP with ETags and long polls (see
 // HTTPStore for the protocol). Publishes into the directory by any process
-// are noticed within PollInterval.
+// are noticed through inotify at once, or by stat within PollInterval.
 type Server struct {
 	store *DirStore
 	opt   ServerOptions
@@ -40,6 +46,7 @@ type Server struct {
 	mu      sync.Mutex
 	watches map[string]*watch // by cluster/role, only while someone waits
 	polling bool
+	kick    chan struct{} // a new cluster/role is waited on: watch it now
 }
 
 // watch is the change signal for one cluster/role: ch is closed (and
@@ -64,7 +71,7 @@ func NewServer(dir string, opt ServerOptions) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{store: &DirStore{Dir: dir}, opt: opt, log: log, watches: make(map[string]*watch)}
+	return &Server{store: &DirStore{Dir: dir}, opt: opt, log: log, watches: make(map[string]*watch), kick: make(chan struct{}, 1)}
 }
 
 // Handler returns the HTTP handler: /v1/bundles/{cluster}/{role}.
@@ -205,6 +212,10 @@ func (s *Server) subscribe(key, path string) (<-chan struct{}, func()) {
 		wt = &watch{path: path, ch: make(chan struct{})}
 		wt.id, wt.exists = stat(path)
 		s.watches[key] = wt
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
 	}
 	wt.waiters++
 	if !s.polling {
@@ -244,38 +255,201 @@ func (s *Server) notify(key string) {
 	}
 }
 
-// poll runs while anyone waits: it stats the latest file of every watched
-// cluster/role and wakes the waiters of those that changed.
+// backstopInterval is how often a cluster/role watched through inotify is
+// also looked at by stat, in case an event was lost.
+const backstopInterval = time.Second
+
+// poll runs while anyone waits. Each cluster/role whose directory exists
+// is watched through inotify, so a publish wakes its waiters at once; the
+// others (and, every backstopInterval, all) are looked at by stat every
+// PollInterval.
 func (s *Server) poll() {
-	t := time.NewTicker(s.opt.PollInterval)
-	defer t.Stop()
-	type item struct {
-		key, path string
+	w := newDirWatcher()
+	defer w.close()
+	var events <-chan string
+	if w != nil {
+		events = w.events
 	}
-	var items []item
-	for range t.C {
+	t := time.NewTimer(s.opt.PollInterval)
+	defer t.Stop()
+	lastFull := time.Now()
+	for {
+		select {
+		case key := <-events:
+			s.check(key)
+			continue
+		case <-s.kick:
+			if !t.Stop() {
+				select {
+				case <-t.C:
+				default:
+				}
+			}
+		case <-t.C:
+		}
 		s.mu.Lock()
 		if len(s.watches) == 0 {
 			s.polling = false
 			s.mu.Unlock()
 			return
 		}
-		items = items[:0]
+		keys := make(map[string]string, len(s.watches))
 		for k, wt := range s.watches {
-			items = append(items, item{k, wt.path})
+			keys[k] = wt.path
 		}
 		s.mu.Unlock()
-		for _, it := range items {
-			id, exists := stat(it.path)
-			s.mu.Lock()
-			if wt := s.watches[it.key]; wt != nil && (id != wt.id || exists != wt.exists) {
-				wt.id, wt.exists = id, exists
-				close(wt.ch)
-				wt.ch = make(chan struct{})
+
+		full := time.Since(lastFull) >= backstopInterval
+		if full {
+			lastFull = time.Now()
+		}
+		unwatched := false
+		if w != nil {
+			w.prune(keys)
+		}
+		for key, path := range keys {
+			watched := w != nil && w.watching(key)
+			if !watched && w != nil && w.add(key, filepath.Dir(path)) {
+				watched = true
+				full = true // look once now: a change may predate the watch
 			}
-			s.mu.Unlock()
+			if !watched {
+				unwatched = true
+			}
+			if !watched || full {
+				s.check(key)
+			}
+		}
+		next := s.opt.PollInterval
+		if !unwatched {
+			next = max(next, backstopInterval)
+		}
+		t.Reset(next)
+	}
+}
+
+// check looks at key's latest file and wakes its waiters if it changed.
+func (s *Server) check(key string) {
+	s.mu.Lock()
+	wt := s.watches[key]
+	s.mu.Unlock()
+	if wt == nil {
+		return
+	}
+	id, exists := stat(wt.path)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if id != wt.id || exists != wt.exists {
+		wt.id, wt.exists = id, exists
+		close(wt.ch)
+		wt.ch = make(chan struct{})
+	}
+}
+
+// dirWatcher turns inotify events on the directories of watched
+// cluster/roles into their keys.
+type dirWatcher struct {
+	fd     int
+	f      *os.File // owns fd; reads go through the runtime poller
+	events chan string
+
+	mu     sync.Mutex
+	closed bool
+	byWD   map[int32]string
+	byKey  map[string]int32
+}
+
+// newDirWatcher returns nil where inotify is not available; callers then
+// rely on stat alone.
+func newDirWatcher() *dirWatcher {
+	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+	if err != nil {
+		return nil
+	}
+	w := &dirWatcher{
+		fd: fd, f: os.NewFile(uintptr(fd), "inotify"),
+		events: make(chan string, 256),
+		byWD:   make(map[int32]string), byKey: make(map[string]int32),
+	}
+	go w.read()
+	return w
+}
+
+const watchMask = unix.IN_MOVED_TO | unix.IN_CREATE | unix.IN_CLOSE_WRITE | unix.IN_DELETE | unix.IN_ATTRIB |
+	unix.IN_DELETE_SELF | unix.IN_MOVE_SELF | unix.IN_ONLYDIR
+
+func (w *dirWatcher) add(key, dir string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return false
+	}
+	wd, err := unix.InotifyAddWatch(w.fd, dir, watchMask)
+	if err != nil {
+		return false // not there yet: stat until it is
+	}
+	w.byWD[int32(wd)] = key
+	w.byKey[key] = int32(wd)
+	return true
+}
+
+func (w *dirWatcher) watching(key string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	_, ok := w.byKey[key]
+	return ok
+}
+
+// prune stops watching keys nobody waits for any more.
+func (w *dirWatcher) prune(keep map[string]string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for key, wd := range w.byKey {
+		if _, ok := keep[key]; !ok {
+			unix.InotifyRmWatch(w.fd, uint32(wd))
+			delete(w.byKey, key)
+			delete(w.byWD, wd)
 		}
 	}
+}
+
+func (w *dirWatcher) read() {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := w.f.Read(buf)
+		if err != nil {
+			return // closed
+		}
+		for off := 0; off+unix.SizeofInotifyEvent <= n; {
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			off += unix.SizeofInotifyEvent + int(ev.Len)
+			w.mu.Lock()
+			key, ok := w.byWD[ev.Wd]
+			if ev.Mask&unix.IN_IGNORED != 0 && ok {
+				// The directory went away; stat takes over until it is back.
+				delete(w.byWD, ev.Wd)
+				delete(w.byKey, key)
+			}
+			w.mu.Unlock()
+			if !ok {
+				continue
+			}
+			select {
+			case w.events <- key:
+			default: // full: the backstop stat finds the change
+			}
+		}
+	}
+}
+
+func (w *dirWatcher) close() {
+	if w == nil {
+		return
+	}
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+	w.f.Close()
 }
 
 func stat(path string) (fileID, bool) {

@@ -305,3 +305,42 @@ func TestOpenStore(t *testing.T) {
 		}
 	}
 }
+
+// TestServerWatchesDirectory: with stat polling set to an hour, only the
+// inotify watch can tell the waiting client of a publish in time.
+func TestServerWatchesDirectory(t *testing.T) {
+	key := mustKey(t)
+	dir := t.TempDir()
+	dst := NewDirStore(dir)
+	publishDir(t, dst, buildBundle(t, &key, baseManifest(1), sampleFiles))
+	srv := httptest.NewServer(NewServer(dir, ServerOptions{PollInterval: time.Hour}).Handler())
+	defer srv.Close()
+	st, _ := NewHTTPStore(srv.URL, nil)
+	f, err := st.Fetch(context.Background(), "prod", "server", "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Body.Close()
+	// Cancelled before the server closes, so that a failure does not wait
+	// for the long poll to end.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		g, err := st.Fetch(ctx, "prod", "server", f.ETag, 10*time.Minute)
+		if err == nil {
+			g.Body.Close()
+		}
+		done <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	publishDir(t, dst, buildBundle(t, &key, baseManifest(2), sampleFiles))
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the publish was not noticed through inotify")
+	}
+}
