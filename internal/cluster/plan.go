@@ -267,6 +267,11 @@ func nomadService(role Role) ServiceDef {
 	return s
 }
 
+// joinRetryInterval replaces the daemons' default of 30 s: machines start
+// together, and an agent whose first join raced the servers' start would
+// otherwise sit out half a minute.
+const joinRetryInterval = "3s"
+
 // escapeTemplate makes a value from the spec inert for the template
 // engine: a pool's meta value containing "{{" must stay text. A raw
 // string, because the JSON encoding of the file would escape quotes.
@@ -291,6 +296,7 @@ func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
 		"advertise_addr":       factAddress,
 		"client_addr":          factAddress,
 		"retry_join":           join,
+		"retry_interval":       joinRetryInterval,
 		"disable_update_check": true,
 		"log_level":            "INFO",
 		"ports": map[string]any{
@@ -374,7 +380,7 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 		c["server"] = map[string]any{
 			"enabled":          true,
 			"bootstrap_expect": spec.Servers.Count,
-			"server_join":      map[string]any{"retry_join": join},
+			"server_join":      map[string]any{"retry_join": join, "retry_interval": joinRetryInterval},
 		}
 	} else {
 		meta := map[string]string{}
@@ -383,7 +389,7 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 		}
 		client := map[string]any{
 			"enabled":     true,
-			"server_join": map[string]any{"retry_join": rpcJoin},
+			"server_join": map[string]any{"retry_join": rpcJoin, "retry_interval": joinRetryInterval},
 			"node_pool":   "default",
 			"meta":        meta,
 			// Tasks listen on the client's own address, not on 127.0.0.1

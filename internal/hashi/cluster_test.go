@@ -145,6 +145,9 @@ func TestNomadClusterSecured(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := WaitNomadToken(ctx, nomadAdmin); err != nil {
+		fail("%v", err)
+	}
 	if _, err := WaitNomadHealthy(ctx, nomadAdmin, 3); err != nil {
 		fail("%v", err)
 	}

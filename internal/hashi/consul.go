@@ -153,13 +153,7 @@ func BootstrapConsulACL(ctx context.Context, c *consulapi.Client, store TokenSto
 // nothing that is already as planned.
 func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.ConsulACLPlan) error {
 	acl := c.ACL()
-	// A follower resolves tokens from its own copy of the raft log: right
-	// after the bootstrap it may not know the management token yet.
-	err := poll(ctx, "wait until Consul knows the management token", func() (bool, error) {
-		_, _, err := acl.TokenReadSelf((&consulapi.QueryOptions{}).WithContext(ctx))
-		return err == nil, err
-	})
-	if err != nil {
+	if err := WaitConsulToken(ctx, c); err != nil {
 		return err
 	}
 	wo := (&consulapi.WriteOptions{}).WithContext(ctx)
@@ -210,6 +204,16 @@ func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.Cons
 		}
 	}
 	return nil
+}
+
+// WaitConsulToken waits until the server behind c resolves c's token: a
+// follower resolves tokens from its own copy of the raft log, so right
+// after a token is created through another server it may not know it.
+func WaitConsulToken(ctx context.Context, c *consulapi.Client) error {
+	return poll(ctx, "wait until Consul knows the token", func() (bool, error) {
+		_, _, err := c.ACL().TokenReadSelf((&consulapi.QueryOptions{}).WithContext(ctx))
+		return err == nil, err
+	})
 }
 
 // isACLNotFound is Consul's answer to a secret it does not know.

@@ -16,30 +16,25 @@ import (
 	"text/template"
 	"time"
 
+	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/cluster"
 )
 
-// binary finds a daemon built into the artifact cache (the layout of
-// internal/artifact: bin/PRODUCT/VERSION/PRODUCT). Outside CI a missing
-// binary skips the test with the reason; in CI (which builds them first
-// with `make artifacts`) it fails.
+// binary finds a daemon built into the artifact cache. Outside CI a
+// missing binary skips the test with the reason; in CI (which builds them
+// first with `make artifacts`) it fails.
 func binary(t *testing.T, product, version string) string {
 	t.Helper()
-	cache := os.Getenv("STEPPE_CACHE")
-	if cache == "" {
-		home, err := os.UserHomeDir()
-		if err != nil {
+	cache, err := artifact.DefaultCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := artifact.BinaryPath(cache, product, version)
+	if err != nil {
+		if os.Getenv("CI") != "" {
 			t.Fatal(err)
 		}
-		cache = filepath.Join(home, ".cache", "steppe")
-	}
-	p := filepath.Join(cache, "bin", product, version, product)
-	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm()&0o111 == 0 {
-		msg := fmt.Sprintf("%s %s is not built in %s (run `make artifacts`): %v", product, version, cache, err)
-		if os.Getenv("CI") != "" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		t.Skip(err)
 	}
 	return p
 }

@@ -65,6 +65,16 @@ func BootstrapNomadACL(ctx context.Context, c *nomadapi.Client, src SecretSource
 	return tok, nil
 }
 
+// WaitNomadToken waits until the server behind c resolves c's token:
+// followers know a token created through another server only once they
+// applied its raft entry.
+func WaitNomadToken(ctx context.Context, c *nomadapi.Client) error {
+	return poll(ctx, "wait until Nomad knows the token", func() (bool, error) {
+		_, _, err := c.ACLTokens().Self((&nomadapi.QueryOptions{}).WithContext(ctx))
+		return err == nil, err
+	})
+}
+
 // WaitNomadLeader waits until Nomad has a leader and returns its address.
 func WaitNomadLeader(ctx context.Context, c *nomadapi.Client) (string, error) {
 	var leader string
