@@ -89,6 +89,22 @@ func printStatus(w io.Writer, st agent.StatusReport, now time.Time) {
 	if st.Agent.Isolation == "fallback" {
 		fmt.Fprintln(w, "WARNING: no writable cgroup v2: services are tracked by process group and lock only; a double fork can escape")
 	}
+	if b := st.Bundle; b != nil {
+		fmt.Fprintf(w, "bundle %s/%s from %s: release %d", b.Cluster, b.Role, b.Store, b.Version)
+		if b.Pending != 0 {
+			fmt.Fprintf(w, ", applying %d", b.Pending)
+		}
+		if !b.LastPull.IsZero() {
+			fmt.Fprintf(w, ", last pull %s ago", now.Sub(b.LastPull).Round(time.Second))
+		}
+		fmt.Fprintln(w)
+		if b.LastError != "" {
+			fmt.Fprintf(w, "  last error: %s\n", b.LastError)
+		}
+		if b.Failed != 0 {
+			fmt.Fprintf(w, "  release %d failed and was rolled back: %s\n", b.Failed, b.FailedError)
+		}
+	}
 	if st.Agent.ConfigError != "" {
 		fmt.Fprintf(w, "config reload refused (services run the previous config):\n  %s\n", strings.ReplaceAll(st.Agent.ConfigError, "\n", "\n  "))
 	}
