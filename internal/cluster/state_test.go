@@ -311,3 +311,28 @@ func TestSecretRedacts(t *testing.T) {
 		t.Fatal("Reveal")
 	}
 }
+
+func TestCLIEnv(t *testing.T) {
+	st, err := OpenState(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	env, err := CLIEnv(st, "127.0.0.11:8501", "127.0.0.11:4646")
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(env, "\n")
+	for _, want := range []string{"CONSUL_HTTP_ADDR=https://127.0.0.11:8501", "NOMAD_ADDR=https://127.0.0.11:4646", "NOMAD_CACERT=" + st.CAFile(), "CONSUL_CLIENT_KEY=" + filepath.Join(st.Dir(), "operator", "key.pem")} {
+		if !strings.Contains(joined, want) {
+			t.Fatalf("env lacks %s:\n%s", want, joined)
+		}
+	}
+	if strings.Contains(joined, "TOKEN") {
+		t.Fatalf("tokens before any bootstrap:\n%s", joined)
+	}
+	tok, _ := st.Token(TokenNomadBootstrap)
+	env, _ = CLIEnv(st, "a:1", "b:2")
+	if !strings.Contains(strings.Join(env, "\n"), "NOMAD_TOKEN="+tok.Reveal()) {
+		t.Fatal("no NOMAD_TOKEN after bootstrap")
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -350,6 +352,31 @@ func TestNomadClusterSecured(t *testing.T) {
 		fail("no Consul token was issued through the %s auth method", ConsulAuthMethod)
 	}
 	t.Logf("%d Consul tokens issued to workloads through %s", len(toks), ConsulAuthMethod)
+
+	// The real CLIs, configured only by the environment CLIEnv gives.
+	env, err := cluster.CLIEnv(st, servers[0].Address+":8501", servers[1].Address+":4646")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli := func(bin string, args ...string) string {
+		t.Helper()
+		cmd := exec.CommandContext(ctx, bin, args...)
+		cmd.Env = append(env, "HOME="+root, "PATH=/usr/bin:/bin")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			fail("%s %v: %v\n%s", filepath.Base(bin), args, err, out)
+		}
+		return string(out)
+	}
+	if out := cli(consulBin, "members"); strings.Count(out, " alive ") != 5 {
+		fail("consul members:\n%s", out)
+	}
+	if out := cli(nomadBin, "server", "members"); strings.Count(out, " alive ") != 3 || strings.Count(out, " true ") != 1 {
+		fail("nomad server members:\n%s", out)
+	}
+	if out := cli(nomadBin, "node", "status"); strings.Count(out, " ready") != 2 {
+		fail("nomad node status:\n%s", out)
+	}
 
 	// Nothing secret in any daemon's log.
 	for _, p := range all {
