@@ -173,7 +173,15 @@ func TestNomadClusterSecured(t *testing.T) {
 	}
 	phase("nomad: 2 clients ready")
 	for _, n := range nodes {
-		t.Logf("nomad client %s at %s: %s", n.Name, n.Address, n.Status)
+		var nets []string
+		if node, _, err := nomadAdmin.Nodes().Info(n.ID, nil); err == nil && node.NodeResources != nil {
+			for _, nw := range node.NodeResources.Networks {
+				nets = append(nets, nw.Device+" "+nw.IP)
+			}
+		}
+		// Tasks get the fingerprinted address: with network_interface
+		// "lo" it is 127.0.0.1 on every local machine (DESIGN: facts).
+		t.Logf("nomad client %s at %s: %s, task networks %v", n.Name, n.Address, n.Status, nets)
 	}
 
 	// Nomad's gossip is encrypted with the state directory's key.
