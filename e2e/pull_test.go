@@ -355,6 +355,10 @@ service "b" {
 		}
 		t.Logf("%s: refused: %s%s", tc.name, st.Bundle.LastError, st.Bundle.FailedError)
 	}
+	out, err := e.agent.steppe("agent", "status")
+	if err != nil || !strings.Contains(out, "bundle c1/web") || !strings.Contains(out, "release 1") || !strings.Contains(out, "failed and was rolled back: health gate") {
+		t.Errorf("steppe agent status does not show the release and the rollback: %v\n%s", err, out)
+	}
 	// A good release after all that still goes through.
 	e.version = 100
 	v := e.publish(release{a: "fine", b: "fine"})
