@@ -261,7 +261,9 @@ func Remove(releasesDir string, version uint64) error {
 // it (the ones to roll back to), and removes older releases and unfinished
 // unpacks. Releases newer than the current one are left alone: one may be
 // on its way to activation; the caller removes a failed one with Remove.
-// It returns the versions removed.
+// It must not run while an Unpack into the same directory is under way
+// (the agent's single loop does one after the other). It returns the
+// versions removed.
 func Prune(releasesDir string, keep int) ([]uint64, error) {
 	if keep < 1 {
 		keep = 1

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -106,7 +107,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 	for {
 		f, etag, err := s.store.open(cluster, role)
 		switch {
-		case err == nil && (inm == "" || inm != etag):
+		case err == nil && !etagMatch(inm, etag):
 			defer f.Close()
 			s.serveFile(w, r, f, etag)
 			return
@@ -146,6 +147,18 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 			ch, _ = s.current(key)
 		}
 	}
+}
+
+// etagMatch reports whether an If-None-Match header names etag: "*", or
+// a comma-separated list compared weakly (RFC 9110, 13.1.2).
+func etagMatch(inm, etag string) bool {
+	for _, t := range strings.Split(inm, ",") {
+		t = strings.TrimPrefix(strings.TrimSpace(t), "W/")
+		if t == "*" || (t != "" && t == strings.TrimPrefix(etag, "W/")) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) serveFile(w http.ResponseWriter, r *http.Request, f *os.File, etag string) {

@@ -344,3 +344,14 @@ func TestServerWatchesDirectory(t *testing.T) {
 		t.Fatal("the publish was not noticed through inotify")
 	}
 }
+
+func TestETagMatch(t *testing.T) {
+	const e = `"abc"`
+	for inm, want := range map[string]bool{
+		"": false, `"abc"`: true, `W/"abc"`: true, `"x", "abc"`: true, "*": true, `"x"`: false, `abc`: false,
+	} {
+		if got := etagMatch(inm, e); got != want {
+			t.Errorf("etagMatch(%q) = %v, want %v", inm, got, want)
+		}
+	}
+}
