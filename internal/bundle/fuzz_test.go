@@ -2,8 +2,10 @@ package bundle
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/ed25519"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -70,7 +72,28 @@ func FuzzUnpack(f *testing.F) {
 	f.Add(craft(f, &key, func() Manifest { m := fuzzManifest(2); m.Files = []File{fileOf("a", "a")}; return m }(),
 		[]entry{reg("a", "a"), reg("../x", "x"), {hdr: tarSymlink("l", "/etc")}}))
 	f.Add([]byte{0x1f, 0x8b})
+	// The same bundles as plain tar streams: the target gzips input that
+	// is not gzip already, so that mutations reach the tar and entry
+	// checks instead of dying in the gzip checksum.
+	for _, b := range [][]byte{
+		buildBundle(f, &key, fuzzManifest(2), files),
+		craft(f, &key, func() Manifest {
+			m := fuzzManifest(2)
+			m.Files = []File{fileOf("a", "a"), fileOf("d/b", "b")}
+			return m
+		}(),
+			[]entry{reg("a", "a"), reg("d/b", "b")}),
+	} {
+		f.Add(gunzip(f, b))
+	}
 	f.Fuzz(func(t *testing.T, b []byte) {
+		if !bytes.HasPrefix(b, []byte{0x1f, 0x8b}) {
+			var buf bytes.Buffer
+			gz := gzip.NewWriter(&buf)
+			gz.Write(b)
+			gz.Close()
+			b = buf.Bytes()
+		}
 		parent := fastTempDir(t)
 		rel := filepath.Join(parent, "releases")
 		p := Policy{Keys: []PublicKey{key.Public()}, Now: time.Date(2027, 1, 1, 0, 0, 0, 0, time.UTC),
@@ -112,4 +135,16 @@ func fastTempDir(t *testing.T) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+func gunzip(tb testing.TB, b []byte) []byte {
+	gz, err := gzip.NewReader(bytes.NewReader(b))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	out, err := io.ReadAll(gz)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return out
 }
