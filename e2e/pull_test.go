@@ -308,7 +308,7 @@ func TestPullRefusesBadInput(t *testing.T) {
 		{"tampered file", func() []byte { b, _ := e.build(baseRelease, &e.key); return tamper(t, b, "conf/b.txt") }, "conf/b.txt"},
 		{"replayed older version", func() []byte { b, _ := e.build(release{a: "old", b: "old", version: v1}, &e.key); return b }, "not greater"},
 		{"expired", func() []byte { b, _ := e.build(release{a: "x", b: "y", expires: -time.Minute}, &e.key); return b }, "expired"},
-		{"truncated download", func() []byte { return goodBytes[:len(goodBytes)/2] }, "truncated download"},
+		{"truncated download", func() []byte { return goodBytes[:len(goodBytes)/2] }, "unexpected EOF"},
 		{"template error", func() []byte {
 			b, _ := e.build(release{a: "{{ .Vars.nope }}", b: "b1"}, &e.key)
 			return b

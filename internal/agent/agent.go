@@ -280,7 +280,7 @@ func (a *Agent) newPuller(cfg *Config) (*puller, error) {
 	a.mu.Unlock()
 	return &puller{
 		src:     src,
-		facts:   discoverFacts(cfg.Machine, cfg.Bundle),
+		facts:   dirTags(discoverFacts(cfg.Machine, cfg.Bundle), cfg.StateDir),
 		dir:     cfg.StateDir,
 		keys:    keys,
 		keyring: keyring,

@@ -562,6 +562,22 @@ func discoverFacts(m Machine, src *BundleSource) render.Facts {
 	return f
 }
 
+// dirTags gives templates the machine's directories, as tags the config
+// may also set: data_dir outlives releases, config_dir is the stable path
+// of the current release, secrets_dir holds what the provider delivered.
+func dirTags(f render.Facts, stateDir string) render.Facts {
+	tags := map[string]string{
+		"data_dir":    filepath.Join(stateDir, "data"),
+		"config_dir":  filepath.Join(stateDir, "releases", bundle.CurrentName),
+		"secrets_dir": filepath.Join(stateDir, "secrets"),
+	}
+	for k, v := range f.Tags {
+		tags[k] = v
+	}
+	f.Tags = tags
+	return f
+}
+
 // firstAddress is the machine's first non-loopback IPv4 address, or
 // 127.0.0.1 on a machine with none.
 func firstAddress() string {
