@@ -2,7 +2,7 @@
 GO ?= go
 STATICCHECK ?= $(shell go env GOPATH)/bin/staticcheck
 
-.PHONY: build test check artifacts unit
+.PHONY: build test check artifacts unit fuzz
 
 # steppe itself is static and stripped: it is baked into machine images.
 build:
@@ -22,6 +22,13 @@ artifacts: build
 unit:
 	$(GO) test -count=1 -timeout 20m ./...
 
+# fuzz: a short run of every fuzz target (the parsers of untrusted input).
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzManifest$$' -fuzztime $(FUZZTIME) ./internal/bundle
+	$(GO) test -run '^$$' -fuzz '^FuzzUnpack$$' -fuzztime $(FUZZTIME) ./internal/bundle
+	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime $(FUZZTIME) ./internal/render
+
 # test: everything CI runs.
-test: check artifacts
+test: check artifacts fuzz
 	$(GO) test -count=1 -timeout 60m ./...
