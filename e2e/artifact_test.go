@@ -21,7 +21,7 @@ import (
 	"github.com/steppe/steppe/internal/artifact"
 )
 
-// artifactVersions are the versions every end-to-end test relies on;
+// artifactVersions are the versions the end-to-end tests rely on;
 // scripts/prepare-artifacts builds them into the default cache first, so
 // here they come from the cache in seconds. Cold, each takes minutes.
 var artifactVersions = []struct{ product, version, title string }{
@@ -29,6 +29,7 @@ var artifactVersions = []struct{ product, version, title string }{
 	{"nomad", "1.10.5", "Nomad"},
 	{"consul", "1.14.8", "Consul"},
 	{"consul", "1.14.11", "Consul"},
+	{"vault", "1.21.0", "Vault"},
 }
 
 // artifactSteppe builds the real steppe binary for the test.
