@@ -97,6 +97,7 @@ func TestArtifactBuildNomadAndConsul(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	artifactGPGVerify(t, ctx, store, "nomad", "1.9.3")
 	for _, v := range artifactVersions {
 		t.Run(v.product+"@"+v.version, func(t *testing.T) {
 			pathOut, _ := artifactRun(t, ctx, steppe, "artifact", "path", v.product+"@"+v.version)
@@ -251,5 +252,25 @@ func TestArtifactServeAndFetch(t *testing.T) {
 	out, err := exec.CommandContext(ctx, got, "version").CombinedOutput()
 	if err != nil || !strings.HasPrefix(string(out), "Consul v1.14.11\n") {
 		t.Errorf("fetched consul version: %v\n%s", err, out)
+	}
+}
+
+// artifactGPGVerify checks a store signature with GnuPG, the client
+// people use on HashiCorp's own SHA256SUMS, when it is installed.
+func artifactGPGVerify(t *testing.T, ctx context.Context, store, product, version string) {
+	t.Helper()
+	gpg, err := exec.LookPath("gpg")
+	if err != nil {
+		t.Log("gpg not installed: the store signature is checked with go-crypto only")
+		return
+	}
+	home := t.TempDir()
+	if out, err := exec.CommandContext(ctx, gpg, "--homedir", home, "--batch", "--import", filepath.Join(store, artifact.StoreKeyFile)).CombinedOutput(); err != nil {
+		t.Fatalf("gpg --import: %v\n%s", err, out)
+	}
+	sums := filepath.Join(store, product, version, product+"_"+version+"_SHA256SUMS")
+	out, err := exec.CommandContext(ctx, gpg, "--homedir", home, "--batch", "--verify", sums+".sig", sums).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "Good signature") {
+		t.Errorf("gpg --verify %s: %v\n%s", sums, err, out)
 	}
 }
