@@ -91,7 +91,10 @@ func TestParseRef(t *testing.T) {
 	if err != nil || p != "nomad" || v != "1.9.3" {
 		t.Errorf("ParseRef(nomad@v1.9.3) = %q %q %v", p, v, err)
 	}
-	for _, bad := range []string{"nomad", "nomad@", "@1.9.3", "terraform@1.9.0", "nomad@1.9", "nomad@latest", "nomad@1.9.3/../x", "nomad@1.9.3-rc/1"} {
+	if _, v, err := ParseRef("nomad@1.9.3+ent"); err != nil || v != "1.9.3+ent" {
+		t.Errorf("ParseRef(nomad@1.9.3+ent) = %q, %v", v, err)
+	}
+	for _, bad := range []string{"nomad", "nomad@", "@1.9.3", "terraform@1.9.0", "nomad@1.9", "nomad@latest", "nomad@1.9.3/../x", "nomad@1.9.3-rc/1", "nomad@1.9.3+", "nomad@1.9.3+a/b"} {
 		if _, _, err := ParseRef(bad); err == nil {
 			t.Errorf("ParseRef(%q) accepted", bad)
 		}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -91,19 +92,11 @@ func (f *Fetcher) Fetch(ctx context.Context, storeURL, product, version, goos, a
 	if err != nil || vi.Shasums == "" {
 		return "", fmt.Errorf("fetch %s %s: index %s: bad shasums %q", product, version, indexURL, vi.Shasums)
 	}
-	sigURL, err := indexURL.Parse(vi.ShasumsSignature)
-	if err != nil || vi.ShasumsSignature == "" {
-		return "", fmt.Errorf("fetch %s %s: index %s: bad shasums_signature %q", product, version, indexURL, vi.ShasumsSignature)
-	}
 	sums, err := f.get(ctx, sumsURL.String())
 	if err != nil {
 		return "", fmt.Errorf("fetch %s %s: SHA256SUMS: %w", product, version, err)
 	}
-	sig, err := f.get(ctx, sigURL.String())
-	if err != nil {
-		return "", fmt.Errorf("fetch %s %s: signature: %w", product, version, err)
-	}
-	signer, err := keyring.VerifyDetached(sums, sig)
+	signer, err := f.verifySums(ctx, indexURL, vi, sums, keyring)
 	if err != nil {
 		return "", fmt.Errorf("fetch %s %s: %s is not signed by a trusted key (%v): %w", product, version, sumsURL, keyring.Fingerprints(), err)
 	}
@@ -122,6 +115,43 @@ func (f *Fetcher) Fetch(ctx context.Context, storeURL, product, version, goos, a
 	f.logger().Info("artifact ready", "product", product, "version", version, "path", path,
 		"sha256", digest, "signer", signer, "downloaded", fetched)
 	return path, nil
+}
+
+// verifySums checks the signatures the index names, shasums_signature
+// first, then each of shasums_signatures (the release site signs with
+// several keys during a rotation, one file per key), and returns the
+// fingerprint of the first trusted signer.
+func (f *Fetcher) verifySums(ctx context.Context, indexURL *url.URL, vi VersionIndex, sums []byte, keyring *Keyring) (string, error) {
+	var names []string
+	seen := map[string]bool{}
+	for _, n := range append([]string{vi.ShasumsSignature}, vi.ShasumsSignatures...) {
+		if n != "" && !seen[n] {
+			seen[n] = true
+			names = append(names, n)
+		}
+	}
+	if len(names) == 0 {
+		return "", fmt.Errorf("%w: index names no signature", errVerify)
+	}
+	var errs []error
+	for _, n := range names {
+		u, err := indexURL.Parse(n)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", n, err))
+			continue
+		}
+		sig, err := f.get(ctx, u.String())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		signer, err := keyring.VerifyDetached(sums, sig)
+		if err == nil {
+			return signer, nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", n, err))
+	}
+	return "", errors.Join(errs...)
 }
 
 // FetchURL downloads a plain URL whose SHA-256 is pinned. A zip archive
@@ -261,6 +291,9 @@ func (f *Fetcher) do(ctx context.Context, rawURL string) (*http.Response, error)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", errVerify, err)
 	}
+	if req.URL.Scheme == "file" {
+		return openFileURL(req.URL)
+	}
 	client := f.Client
 	if client == nil {
 		client = &http.Client{Timeout: 10 * time.Minute}
@@ -275,6 +308,24 @@ func (f *Fetcher) do(ctx context.Context, rawURL string) (*http.Response, error)
 		return nil, &httpStatusError{url: rawURL, code: resp.StatusCode}
 	}
 	return resp, nil
+}
+
+// openFileURL answers a file:// URL like a store server would: machines
+// that share the operator's filesystem (the local provider) read the store
+// in place. What is read is verified exactly as over HTTP.
+func openFileURL(u *url.URL) (*http.Response, error) {
+	f, err := os.Open(u.Path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, &httpStatusError{url: u.String(), code: http.StatusNotFound}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil, &httpStatusError{url: u.String(), code: http.StatusNotFound}
+	}
+	return &http.Response{StatusCode: http.StatusOK, Body: f}, nil
 }
 
 func retryable(err error) bool {

@@ -297,3 +297,43 @@ func TestFetchURLPinnedDigest(t *testing.T) {
 		t.Error("short digest accepted")
 	}
 }
+
+func TestFetchTriesEverySignatureTheIndexNames(t *testing.T) {
+	ts := newTestStore(t)
+	vdir := filepath.Join(ts.dir, "nomad", "1.9.3")
+	// As during a key rotation on the release site: the default .sig is by
+	// a key this agent does not trust, a key-specific one by the store key.
+	other, err := loadOrCreateKey(keyFile(t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sums, _ := os.ReadFile(filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS"))
+	good, _ := os.ReadFile(filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.sig"))
+	bad, err := signDetached(other, sums)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.sig"), bad)
+	mustWrite(t, filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.STORE.sig"), good)
+	var vi VersionIndex
+	readJSON(t, filepath.Join(vdir, "index.json"), &vi)
+	vi.ShasumsSignatures = []string{"nomad_1.9.3_SHA256SUMS.sig", "nomad_1.9.3_SHA256SUMS.STORE.sig"}
+	if err := writeJSON(filepath.Join(vdir, "index.json"), vi); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := quietFetcher(t).Fetch(context.Background(), ts.srv.URL, "nomad", "1.9.3", "linux", "amd64", ts.keyring); err != nil {
+		t.Fatalf("the trusted key-specific signature was not used: %v", err)
+	}
+	// With no trusted signature at all the fetch fails.
+	mustWrite(t, filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.STORE.sig"), bad)
+	if _, err := quietFetcher(t).Fetch(context.Background(), ts.srv.URL, "nomad", "1.9.3", "linux", "amd64", ts.keyring); err == nil {
+		t.Fatal("fetched with no trusted signature")
+	}
+}
+
+func mustWrite(t *testing.T, path string, data []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

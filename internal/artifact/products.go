@@ -112,12 +112,17 @@ func ParseRef(ref string) (product, version string, err error) {
 }
 
 // normalizeVersion accepts "1.9.3" or "v1.9.3" and returns "1.9.3". Only
-// release versions (and pre-releases like 1.10.0-beta.1) are accepted: the
+// release versions (with pre-release or metadata parts like 1.10.0-beta.1
+// and 1.9.3+ent) are accepted: the
 // version becomes a path element and a module query, so nothing else may
 // pass.
 func normalizeVersion(v string) (string, error) {
 	v = strings.TrimPrefix(v, "v")
-	core, pre, _ := strings.Cut(v, "-")
+	rest, meta, hasMeta := strings.Cut(v, "+") // build metadata, e.g. 1.9.3+ent
+	if hasMeta && (meta == "" || strings.Trim(meta, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.") != "") {
+		return "", fmt.Errorf("version %q: bad build metadata", v)
+	}
+	core, pre, _ := strings.Cut(rest, "-")
 	parts := strings.Split(core, ".")
 	if len(parts) != 3 {
 		return "", fmt.Errorf("version %q: want MAJOR.MINOR.PATCH", v)
