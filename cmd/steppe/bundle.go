@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/bundle"
 )
 
@@ -179,7 +180,7 @@ func bundleBuild(args []string) error {
 		key = &k
 	}
 	var built *bundle.Manifest
-	err = writeAtomic(*out, func(w io.Writer) error {
+	err = atomicfile.Write(*out, 0o644, func(w io.Writer) error {
 		var err error
 		built, err = bundle.Build(w, pos[0], m, key)
 		return err
@@ -221,7 +222,7 @@ func bundleSign(ctx context.Context, args []string) error {
 	}
 	defer in.Close()
 	var m *bundle.Manifest
-	err = writeAtomic(*out, func(w io.Writer) error {
+	err = atomicfile.Write(*out, 0o644, func(w io.Writer) error {
 		var err error
 		m, err = bundle.SignBundle(ctx, in, w, key)
 		return err
@@ -365,28 +366,4 @@ func bundleServe(ctx context.Context, args []string) error {
 		return err
 	}
 	return nil
-}
-
-// writeAtomic writes a file through a temporary file renamed into place,
-// so a failed write leaves any old file as it was.
-func writeAtomic(name string, write func(io.Writer) error) error {
-	tmp, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-	if err := write(tmp); err != nil {
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), name)
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/zclconf/go-cty/cty"
 
 	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/bundle"
 	"github.com/steppe/steppe/internal/render"
 	"github.com/steppe/steppe/internal/supervise"
@@ -360,6 +361,8 @@ func (p *puller) prepare(ctx context.Context, rel *bundle.Release) (*plan, error
 //	release      the current release, through a stable path: a service
 //	             that reloads must read its files through it
 //	data         a directory of the machine's that outlives releases
+//	secrets      where the provider delivered the machine's secrets
+//	             (the secrets_dir tag of templates)
 //	artifact.X   the installed binary of the bundle's artifact X
 //	machine.X    the machine's facts (name, address, pool, region,
 //	             datacenter, role, cluster)
@@ -372,6 +375,7 @@ func (p *puller) serviceVars(current string, binaries map[string]string) *hcl.Ev
 	return &hcl.EvalContext{Variables: map[string]cty.Value{
 		"release":  cty.StringVal(current),
 		"data":     cty.StringVal(filepath.Join(p.dir, "data")),
+		"secrets":  cty.StringVal(filepath.Join(p.dir, "secrets")),
 		"artifact": cty.ObjectVal(arts),
 		"machine": cty.ObjectVal(map[string]cty.Value{
 			"name": cty.StringVal(f.Name), "address": cty.StringVal(f.Address), "pool": cty.StringVal(f.Pool),
@@ -604,21 +608,5 @@ func writeJSONAtomic(path string, v any) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.WriteFile(path, b, 0o600)
 }

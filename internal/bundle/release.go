@@ -13,6 +13,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 // CurrentName is the symlink in a releases directory that points at the
@@ -342,7 +344,7 @@ func SaveAccepted(stateDir string, version uint64) error {
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return fmt.Errorf("accepted version: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(stateDir, acceptedName), []byte(strconv.FormatUint(version, 10)+"\n"), 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(stateDir, acceptedName), []byte(strconv.FormatUint(version, 10)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("accepted version: %w", err)
 	}
 	return nil

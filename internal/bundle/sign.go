@@ -13,6 +13,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 // PEM block types of key files.
@@ -145,7 +147,7 @@ func WriteKeyPair(base string, k PrivateKey) (privName, pubName string, err erro
 	if err := f.Close(); err != nil {
 		return "", "", fmt.Errorf("write private key: %w", err)
 	}
-	if err := writeFileAtomic(pubName, MarshalPublicKey(k.Public()), 0o644); err != nil {
+	if err := atomicfile.WriteFile(pubName, MarshalPublicKey(k.Public()), 0o644); err != nil {
 		return "", "", fmt.Errorf("write public key: %w", err)
 	}
 	return privName, pubName, nil
