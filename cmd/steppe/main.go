@@ -76,7 +76,15 @@ func run(ctx context.Context, args []string) error {
 	case "help", "-h", "-help", "--help":
 		fmt.Print(usage)
 		return nil
-	case "up", "status", "env", "upgrade", "scale", "down":
+	case "up":
+		return runUp(ctx, rest)
+	case "status":
+		return runStatus(ctx, rest)
+	case "env":
+		return runEnv(ctx, rest)
+	case "down":
+		return runDown(ctx, rest)
+	case "upgrade", "scale":
 		return fmt.Errorf("%q is not built yet (see the open issues)", cmd)
 	default:
 		fmt.Fprint(os.Stderr, usage)

@@ -218,10 +218,16 @@ func planRole(spec *Spec, role Role, pool Pool, join []string) (RolePlan, error)
 // agent drops the template suffix.
 func renderedName(file string) string { return strings.TrimSuffix(file, ".tmpl") }
 
+// daemonPath is the daemons' PATH: the supervisor gives a service only the
+// environment it declares, and Nomad runs host tools (df for the disk
+// fingerprint, and raw_exec tasks inherit it).
+const daemonPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 func consulService() ServiceDef {
 	return ServiceDef{
 		Name:     serviceConsul,
 		Artifact: ConsulProduct,
+		Env:      []string{daemonPath},
 		Args: []string{
 			"agent",
 			"-config-file=" + path.Join(factConfigDir, renderedName(RoleConsulConfig)),
@@ -243,6 +249,7 @@ func nomadService(role Role) ServiceDef {
 	s := ServiceDef{
 		Name:     serviceNomad,
 		Artifact: NomadProduct,
+		Env:      []string{daemonPath},
 		Args: []string{
 			"agent",
 			"-config=" + path.Join(factConfigDir, renderedName(RoleNomadConfig)),

@@ -1,0 +1,151 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/steppe/steppe/internal/deploy"
+)
+
+// clusterFlags are the flags every cluster command shares.
+func clusterFlags(name string) (*flag.FlagSet, *deploy.Options) {
+	fs := flag.NewFlagSet("steppe "+name, flag.ContinueOnError)
+	o := &deploy.Options{Out: os.Stdout}
+	fs.StringVar(&o.SpecPath, "spec", "", "cluster spec (cluster.hcl); default: the one up kept, else 3 servers and 2 clients")
+	fs.StringVar(&o.StateDir, "state", os.Getenv("STEPPE_STATE"), "the operator's state directory (env STEPPE_STATE; default ~/.local/state/steppe/NAME)")
+	fs.StringVar(&o.CacheDir, "cache", "", "artifact cache (default $STEPPE_CACHE, else ~/.cache/steppe)")
+	return fs, o
+}
+
+func runUp(ctx context.Context, args []string) error {
+	fs, o := clusterFlags("up")
+	timeout := fs.Duration("timeout", 15*time.Minute, "give up after this long (binary builds not counted)")
+	machineTimeout := fs.Duration("machine-timeout", 5*time.Minute, "how long a machine may take to become healthy")
+	if _, err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	_, err := deploy.Up(ctx, deploy.UpOptions{Options: *o, Timeout: *timeout, MachineTimeout: *machineTimeout})
+	return err
+}
+
+func runDown(ctx context.Context, args []string) error {
+	fs, o := clusterFlags("down")
+	if _, err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	return deploy.Down(ctx, *o)
+}
+
+func runEnv(ctx context.Context, args []string) error {
+	fs, o := clusterFlags("env")
+	if _, err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	o.Out = nil
+	vars, err := deploy.Env(ctx, *o)
+	if err != nil {
+		return err
+	}
+	for _, kv := range vars {
+		k, v, _ := strings.Cut(kv, "=")
+		fmt.Printf("export %s=%s\n", k, deploy.ShellQuote(v))
+	}
+	return nil
+}
+
+func runStatus(ctx context.Context, args []string) error {
+	fs, o := clusterFlags("status")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if _, err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	o.Out = nil
+	st, err := deploy.GetStatus(ctx, *o)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(st); err != nil {
+			return err
+		}
+	} else {
+		printClusterStatus(os.Stdout, st)
+	}
+	if !st.Healthy {
+		return fmt.Errorf("cluster %s is not healthy (%d problems)", st.Cluster, len(st.Problems))
+	}
+	return nil
+}
+
+func parseNoArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if len(pos) > 0 {
+		return nil, fmt.Errorf("%w: %s takes no arguments, got %q", errUsage, fs.Name(), pos)
+	}
+	return pos, nil
+}
+
+func printClusterStatus(w io.Writer, st *deploy.Status) {
+	health := "healthy"
+	if !st.Healthy {
+		health = "NOT healthy"
+	}
+	fmt.Fprintf(w, "cluster %s: %s (state %s)\n", st.Cluster, health, st.StateDir)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	if st.Raft != nil {
+		fmt.Fprintf(w, "\nNomad servers: leader %s, %d voters of %d raft peers\n", dash(st.Raft.Leader), st.Raft.Voters, st.Raft.Peers)
+	}
+	fmt.Fprintln(tw, "SERVER\tADDRESS\tSTATUS\tLEADER\tVOTER\tNOMAD")
+	for _, s := range st.Servers {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%v\t%s\n", s.Name, s.Address, s.Status, s.Leader, s.Voter, s.Version)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	fmt.Fprintln(tw, "CLIENT\tADDRESS\tSTATUS\tELIGIBLE\tDRAIN\tNOMAD")
+	for _, c := range st.Clients {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%v\t%s\n", c.Name, c.Address, c.Status, c.Eligible, c.Drain, c.Version)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	fmt.Fprintln(tw, "CONSUL MEMBER\tADDRESS\tSTATUS\tSERVER\tCONSUL")
+	for _, m := range st.Consul {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", m.Name, m.Address, m.Status, m.Server, m.Version)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	fmt.Fprintln(tw, "MACHINE\tADDRESS\tROLE\tAGENT\tRELEASE\tSERVICES")
+	for _, a := range st.Agents {
+		agentCol := "stopped"
+		if a.Running {
+			agentCol = fmt.Sprintf("pid %d", a.PID)
+		}
+		var svcs []string
+		for _, s := range a.Services {
+			r := ""
+			if !s.Ready {
+				r = ",not ready"
+			}
+			svcs = append(svcs, fmt.Sprintf("%s %s%s (pid %d, %d restarts)", s.Name, s.State, r, s.PID, s.Restarts))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", a.Machine, a.Address, a.Role, agentCol, a.Release, strings.Join(svcs, "; "))
+	}
+	tw.Flush()
+	if len(st.Problems) > 0 {
+		fmt.Fprintln(w, "\nproblems:")
+		for _, p := range st.Problems {
+			fmt.Fprintf(w, "  - %s\n", p)
+		}
+	}
+}
