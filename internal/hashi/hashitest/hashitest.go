@@ -1,0 +1,457 @@
+// Package hashitest runs a real, secured Consul and Nomad cluster for
+// tests: the machines of a cluster.Plan, rendered as an agent would, each
+// machine's daemons under a real supervise.Supervisor of its own, on its
+// own loopback address. It exists so that packages above hashi (upgrade)
+// test against real binaries; it is imported only by tests.
+package hashitest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"text/template"
+	"time"
+
+	consulapi "github.com/hashicorp/consul/api"
+	nomadapi "github.com/hashicorp/nomad/api"
+
+	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/hashi"
+	"github.com/steppe/steppe/internal/supervise"
+)
+
+// Binary finds a daemon built into the artifact cache. Outside CI a
+// missing binary skips the test with the reason; in CI (which builds them
+// first with `make artifacts`) it fails.
+func Binary(t testing.TB, product, version string) string {
+	t.Helper()
+	cache, err := artifact.DefaultCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := artifact.BinaryPath(cache, product, version)
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal(err)
+		}
+		t.Skip(err)
+	}
+	return p
+}
+
+// Cluster is a planned cluster whose machines run on this host.
+type Cluster struct {
+	t        testing.TB
+	Spec     *cluster.Spec
+	State    *cluster.State
+	Op       hashi.TLSFiles // the operator's certificate
+	Machines []*Machine     // servers first, as Spec.MachineList
+	Servers  []cluster.Machine
+	root     string
+	cgParent string
+}
+
+// Machine is one machine: its rendered files and secrets, and a
+// supervisor running its daemons.
+type Machine struct {
+	cluster.Machine
+	Dir      string // root of its directories
+	plan     cluster.RolePlan
+	tags     map[string]string
+	sup      *supervise.Supervisor
+	binaries map[string]string // product → binary path
+	running  []string          // services applied, in plan order
+}
+
+// New plans spec with the machines at addrs (one per machine of
+// spec.MachineList, servers first), renders every machine's files and
+// writes its secrets. Nothing runs yet: see Start. Everything the
+// cluster starts is stopped, and its cgroups removed, at the test's end.
+func New(t testing.TB, spec *cluster.Spec, addrs []string) *Cluster {
+	t.Helper()
+	ms := spec.MachineList()
+	if len(addrs) != len(ms) {
+		t.Fatalf("hashitest: %d addresses for %d machines", len(addrs), len(ms))
+	}
+	for i := range ms {
+		ms[i].Address = addrs[i]
+	}
+	st, err := cluster.OpenState(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	op, err := st.OperatorCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Cluster{t: t, Spec: spec, State: st, Servers: ms[:spec.Servers.Count],
+		Op: hashi.TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}}
+	// Notify sockets live below the supervisor's state directory, whose
+	// path must stay short (108 bytes for a unix socket).
+	c.root, err = os.MkdirTemp("", "ht")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.cgParent = fmt.Sprintf("steppe-test/hashitest-%d", rand.IntN(1e9))
+	t.Cleanup(c.cleanup)
+	plans, err := cluster.Plan(spec, c.Servers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	planOf := map[string]cluster.RolePlan{}
+	for _, p := range plans {
+		planOf[p.Role] = p
+	}
+	for i, m := range ms {
+		mc := &Machine{Machine: m, Dir: filepath.Join(c.root, fmt.Sprint(i)), plan: planOf[cluster.RoleName(m)], binaries: map[string]string{}}
+		c.install(mc)
+		c.Machines = append(c.Machines, mc)
+	}
+	return c
+}
+
+func (c *Cluster) install(m *Machine) {
+	t := c.t
+	bundle, data, secrets := filepath.Join(m.Dir, "b"), filepath.Join(m.Dir, "d"), filepath.Join(m.Dir, "s")
+	for _, p := range []string{bundle, data, secrets} {
+		if err := os.MkdirAll(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.tags = map[string]string{cluster.TagDataDir: data, cluster.TagSecretsDir: secrets, cluster.TagConfigDir: bundle}
+	for name, src := range m.plan.Files {
+		if err := os.WriteFile(filepath.Join(bundle, strings.TrimSuffix(name, ".tmpl")), []byte(m.render(t, name, string(src))), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sec, err := cluster.MachineSecrets(c.Spec, c.State, m.Machine, secrets)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range sec {
+		if err := os.WriteFile(filepath.Join(secrets, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func (m *Machine) render(t testing.TB, name, src string) string {
+	t.Helper()
+	tm, err := template.New(name).Option("missingkey=error").Parse(src)
+	if err != nil {
+		t.Fatalf("template %s: %v", name, err)
+	}
+	var f struct {
+		Machine struct {
+			Name, Address string
+			Tags          map[string]string
+		}
+		Vars map[string]string
+	}
+	f.Machine.Name, f.Machine.Address, f.Machine.Tags, f.Vars = m.Name, m.Address, m.tags, m.plan.Vars
+	var b bytes.Buffer
+	if err := tm.Execute(&b, f); err != nil {
+		t.Fatalf("template %s: %v", name, err)
+	}
+	return b.String()
+}
+
+// spec turns the plan's service into the supervisor's, as the agent does.
+func (m *Machine) spec(t testing.TB, def cluster.ServiceDef) supervise.Spec {
+	bin, ok := m.binaries[def.Artifact]
+	if !ok {
+		t.Fatalf("machine %s: no binary for %s", m.Name, def.Artifact)
+	}
+	s := supervise.Spec{
+		Name: def.Name, Command: bin, Env: append(slices.Clone(def.Env), "HOME="+m.Dir, "PATH=/usr/bin:/bin"),
+		After:      slices.DeleteFunc(slices.Clone(def.After), func(a string) bool { return !slices.Contains(m.running, a) }),
+		StopSignal: def.StopSignal, StopTimeout: def.StopTimeout, StopMode: supervise.StopMode(def.StopMode),
+		ReloadSignal: def.ReloadSignal, Restart: supervise.RestartPolicy(def.Restart),
+		BackoffMin: 200 * time.Millisecond,
+	}
+	for i, a := range def.Args {
+		s.Args = append(s.Args, m.render(t, fmt.Sprintf("%s-arg%d", def.Name, i), a))
+	}
+	if r := def.Ready; r != nil {
+		s.Ready = &supervise.Readiness{Notify: r.Notify, TCP: r.TCP, HTTP: r.HTTP, Command: r.Command, Timeout: r.Timeout, Interval: r.Interval}
+	}
+	return s
+}
+
+func (m *Machine) apply(ctx context.Context, t testing.TB) error {
+	var specs []supervise.Spec
+	for _, def := range m.plan.Services {
+		if slices.Contains(m.running, def.Name) {
+			specs = append(specs, m.spec(t, def))
+		}
+	}
+	return m.sup.Apply(ctx, specs)
+}
+
+// Start starts the named services of machine m with the given binary of
+// their product (product → path), under m's supervisor, and waits until
+// they are ready.
+func (c *Cluster) Start(ctx context.Context, m *Machine, binaries map[string]string, services ...string) error {
+	t := c.t
+	if m.sup == nil {
+		sup, err := supervise.New(ctx, supervise.Options{StateDir: filepath.Join(m.Dir, "sv"), CgroupParent: c.cgParent + "/" + m.Name})
+		if err != nil {
+			return fmt.Errorf("supervisor of %s: %w", m.Name, err)
+		}
+		m.sup = sup
+	}
+	for p, b := range binaries {
+		m.binaries[p] = b
+	}
+	for _, s := range services {
+		if !slices.Contains(m.running, s) {
+			m.running = append(m.running, s)
+		}
+	}
+	if err := m.apply(ctx, t); err != nil {
+		return fmt.Errorf("start %v on %s: %w", services, m.Name, err)
+	}
+	if err := m.sup.WaitReady(ctx, services...); err != nil {
+		return fmt.Errorf("%s: %w\n%s", m.Name, err, m.Logs(services...))
+	}
+	return nil
+}
+
+// SetBinary swaps product's binary on m: the supervisor restarts the
+// service with the new command (a real restart on the real binary, as an
+// agent's new bundle would cause), and SetBinary waits until the new
+// process is ready.
+func (c *Cluster) SetBinary(ctx context.Context, m *Machine, product, path string) error {
+	if m.binaries[product] == path {
+		return nil
+	}
+	m.binaries[product] = path
+	var svc string
+	for _, def := range m.plan.Services {
+		if def.Artifact == product && slices.Contains(m.running, def.Name) {
+			svc = def.Name
+		}
+	}
+	if svc == "" {
+		return nil
+	}
+	before := m.status(svc)
+	if err := m.apply(ctx, c.t); err != nil {
+		return fmt.Errorf("restart %s on %s with %s: %w", svc, m.Name, path, err)
+	}
+	for {
+		st := m.status(svc)
+		if st.PID != 0 && st.PID != before.PID && st.Ready {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s on %s: not ready on %s: %w (state %s, last error %q)\n%s", svc, m.Name, path, ctx.Err(), st.State, st.LastError, m.Logs(svc))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// Binary is the binary m runs for product.
+func (m *Machine) Binary(product string) string { return m.binaries[product] }
+
+// Stop stops a service of m (the supervisor will not restart it).
+func (c *Cluster) Stop(ctx context.Context, m *Machine, service string) error {
+	return m.sup.Stop(ctx, service)
+}
+
+func (m *Machine) status(svc string) supervise.Status {
+	for _, s := range m.sup.Status() {
+		if s.Name == svc {
+			return s
+		}
+	}
+	return supervise.Status{}
+}
+
+// Logs is the tail of the named services' logs on m, for failure messages.
+func (m *Machine) Logs(services ...string) string {
+	var b strings.Builder
+	for _, s := range services {
+		lines, err := m.sup.Logs(s, 30)
+		fmt.Fprintf(&b, "--- %s/%s log (tail) ---\n", m.Name, s)
+		if err != nil {
+			fmt.Fprintf(&b, "(%v)\n", err)
+		}
+		for _, l := range lines {
+			b.WriteString(l)
+			b.WriteByte('\n')
+		}
+	}
+	return b.String()
+}
+
+// ServerMachines are the machines of the servers.
+func (c *Cluster) ServerMachines() []*Machine { return c.Machines[:c.Spec.Servers.Count] }
+
+// ConsulClient is a client of machine m's Consul HTTPS API.
+func (c *Cluster) ConsulClient(m *Machine, token cluster.Secret) *consulapi.Client {
+	cl, err := hashi.ConsulClient(fmt.Sprintf("%s:%d", m.Address, cluster.ConsulHTTPSPort), c.Op, token)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return cl
+}
+
+// NomadClient is a client of machine m's Nomad HTTPS API.
+func (c *Cluster) NomadClient(m *Machine, token cluster.Secret) *nomadapi.Client {
+	cl, err := hashi.NomadClient(fmt.Sprintf("%s:%d", m.Address, cluster.NomadHTTPPort), c.Op, token)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return cl
+}
+
+// StartConsul starts Consul on every machine with bin, bootstraps its
+// ACLs and applies the plan's policies and tokens; it returns the
+// management token.
+func (c *Cluster) StartConsul(ctx context.Context, bin string) (cluster.Secret, error) {
+	errs := make(chan error, len(c.Machines))
+	for _, m := range c.Machines {
+		go func() { errs <- c.Start(ctx, m, map[string]string{cluster.ConsulProduct: bin}, "consul") }()
+	}
+	for range c.Machines {
+		if err := <-errs; err != nil {
+			return "", err
+		}
+	}
+	anon := c.ConsulClient(c.Machines[0], "")
+	if _, err := hashi.WaitConsulLeader(ctx, anon); err != nil {
+		return "", err
+	}
+	mgmt, err := hashi.BootstrapConsulACL(ctx, anon, c.State)
+	if err != nil {
+		return "", err
+	}
+	var ms []cluster.Machine
+	for _, m := range c.Machines {
+		ms = append(ms, m.Machine)
+	}
+	plan, err := cluster.ConsulACL(c.Spec, c.State, ms)
+	if err != nil {
+		return "", err
+	}
+	if err := hashi.ApplyConsulACL(ctx, c.ConsulClient(c.Machines[0], mgmt), plan); err != nil {
+		return "", err
+	}
+	if _, err := hashi.WaitConsulHealthy(ctx, c.ConsulClient(c.Machines[0], mgmt), c.Spec.Servers.Count); err != nil {
+		return "", err
+	}
+	return mgmt, nil
+}
+
+// StartNomad starts Nomad on the given machines (after Consul is up on
+// them) with bin, bootstraps its ACLs and returns the management token.
+func (c *Cluster) StartNomad(ctx context.Context, bin string, ms []*Machine) (cluster.Secret, error) {
+	errs := make(chan error, len(ms))
+	for _, m := range ms {
+		go func() { errs <- c.Start(ctx, m, map[string]string{cluster.NomadProduct: bin}, "nomad") }()
+	}
+	for range ms {
+		if err := <-errs; err != nil {
+			return "", err
+		}
+	}
+	anon := c.NomadClient(c.Machines[0], "")
+	if _, err := hashi.WaitNomadLeader(ctx, anon); err != nil {
+		return "", err
+	}
+	mgmt, err := hashi.BootstrapNomadACL(ctx, anon, c.State)
+	if err != nil {
+		return "", err
+	}
+	admin := c.NomadClient(c.Machines[0], mgmt)
+	if err := hashi.WaitNomadToken(ctx, admin); err != nil {
+		return "", err
+	}
+	if _, err := hashi.WaitNomadHealthy(ctx, admin, c.Spec.Servers.Count); err != nil {
+		return "", err
+	}
+	return mgmt, nil
+}
+
+func (c *Cluster) cleanup() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, m := range slices.Backward(c.Machines) {
+		if m.sup == nil {
+			continue
+		}
+		if err := m.sup.Shutdown(ctx); err != nil {
+			c.t.Logf("shutdown %s: %v", m.Name, err)
+		}
+		m.sup.Close()
+	}
+	removeCgroups(c.t, c.cgParent)
+	if err := os.RemoveAll(c.root); err != nil {
+		c.t.Logf("remove %s: %v", c.root, err)
+	}
+}
+
+// removeCgroups kills what is left in the cgroups below parent (on the
+// cgroup v2 mount) and removes them, deepest first.
+func removeCgroups(t testing.TB, parent string) {
+	v2 := cgroup2Mount()
+	if v2 == "" {
+		return
+	}
+	top := filepath.Join(v2, parent)
+	var dirs []string
+	filepath.WalkDir(top, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	slices.SortFunc(dirs, func(a, b string) int { return len(b) - len(a) })
+	for _, d := range dirs {
+		os.WriteFile(filepath.Join(d, "cgroup.kill"), []byte("1"), 0)
+		var err error
+		for range 50 {
+			if err = syscall.Rmdir(d); err == nil || os.IsNotExist(err) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err != nil && !os.IsNotExist(err) {
+			t.Logf("remove cgroup %s: %v", d, err)
+		}
+	}
+	syscall.Rmdir(filepath.Dir(top)) // the shared steppe-test, if empty
+}
+
+func cgroup2Mount() string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// ... mountpoint ... - fstype source options
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		if fs := strings.Fields(post); len(fs) > 0 && fs[0] == "cgroup2" {
+			if f := strings.Fields(pre); len(f) > 4 {
+				return f[4]
+			}
+		}
+	}
+	return ""
+}
