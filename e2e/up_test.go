@@ -1,0 +1,576 @@
+package e2e
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	nomadapi "github.com/hashicorp/nomad/api"
+
+	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/deploy"
+)
+
+// upCluster is one cluster made by the real `steppe up` in a test.
+type upCluster struct {
+	t        *testing.T
+	bin      string
+	dir      string
+	spec     string
+	state    string
+	addrs    []string
+	consul   string // binaries of the real CLIs
+	nomad    string
+	downDone bool
+}
+
+// daemonBinaries finds the default versions in the artifact cache: a
+// skip with the reason outside CI, a failure in CI.
+func daemonBinaries(t testing.TB) (consul, nomad string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("steppe up runs agents that need root for cgroups; run the tests as root (CI does)")
+	}
+	cache, err := artifact.DefaultCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var errs []error
+	consul, err = artifact.BinaryPath(cache, "consul", cluster.DefaultConsulVersion)
+	errs = append(errs, err)
+	nomad, err = artifact.BinaryPath(cache, "nomad", cluster.DefaultNomadVersion)
+	errs = append(errs, err)
+	if err := errors.Join(errs...); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal(err)
+		}
+		t.Skipf("the default daemon versions are not built (make artifacts): %v", err)
+	}
+	return consul, nomad
+}
+
+// newUpCluster writes a spec for a cluster of 3 servers and 2 clients on
+// the loopback addresses first..first+4, with its state in a temp dir.
+func newUpCluster(t *testing.T, name string, first int) *upCluster {
+	t.Helper()
+	consul, nomad := daemonBinaries(t)
+	c := &upCluster{t: t, bin: steppeBinary(t), dir: t.TempDir(), consul: consul, nomad: nomad}
+	c.spec = filepath.Join(c.dir, "cluster.hcl")
+	c.state = filepath.Join(c.dir, "state")
+	for i := range 5 {
+		c.addrs = append(c.addrs, fmt.Sprintf("127.0.0.%d", first+i))
+	}
+	spec := fmt.Sprintf("name = %q\n\nprovider \"local\" {\n  first_address = %q\n}\n", name, c.addrs[0])
+	if err := os.WriteFile(c.spec, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if !c.downDone {
+			if out, err := c.steppe(5*time.Minute, "down", "-state", c.state); err != nil {
+				t.Errorf("cleanup: steppe down: %v\n%s", err, out)
+			}
+		}
+	})
+	return c
+}
+
+// steppe runs the real binary with a clean environment.
+func (c *upCluster) steppe(timeout time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, c.bin, args...)
+	cmd.Env = c.baseEnv()
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func (c *upCluster) baseEnv() []string {
+	env := []string{"PATH=" + filepath.Dir(c.consul) + ":" + filepath.Dir(c.nomad) + ":/usr/local/bin:/usr/bin:/bin", "HOME=" + c.dir}
+	if v := os.Getenv("STEPPE_CACHE"); v != "" {
+		env = append(env, "STEPPE_CACHE="+v)
+	} else if home, err := os.UserHomeDir(); err == nil {
+		env = append(env, "STEPPE_CACHE="+filepath.Join(home, ".cache", "steppe"))
+	}
+	return env
+}
+
+func (c *upCluster) up() (string, time.Duration) {
+	c.t.Helper()
+	start := time.Now()
+	out, err := c.steppe(15*time.Minute, "up", "-spec", c.spec, "-state", c.state)
+	took := time.Since(start)
+	if err != nil {
+		c.t.Fatalf("steppe up: %v\n%s", err, out)
+	}
+	return out, took
+}
+
+// sh runs a shell script whose only configuration of the real CLIs is
+// `eval "$(steppe env)"`.
+func (c *upCluster) sh(script string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	full := fmt.Sprintf("set -e\neval \"$(%s env -state %s)\"\n%s", c.bin, c.state, script)
+	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", full)
+	cmd.Env = c.baseEnv()
+	cmd.Dir = c.dir
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// envMap is what `steppe env` exports.
+func (c *upCluster) envMap() map[string]string {
+	c.t.Helper()
+	out, err := c.sh(`env | grep -E '^(NOMAD|CONSUL)_'`)
+	if err != nil {
+		c.t.Fatalf("steppe env: %v\n%s", err, out)
+	}
+	m := map[string]string{}
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		k, v, _ := strings.Cut(l, "=")
+		m[k] = v
+	}
+	return m
+}
+
+func (c *upCluster) status() deploy.Status {
+	c.t.Helper()
+	out, err := c.steppe(time.Minute, "status", "-json", "-state", c.state)
+	var st deploy.Status
+	if jerr := json.Unmarshal([]byte(out), &st); jerr != nil {
+		c.t.Fatalf("steppe status -json: %v %v\n%s", err, jerr, out)
+	}
+	return st
+}
+
+// TestUpStatusEnvDown is one cluster, for several checks (the CI budget
+// has room for one): up; the real CLIs through steppe env; a raw_exec
+// HTTP job registered in Consul; what must be refused; a second up that
+// changes nothing; status; no secret outside where it belongs; down that
+// leaves nothing behind.
+func TestUpStatusEnvDown(t *testing.T) {
+	c := newUpCluster(t, "e2eup", 171)
+	out, took := c.up()
+	t.Logf("steppe up took %v:\n%s", took.Round(time.Millisecond), out)
+	for _, want := range []string{"==> agents healthy", "==> consul ACLs", "==> nomad ACLs", "==> workload identity", "is up in", `eval "$(steppe env`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("up output lacks %q", want)
+		}
+	}
+
+	// The real CLIs, configured only by steppe env.
+	cli, err := c.sh("consul members; echo ---; nomad server members; echo ---; nomad node status")
+	if err != nil {
+		t.Fatalf("CLIs through steppe env: %v\n%s", err, cli)
+	}
+	parts := strings.Split(cli, "---")
+	if len(parts) != 3 {
+		t.Fatalf("CLI output:\n%s", cli)
+	}
+	if n := strings.Count(parts[0], " alive "); n != 5 {
+		t.Errorf("consul members: %d alive, want 5:\n%s", n, parts[0])
+	}
+	if a, l := strings.Count(parts[1], " alive "), strings.Count(parts[1], " true "); a != 3 || l != 1 {
+		t.Errorf("nomad server members: %d alive, %d leaders; want 3 and 1:\n%s", a, l, parts[1])
+	}
+	if n := strings.Count(parts[2], " ready"); n != 2 {
+		t.Errorf("nomad node status: %d ready, want 2:\n%s", n, parts[2])
+	}
+
+	env := c.envMap()
+	c.checkRefusals(env)
+	allocs := c.runWebJob(env)
+
+	// status: 3 servers, one leader, 2 clients, every agent on release 1.
+	st := c.status()
+	if !st.Healthy || len(st.Servers) != 3 || st.Raft == nil || st.Raft.Leader == "" || len(st.Clients) != 2 || len(st.Agents) != 5 || len(st.Consul) != 5 {
+		t.Errorf("status: %+v", st)
+	}
+	pids := map[string]int{}
+	for _, a := range st.Agents {
+		if a.Release != 1 || !a.Running || len(a.Services) != 2 {
+			t.Errorf("agent %+v", a)
+		}
+		pids[a.Machine] = a.PID
+		for _, s := range a.Services {
+			pids[a.Machine+"/"+s.Name] = s.PID
+		}
+	}
+	text, err := c.steppe(time.Minute, "status", "-state", c.state)
+	if err != nil || !strings.Contains(text, "healthy") || !strings.Contains(text, "leader") {
+		t.Errorf("steppe status: %v\n%s", err, text)
+	}
+	t.Logf("steppe status:\n%s", text)
+
+	// A second up changes nothing: same agents, same daemons, no bundle.
+	out2, took2 := c.up()
+	if strings.Contains(out2, "(started)") || strings.Contains(out2, "published (signed)") || !strings.Contains(out2, "version 1 unchanged") {
+		t.Errorf("second up started or published something:\n%s", out2)
+	}
+	for _, a := range c.status().Agents {
+		if pids[a.Machine] != a.PID {
+			t.Errorf("second up: agent of %s pid %d -> %d", a.Machine, pids[a.Machine], a.PID)
+		}
+		for _, s := range a.Services {
+			if pids[a.Machine+"/"+s.Name] != s.PID {
+				t.Errorf("second up: %s/%s pid %d -> %d", a.Machine, s.Name, pids[a.Machine+"/"+s.Name], s.PID)
+			}
+		}
+	}
+	t.Logf("second up (nothing to do) took %v", took2.Round(time.Millisecond))
+
+	c.scanSecrets()
+
+	// down: no process, cgroup, mount, socket or file of the cluster left.
+	outDown, err := c.steppe(5*time.Minute, "down", "-state", c.state)
+	if err != nil {
+		t.Fatalf("steppe down: %v\n%s", err, outDown)
+	}
+	c.downDone = true
+	t.Logf("steppe down:\n%s", outDown)
+	c.checkNothingLeft(allocs)
+}
+
+// checkRefusals: no token, plaintext HTTP, and a client certificate from
+// another CA are all refused.
+func (c *upCluster) checkRefusals(env map[string]string) {
+	t := c.t
+	out, err := c.sh("unset NOMAD_TOKEN; nomad node status")
+	if err == nil || !strings.Contains(out, "403") {
+		t.Errorf("nomad without a token: %v, want 403:\n%s", err, out)
+	}
+	// Consul filters what a request without a token may not see, and
+	// refuses writes.
+	out, err = c.sh("unset CONSUL_HTTP_TOKEN; consul kv put steppe-e2e x")
+	if err == nil || !strings.Contains(out, "403") {
+		t.Errorf("consul write without a token: %v, want 403:\n%s", err, out)
+	}
+	out, err = c.sh("unset CONSUL_HTTP_TOKEN; consul catalog nodes")
+	if strings.Contains(out, "e2eup-") {
+		t.Errorf("consul without a token lists nodes: %v\n%s", err, out)
+	}
+	hc := &http.Client{Timeout: 5 * time.Second}
+	for _, u := range []string{"http://" + c.addrs[0] + ":4646/v1/agent/self", "http://" + c.addrs[0] + ":8500/v1/agent/self", "http://" + c.addrs[0] + ":8501/v1/agent/self"} {
+		resp, err := hc.Get(u)
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				t.Errorf("plaintext %s answered 200", u)
+			}
+		}
+	}
+	other, err := cluster.OpenState(filepath.Join(t.TempDir(), "other"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc, err := other.OperatorCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign, err := tls.LoadX509KeyPair(oc.CertFile, oc.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := os.ReadFile(env["NOMAD_CACERT"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	for _, port := range []int{4646, 8501} {
+		addr := net.JoinHostPort(c.addrs[0], strconv.Itoa(port))
+		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{foreign}, ServerName: c.addrs[0]})
+		if err == nil {
+			// TLS 1.3 reports a refused client certificate on the first read.
+			conn.SetDeadline(time.Now().Add(5 * time.Second))
+			fmt.Fprintf(conn, "GET /v1/agent/self HTTP/1.1\r\nHost: x\r\n\r\n")
+			_, err = bufio.NewReader(conn).ReadString('\n')
+			conn.Close()
+		}
+		if err == nil {
+			t.Errorf("%s accepted a client certificate from another CA", addr)
+		}
+	}
+}
+
+const webJob = `job "web" {
+  datacenters = ["dc1"]
+  type        = "service"
+  group "web" {
+    count = 2
+    network {
+      port "http" {}
+    }
+    service {
+      name     = "web"
+      port     = "http"
+      provider = "consul"
+    }
+    task "serve" {
+      driver = "raw_exec"
+      config {
+        command = %q
+        args    = ["artifact", "serve", "${NOMAD_TASK_DIR}", "-addr", "${NOMAD_ADDR_http}"]
+      }
+      resources {
+        cpu    = 50
+        memory = 64
+      }
+    }
+  }
+}
+`
+
+// runWebJob runs a raw_exec HTTP service with 2 allocations through the
+// real nomad CLI and checks they run, answer on their addresses and are
+// registered in Consul. It returns the allocation ids.
+func (c *upCluster) runWebJob(env map[string]string) []string {
+	t := c.t
+	job := filepath.Join(c.dir, "web.nomad.hcl")
+	if err := os.WriteFile(job, []byte(fmt.Sprintf(webJob, c.bin)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := c.sh("nomad job run -detach " + job)
+	if err != nil {
+		t.Fatalf("nomad job run: %v\n%s", err, out)
+	}
+	cfg := nomadapi.DefaultConfig()
+	cfg.Address, cfg.SecretID = env["NOMAD_ADDR"], env["NOMAD_TOKEN"]
+	cfg.TLSConfig = &nomadapi.TLSConfig{CACert: env["NOMAD_CACERT"], ClientCert: env["NOMAD_CLIENT_CERT"], ClientKey: env["NOMAD_CLIENT_KEY"]}
+	nc, err := nomadapi.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids, addrs []string
+	waitUntil(t, "2 running web allocations", 3*time.Minute, func() bool {
+		allocs, _, err := nc.Jobs().Allocations("web", false, nil)
+		if err != nil {
+			return false
+		}
+		ids, addrs = nil, nil
+		for _, a := range allocs {
+			if a.ClientStatus != "running" {
+				continue
+			}
+			full, _, err := nc.Allocations().Info(a.ID, nil)
+			if err != nil || full.AllocatedResources == nil {
+				return false
+			}
+			for _, p := range full.AllocatedResources.Shared.Ports {
+				if p.Label == "http" {
+					addrs = append(addrs, net.JoinHostPort(p.HostIP, strconv.Itoa(p.Value)))
+				}
+			}
+			ids = append(ids, a.ID)
+		}
+		return len(ids) == 2 && len(addrs) == 2
+	})
+	hc := &http.Client{Timeout: 5 * time.Second}
+	for _, a := range addrs {
+		waitUntil(t, "allocation at "+a+" to answer", time.Minute, func() bool {
+			resp, err := hc.Get("http://" + a + "/")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode < 500
+		})
+	}
+	var svc string
+	waitUntil(t, "2 web instances in Consul", 2*time.Minute, func() bool {
+		out, err := c.sh("consul catalog nodes -service web")
+		svc = out
+		return err == nil && strings.Count(out, "\n") == 3 // header + 2 nodes
+	})
+	t.Logf("web allocations %v at %v; in Consul:\n%s", ids, addrs, svc)
+	return ids
+}
+
+// scanSecrets checks where every secret is: the operator's state files,
+// each machine's secrets directory, and the daemons' own data (Consul's
+// and Nomad's keyrings and raft logs hold them by design). Bundles (in the
+// store and unpacked on machines), rendered configs, agent configs,
+// plans and logs must hold none.
+func (c *upCluster) scanSecrets() {
+	t := c.t
+	st, err := cluster.OpenState(c.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := map[string]string{
+		"consul gossip key": st.ConsulGossipKey().Reveal(),
+		"nomad gossip key":  st.NomadGossipKey().Reveal(),
+	}
+	for _, n := range st.TokenNames() {
+		s, _ := st.LookupToken(n)
+		secrets["token "+n] = s.Reveal()
+	}
+	if len(secrets) < 12 {
+		t.Fatalf("only %d secrets to look for", len(secrets))
+	}
+	allowed := func(rel string) bool {
+		switch {
+		case slices.Contains([]string{"ca-key.pem", "consul-gossip.key", "nomad-gossip.key", "tokens.json", "bundle-signing.key", "operator/key.pem"}, rel):
+			return true
+		case strings.HasPrefix(rel, "nodes/") && strings.HasSuffix(rel, "/key.pem"):
+			return true
+		}
+		parts := strings.Split(rel, "/")
+		// machines/<name>/state/secrets/* and machines/<name>/state/data/**
+		return len(parts) >= 5 && parts[0] == "machines" && parts[2] == "state" && (parts[3] == "secrets" || parts[3] == "data")
+	}
+	check := func(where string, b []byte) {
+		if bytes.Contains(b, []byte("PRIVATE KEY")) {
+			t.Errorf("%s holds a private key", where)
+		}
+		for what, s := range secrets {
+			if bytes.Contains(b, []byte(s)) {
+				t.Errorf("%s holds the %s", where, what)
+			}
+		}
+	}
+	scanned, bundles := 0, 0
+	err = filepath.WalkDir(c.state, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(c.state, p)
+		if d.IsDir() {
+			if rel == "artifacts" {
+				return filepath.SkipDir // verified binaries, by digest
+			}
+			parts := strings.Split(rel, "/")
+			if len(parts) == 4 && parts[0] == "machines" && parts[3] == "secrets" {
+				fi, _ := d.Info()
+				if fi.Mode().Perm() != 0o700 {
+					t.Errorf("%s has mode %04o, want 0700", rel, fi.Mode().Perm())
+				}
+			}
+			return nil
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		fi, _ := d.Info()
+		if allowed(rel) {
+			if fi.Mode().Perm()&0o077 != 0 && !strings.Contains(rel, "/data/") {
+				t.Errorf("secret file %s has mode %04o", rel, fi.Mode().Perm())
+			}
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		scanned++
+		check(rel, b)
+		if strings.HasSuffix(p, ".tar.gz") {
+			bundles++
+			zr, err := gzip.NewReader(bytes.NewReader(b))
+			if err != nil {
+				t.Errorf("%s: %v", rel, err)
+				return nil
+			}
+			tr := tar.NewReader(zr)
+			for {
+				h, err := tr.Next()
+				if err != nil {
+					break
+				}
+				body, _ := io.ReadAll(tr)
+				check(rel+":"+h.Name, body)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bundles < 2 {
+		t.Errorf("scanned %d bundles, want at least the 2 roles'", bundles)
+	}
+	if fi, err := os.Stat(c.state); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("state dir: %v %v, want mode 0700", fi.Mode(), err)
+	}
+	t.Logf("secret scan: %d files (%d bundles) clean of %d secrets and any private key", scanned, bundles, len(secrets))
+}
+
+// checkNothingLeft after down: no process naming the state dir, no cgroup
+// of the cluster or of its allocations, no socket on its addresses, no
+// mount under it, no file.
+func (c *upCluster) checkNothingLeft(allocs []string) {
+	t := c.t
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && bytes.Contains(b, []byte(c.state)) {
+			t.Errorf("process %s left: %q", filepath.Dir(p), strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	cgroups, _ := filepath.Glob("/sys/fs/cgroup/*/steppe-e2eup")
+	if more, _ := filepath.Glob("/sys/fs/cgroup/steppe-e2eup"); len(more) > 0 {
+		cgroups = append(cgroups, more...)
+	}
+	if len(cgroups) > 0 {
+		t.Errorf("cgroups left: %v", cgroups)
+	}
+	for _, id := range allocs {
+		if left, _ := filepath.Glob("/sys/fs/cgroup/*/nomad/" + id + "*"); len(left) > 0 {
+			t.Errorf("allocation cgroups left: %v", left)
+		}
+		if left, _ := filepath.Glob("/sys/fs/cgroup/*/nomad/*/" + id + "*"); len(left) > 0 {
+			t.Errorf("allocation cgroups left: %v", left)
+		}
+	}
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/udp"} {
+		b, _ := os.ReadFile(f)
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fields := strings.Fields(line)
+			if len(fields) < 4 {
+				continue
+			}
+			ip := hexIP(strings.Split(fields[1], ":")[0])
+			// tcp state 0A is LISTEN; every udp socket is bound.
+			if slices.Contains(c.addrs, ip) && (f == "/proc/net/udp" || fields[3] == "0A") {
+				t.Errorf("socket left on %s: %s", ip, line)
+			}
+		}
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if bytes.Contains(mounts, []byte(c.state)) {
+		t.Errorf("mounts left under %s", c.state)
+	}
+	if _, err := os.Stat(c.state); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("state dir still there: %v", err)
+	}
+}
+
+// hexIP reads an address of /proc/net/tcp (little-endian hex).
+func hexIP(h string) string {
+	v, err := strconv.ParseUint(h, 16, 32)
+	if err != nil {
+		return ""
+	}
+	return net.IPv4(byte(v), byte(v>>8), byte(v>>16), byte(v>>24)).String()
+}
