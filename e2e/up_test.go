@@ -574,3 +574,28 @@ func hexIP(h string) string {
 	}
 	return net.IPv4(byte(v), byte(v>>8), byte(v>>16), byte(v>>24)).String()
 }
+
+// An address already in use stops up before any machine starts, naming
+// the address and what to do.
+func TestUpRefusesPortInUse(t *testing.T) {
+	c := newUpCluster(t, "e2eport", 181)
+	ln, err := net.Listen("tcp", c.addrs[2]+":4647")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	out, err := c.steppe(5*time.Minute, "up", "-spec", c.spec, "-state", c.state)
+	if err == nil {
+		t.Fatalf("up succeeded with %s:4647 taken:\n%s", c.addrs[2], out)
+	}
+	if !strings.Contains(out, c.addrs[2]+":4647") || !strings.Contains(out, "in use") || !strings.Contains(out, "first_address") {
+		t.Errorf("the error does not name the address and the way out:\n%s", out)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		if b, err := os.ReadFile(p); err == nil && bytes.Contains(b, []byte(c.state)) {
+			t.Errorf("a process started although up failed: %q", strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	t.Logf("refused: %s", out[strings.LastIndex(out, "steppe: "):])
+}

@@ -233,6 +233,9 @@ func (u *upRun) createMachines(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := u.local.CheckFree(ctx, want); err != nil {
+		return err
+	}
 	existing, err := u.local.List(ctx)
 	if err != nil {
 		return err

@@ -40,11 +40,11 @@ func (l *Local) recordHost() error {
 }
 
 // nomadParents are the parent cgroups Nomad clients create for their
-// tasks: "nomad" (and cpuset's "nomad/shared", "nomad/reserved") in each
+// tasks: "nomad" (and cpuset's "nomad/share", "nomad/reserve") in each
 // v1 hierarchy, "nomad.slice" on cgroup v2.
 func nomadParents() []string {
 	var out []string
-	for _, pattern := range []string{"/sys/fs/cgroup/*/nomad", "/sys/fs/cgroup/*/nomad/shared", "/sys/fs/cgroup/*/nomad/reserved",
+	for _, pattern := range []string{"/sys/fs/cgroup/*/nomad", "/sys/fs/cgroup/*/nomad/share", "/sys/fs/cgroup/*/nomad/reserve",
 		"/sys/fs/cgroup/nomad.slice", "/sys/fs/cgroup/unified/nomad.slice"} {
 		m, _ := filepath.Glob(pattern)
 		out = append(out, m...)

@@ -510,3 +510,22 @@ func nextIP(ip net.IP) net.IP {
 	}
 	return next
 }
+
+// CheckFree fails naming the first address and port that something else
+// holds, among the machines of ms that do not exist yet: checked for all
+// before any is created, so that a conflict starts nothing.
+func (l *Local) CheckFree(ctx context.Context, ms []cluster.Machine) error {
+	existing, err := l.List(ctx)
+	if err != nil {
+		return err
+	}
+	for _, m := range ms {
+		if slices.ContainsFunc(existing, func(e Machine) bool { return e.Name == m.Name }) {
+			continue
+		}
+		if err := portsFree(m.Address); err != nil {
+			return fmt.Errorf("machine %s: %w", m.Name, err)
+		}
+	}
+	return nil
+}
