@@ -212,6 +212,12 @@ func (p *puller) run(ctx context.Context) {
 		backoff = 0
 		retry, err := p.install(ctx, f)
 		f.Body.Close()
+		var stale *bundle.StaleError
+		if etag == "" && errors.As(err, &stale) && stale.Version == stale.After && p.running(stale.Version) {
+			// The first pull of a restarted agent fetches the release it
+			// already runs: nothing to do, and nothing wrong.
+			err = nil
+		}
 		// The tag is kept when the bundle was refused for what it is: the
 		// same bytes would be refused again, so only a new publish is worth
 		// a fetch. A failure that may pass is tried again after a pause.
@@ -237,6 +243,12 @@ func (p *puller) run(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// running says whether version is the release the machine runs.
+func (p *puller) running(version uint64) bool {
+	st, err := p.loadState()
+	return err == nil && st.Good == version && st.Pending == 0
 }
 
 func nextBackoff(d time.Duration) time.Duration {

@@ -238,6 +238,17 @@ func checkEntry(hdr *tar.Header, want map[string]File, seen map[string]bool) (Fi
 	return f, nil
 }
 
+// StaleError is a signed bundle whose version is not greater than the
+// last one accepted: a replay, or (Version == After) the release a
+// restarted agent already runs.
+type StaleError struct {
+	Version, After uint64
+}
+
+func (e *StaleError) Error() string {
+	return fmt.Sprintf("bundle: version %d is not greater than the last accepted %d (replayed or stale)", e.Version, e.After)
+}
+
 func checkPolicy(m *Manifest, p Policy) error {
 	if p.Cluster != "" && m.Cluster != p.Cluster {
 		return fmt.Errorf("bundle: for cluster %q, want %q", m.Cluster, p.Cluster)
@@ -246,7 +257,7 @@ func checkPolicy(m *Manifest, p Policy) error {
 		return fmt.Errorf("bundle: for role %q, want %q", m.Role, p.Role)
 	}
 	if m.Version <= p.After {
-		return fmt.Errorf("bundle: version %d is not greater than the last accepted %d (replayed or stale)", m.Version, p.After)
+		return &StaleError{Version: m.Version, After: p.After}
 	}
 	now := p.Now
 	if now.IsZero() {
