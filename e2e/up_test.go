@@ -21,6 +21,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -155,10 +156,22 @@ func (c *upCluster) envMap() map[string]string {
 
 func (c *upCluster) status() deploy.Status {
 	c.t.Helper()
-	out, err := c.steppe(time.Minute, "status", "-json", "-state", c.state)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, c.bin, "status", "-json", "-state", c.state)
+	cmd.Env = c.baseEnv()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
 	var st deploy.Status
-	if jerr := json.Unmarshal([]byte(out), &st); jerr != nil {
-		c.t.Fatalf("steppe status -json: %v %v\n%s", err, jerr, out)
+	if jerr := json.Unmarshal(out, &st); jerr != nil {
+		c.t.Fatalf("steppe status -json: %v %v\n%s%s", err, jerr, out, stderr.Bytes())
+	}
+	if (err != nil) == st.Healthy {
+		c.t.Errorf("steppe status: exit %v with healthy=%v: %s", err, st.Healthy, stderr.Bytes())
+	}
+	if !st.Healthy {
+		c.t.Logf("status problems: %q", st.Problems)
 	}
 	return st
 }
@@ -238,6 +251,35 @@ func TestUpStatusEnvDown(t *testing.T) {
 		}
 	}
 	t.Logf("second up (nothing to do) took %v", took2.Round(time.Millisecond))
+
+	// An agent killed outright: its daemons run on in their cgroups; up
+	// starts the agent again, which adopts them (same daemon pids).
+	victim := "e2eup-default-1"
+	if err := syscall.Kill(pids[victim], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the killed agent to be gone", 30*time.Second, func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pids[victim]))
+		return err != nil || strings.Contains(string(b), ") Z ")
+	})
+	out3, _ := c.up()
+	if !strings.Contains(out3, "(started)") || strings.Count(out3, "(started)") != 1 {
+		t.Errorf("up after an agent died should start exactly that agent:\n%s", out3)
+	}
+	st3 := c.status()
+	if !st3.Healthy {
+		t.Errorf("status after the agent restart: %q", st3.Problems)
+	}
+	for _, a := range st3.Agents {
+		if a.Machine == victim && a.PID == pids[victim] {
+			t.Errorf("%s: agent pid unchanged after it was killed", victim)
+		}
+		for _, s := range a.Services {
+			if pids[a.Machine+"/"+s.Name] != s.PID {
+				t.Errorf("after the agent restart: %s/%s pid %d -> %d (not adopted)", a.Machine, s.Name, pids[a.Machine+"/"+s.Name], s.PID)
+			}
+		}
+	}
 
 	c.scanSecrets()
 

@@ -275,6 +275,9 @@ func (u *upRun) createMachines(ctx context.Context) error {
 				return
 			}
 			how := "running"
+			if pm.SecretsChanged {
+				how = "running, new secrets"
+			}
 			if !was {
 				how = "started"
 				mu.Lock()
@@ -285,7 +288,44 @@ func (u *upRun) createMachines(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	return u.restartForSecrets(ctx)
+}
+
+// restartForSecrets restarts the daemons of running machines whose
+// secrets changed (a certificate reissued for a new address or before
+// expiry), one machine at a time and each healthy before the next, so
+// that a quorum of servers is never down at once.
+func (u *upRun) restartForSecrets(ctx context.Context) error {
+	for _, m := range u.machines {
+		if !m.SecretsChanged {
+			continue
+		}
+		client := agent.NewClient(m.Socket)
+		for _, svc := range []string{"consul", "nomad"} {
+			if err := client.Control(ctx, svc, "restart"); err != nil {
+				return fmt.Errorf("machine %s: restart %s for its new secrets: %w", m.Name, svc, err)
+			}
+		}
+		st, err := client.Status(ctx)
+		if err != nil {
+			return fmt.Errorf("machine %s: %w", m.Name, err)
+		}
+		var version uint64
+		if st.Bundle != nil {
+			version = st.Bundle.Version
+		}
+		mctx, cancel := context.WithTimeout(ctx, u.opts.MachineTimeout)
+		err = u.waitMachine(mctx, m, version)
+		cancel()
+		if err != nil {
+			return err
+		}
+		u.printf("    %-24s restarted consul and nomad for new secrets", m.Name)
+	}
+	return nil
 }
 
 func (u *upRun) servers() []cluster.Machine {

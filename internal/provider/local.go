@@ -193,10 +193,12 @@ func (l *Local) Create(ctx context.Context, req CreateRequest) (Machine, error) 
 	if err != nil {
 		return m, err
 	}
-	if _, err := l.Deliver(ctx, m, files); err != nil {
+	changed, err := l.Deliver(ctx, m, files)
+	if err != nil {
 		return m, err
 	}
 	if m.Running {
+		m.SecretsChanged = changed
 		return m, nil
 	}
 	if err := l.writeAgentConfig(m, req.Agent); err != nil {

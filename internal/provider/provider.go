@@ -44,6 +44,9 @@ type Machine struct {
 	PID     int       `json:"pid,omitempty"`
 	Running bool      `json:"running"`
 	Created time.Time `json:"created"`
+	// SecretsChanged says that Create delivered secrets that differ from
+	// what a running machine had: its daemons must restart to read them.
+	SecretsChanged bool `json:"-"`
 }
 
 // Cluster returns the machine as planning sees it.
