@@ -641,3 +641,46 @@ func TestUpRefusesPortInUse(t *testing.T) {
 	}
 	t.Logf("refused: %s", out[strings.LastIndex(out, "steppe: "):])
 }
+
+// BenchmarkUp measures `steppe up` from nothing to healthy (leaders
+// elected, ACLs bootstrapped, workload identity set, clients ready) with
+// the binaries cached, 3 servers and 2 clients; down is not timed. The
+// phase times of each run are logged.
+//
+//	go test ./e2e -run '^$' -bench BenchmarkUp -benchtime 3x
+func BenchmarkUp(b *testing.B) {
+	consul, nomad := daemonBinaries(b)
+	bin := steppeBinary(b)
+	var total time.Duration
+	for i := range b.N {
+		b.StopTimer()
+		c := &upCluster{bin: bin, dir: b.TempDir(), consul: consul, nomad: nomad}
+		c.spec = filepath.Join(c.dir, "cluster.hcl")
+		c.state = filepath.Join(c.dir, "state")
+		if err := os.WriteFile(c.spec, []byte("name = \"bench\"\nprovider \"local\" {\n  first_address = \"127.0.0.191\"\n}\n"), 0o644); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		start := time.Now()
+		out, err := c.steppe(15*time.Minute, "up", "-spec", c.spec, "-state", c.state)
+		took := time.Since(start)
+		b.StopTimer()
+		if err != nil {
+			c.steppe(5*time.Minute, "down", "-state", c.state)
+			b.Fatalf("up: %v\n%s", err, out)
+		}
+		total += took
+		phases := ""
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "phases: ") {
+				phases = l
+			}
+		}
+		b.Logf("run %d: up to healthy in %v; %s", i+1, took.Round(10*time.Millisecond), phases)
+		if out, err := c.steppe(5*time.Minute, "down", "-state", c.state); err != nil {
+			b.Fatalf("down: %v\n%s", err, out)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(total.Seconds()/float64(b.N), "s/up")
+}
