@@ -71,7 +71,8 @@ func daemonBinaries(t testing.TB) (consul, nomad string) {
 }
 
 // newUpCluster writes a spec for a cluster of 3 servers and 2 clients on
-// the loopback addresses first..first+4, with its state in a temp dir.
+// the loopback addresses 127.0.1.first..first+4 (127.0.0.x are taken by
+// other packages' tests that may run at the same time), with its state in a temp dir.
 func newUpCluster(t *testing.T, name string, first int) *upCluster {
 	t.Helper()
 	consul, nomad := daemonBinaries(t)
@@ -79,7 +80,7 @@ func newUpCluster(t *testing.T, name string, first int) *upCluster {
 	c.spec = filepath.Join(c.dir, "cluster.hcl")
 	c.state = filepath.Join(c.dir, "state")
 	for i := range 5 {
-		c.addrs = append(c.addrs, fmt.Sprintf("127.0.0.%d", first+i))
+		c.addrs = append(c.addrs, fmt.Sprintf("127.0.1.%d", first+i))
 	}
 	spec := fmt.Sprintf("name = %q\n\nprovider \"local\" {\n  first_address = %q\n}\n", name, c.addrs[0])
 	if err := os.WriteFile(c.spec, []byte(spec), 0o644); err != nil {
@@ -182,7 +183,7 @@ func (c *upCluster) status() deploy.Status {
 // changes nothing; status; no secret outside where it belongs; down that
 // leaves nothing behind.
 func TestUpStatusEnvDown(t *testing.T) {
-	c := newUpCluster(t, "e2eup", 171)
+	c := newUpCluster(t, "e2eup", 11)
 	out, took := c.up()
 	t.Logf("steppe up took %v:\n%s", took.Round(time.Millisecond), out)
 	for _, want := range []string{"==> agents healthy", "==> consul ACLs", "==> nomad ACLs", "==> workload identity", "is up in", `eval "$(steppe env`} {
@@ -291,6 +292,31 @@ func TestUpStatusEnvDown(t *testing.T) {
 	c.downDone = true
 	t.Logf("steppe down:\n%s", outDown)
 	c.checkNothingLeft(allocs)
+	if out, err := c.steppe(time.Minute, "down", "-state", c.state); err != nil || !strings.Contains(out, "nothing to do") {
+		t.Errorf("a second down: %v\n%s", err, out)
+	}
+}
+
+// A machine that does not become healthy in time fails up with the
+// machine's name, the failing check and its last log lines.
+func TestUpMachineTimeout(t *testing.T) {
+	c := newUpCluster(t, "e2eslow", 31)
+	out, err := c.steppe(5*time.Minute, "up", "-spec", c.spec, "-state", c.state, "-machine-timeout", "300ms")
+	if err == nil {
+		t.Fatalf("up succeeded with a 300ms machine timeout:\n%s", out)
+	}
+	for _, want := range []string{"agents healthy: machine e2eslow-", "did not become healthy", "agent log", "last lines"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the error lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(out, "not ready") && !strings.Contains(out, "runs release 0") {
+		t.Errorf("the error does not name the failing check:\n%s", out)
+	}
+	if i := strings.Index(out, "steppe: agents healthy"); i >= 0 {
+		out = out[i:]
+	}
+	t.Logf("refused:\n%.3000s", out)
 }
 
 // checkRefusals: no token, plaintext HTTP, and a client certificate from
@@ -620,7 +646,7 @@ func hexIP(h string) string {
 // An address already in use stops up before any machine starts, naming
 // the address and what to do.
 func TestUpRefusesPortInUse(t *testing.T) {
-	c := newUpCluster(t, "e2eport", 181)
+	c := newUpCluster(t, "e2eport", 21)
 	ln, err := net.Listen("tcp", c.addrs[2]+":4647")
 	if err != nil {
 		t.Fatal(err)
@@ -657,7 +683,7 @@ func BenchmarkUp(b *testing.B) {
 		c := &upCluster{bin: bin, dir: b.TempDir(), consul: consul, nomad: nomad}
 		c.spec = filepath.Join(c.dir, "cluster.hcl")
 		c.state = filepath.Join(c.dir, "state")
-		if err := os.WriteFile(c.spec, []byte("name = \"bench\"\nprovider \"local\" {\n  first_address = \"127.0.0.191\"\n}\n"), 0o644); err != nil {
+		if err := os.WriteFile(c.spec, []byte("name = \"bench\"\nprovider \"local\" {\n  first_address = \"127.0.1.41\"\n}\n"), 0o644); err != nil {
 			b.Fatal(err)
 		}
 		b.StartTimer()
