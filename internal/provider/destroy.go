@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 // hostRecord is what the host looked like before the first machine: the
@@ -33,7 +35,7 @@ func (l *Local) recordHost() error {
 		return fmt.Errorf("local provider: %w", err)
 	}
 	b, _ := json.MarshalIndent(hostRecord{NomadCgroups: nomadParents()}, "", "  ")
-	if err := writeAtomic(p, append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.WriteFile(p, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("local provider: %w", err)
 	}
 	return nil

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/steppe/steppe/internal/agent"
+	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/cluster"
 )
 
@@ -253,7 +254,7 @@ func (l *Local) prepare(req CreateRequest) (Machine, error) {
 		}
 	}
 	b, _ := json.MarshalIndent(m, "", "  ")
-	if err := writeAtomic(filepath.Join(dir, machineFile), append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, machineFile), append(b, '\n'), 0o600); err != nil {
 		return m, fmt.Errorf("local machine %s: %w", name, err)
 	}
 	return m, nil
@@ -326,7 +327,7 @@ func (l *Local) Deliver(ctx context.Context, m Machine, files map[string][]byte)
 				continue
 			}
 		}
-		if err := writeAtomic(p, files[n], 0o600); err != nil {
+		if err := atomicfile.WriteFile(p, files[n], 0o600); err != nil {
 			return false, fmt.Errorf("deliver secrets to %s: %w", m.Name, err)
 		}
 		changed = true
@@ -356,7 +357,7 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 	if _, err := agent.ParseConfig(cfg, []byte(b.String())); err != nil {
 		return fmt.Errorf("local machine %s: agent config: %w", m.Name, err)
 	}
-	if err := writeAtomic(cfg, []byte(b.String()), 0o600); err != nil {
+	if err := atomicfile.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
 		return fmt.Errorf("local machine %s: %w", m.Name, err)
 	}
 	return nil
@@ -399,7 +400,7 @@ func (l *Local) start(ctx context.Context, m Machine) (Machine, error) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	if err := writeAtomic(filepath.Join(m.Dir, agentPIDFile), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(m.Dir, agentPIDFile), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
 		_ = cmd.Process.Kill()
 		return m, fmt.Errorf("local machine %s: %w", m.Name, err)
 	}
@@ -437,30 +438,6 @@ func TailFile(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 // Assign gives every machine of ms without an address the one it has (an
