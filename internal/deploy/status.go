@@ -383,6 +383,11 @@ func Down(ctx context.Context, opts Options) error {
 	if err := os.RemoveAll(e.stateDir); err != nil {
 		return fmt.Errorf("down: state dir: %w", err)
 	}
+	if opts.StateDir == "" {
+		// The default directory's parent (.../steppe) was made by up too;
+		// it stays while it holds another cluster.
+		_ = os.Remove(filepath.Dir(e.stateDir))
+	}
 	e.printf("cluster %s removed in %s (state directory %s deleted)", e.spec.Name, time.Since(start).Round(10*time.Millisecond), e.stateDir)
 	return nil
 }
