@@ -5,12 +5,15 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +21,7 @@ import (
 	"time"
 
 	"github.com/steppe/steppe/internal/agent"
+	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/bundle"
 )
 
@@ -309,6 +313,15 @@ func TestPullRefusesBadInput(t *testing.T) {
 		{"replayed older version", func() []byte { b, _ := e.build(release{a: "old", b: "old", version: v1}, &e.key); return b }, "not greater"},
 		{"expired", func() []byte { b, _ := e.build(release{a: "x", b: "y", expires: -time.Minute}, &e.key); return b }, "expired"},
 		{"truncated download", func() []byte { return goodBytes[:len(goodBytes)/2] }, "unexpected EOF"},
+		{"path traversal", func() []byte {
+			return craftBundle(t, e.key, []tarEntry{{name: "conf/x", body: "x"}, {name: "../escape", body: "x"}})
+		}, "../escape"},
+		{"symlink escape", func() []byte {
+			return craftBundle(t, e.key, []tarEntry{{name: "conf/x", body: "x"}, {name: "conf/l", link: "/etc"}})
+		}, "conf/l"},
+		{"decompression bomb", func() []byte {
+			return craftBundle(t, e.key, []tarEntry{{name: "big", size: 300 << 20}})
+		}, "big"},
 		{"template error", func() []byte {
 			b, _ := e.build(release{a: "{{ .Vars.nope }}", b: "b1"}, &e.key)
 			return b
@@ -364,6 +377,78 @@ service "b" {
 	v := e.publish(release{a: "fine", b: "fine"})
 	e.waitVersion(v, 30*time.Second)
 	e.agent.stop()
+}
+
+// tarEntry is one entry of a crafted bundle: a regular file (body, or size
+// zero bytes) or a symlink (link).
+type tarEntry struct {
+	name, body, link string
+	size             int64
+}
+
+// craftBundle signs a manifest that lists the regular entries with their
+// true hashes, and packs the entries as given, however hostile: as a
+// compromised build host could.
+func craftBundle(t *testing.T, key bundle.PrivateKey, entries []tarEntry) []byte {
+	t.Helper()
+	now := time.Now()
+	m := bundle.Manifest{Format: bundle.FormatVersion, Cluster: "c1", Role: "web", Version: 50,
+		Created: now.Add(-time.Hour), Expires: now.Add(time.Hour)}
+	content := func(e tarEntry) io.Reader {
+		if e.size > 0 {
+			return io.LimitReader(zeros{}, e.size)
+		}
+		return strings.NewReader(e.body)
+	}
+	for _, e := range entries {
+		if e.link != "" || strings.HasPrefix(e.name, "../") {
+			continue
+		}
+		h := sha256.New()
+		n, _ := io.Copy(h, content(e))
+		m.Files = append(m.Files, bundle.File{Path: e.name, Size: n, Mode: 0o644, SHA256: hex.EncodeToString(h.Sum(nil))})
+	}
+	raw, err := m.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	zw := gzip.NewWriter(&out)
+	tw := tar.NewWriter(zw)
+	write := func(h *tar.Header, r io.Reader) {
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if r != nil {
+			if _, err := io.Copy(tw, r); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	sig := bundle.Sign(key, raw)
+	write(&tar.Header{Name: bundle.ManifestName, Mode: 0o644, Size: int64(len(raw)), Typeflag: tar.TypeReg}, bytes.NewReader(raw))
+	write(&tar.Header{Name: bundle.SignatureName, Mode: 0o644, Size: int64(len(sig)), Typeflag: tar.TypeReg}, bytes.NewReader(sig))
+	for _, e := range entries {
+		if e.link != "" {
+			write(&tar.Header{Name: e.name, Linkname: e.link, Typeflag: tar.TypeSymlink, Mode: 0o777}, nil)
+			continue
+		}
+		size := e.size
+		if size == 0 {
+			size = int64(len(e.body))
+		}
+		write(&tar.Header{Name: e.name, Mode: 0o644, Size: size, Typeflag: tar.TypeReg}, content(e))
+	}
+	tw.Close()
+	zw.Close()
+	return out.Bytes()
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }
 
 // tamper changes one byte of a file inside a bundle, keeping its manifest
@@ -550,5 +635,91 @@ func TestPullStoreGoesAway(t *testing.T) {
 	}
 	e.serve(ln)
 	e.waitVersion(v2, 60*time.Second)
+	e.agent.stop()
+}
+
+// A release that runs a real Consul, fetched by the agent from a
+// release-style store (index, SHA256SUMS, detached signature checked
+// against the pinned key, archive digest) and gated on its HTTP API
+// (a dev agent sends no READY=1); then a release whose store's SHA256SUMS does not
+// match its signature is refused and the running Consul stays.
+func TestPullRealArtifact(t *testing.T) {
+	cache, err := artifact.DefaultCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	storeDir := artifact.DefaultStoreDir(cache)
+	if _, err := artifact.BinaryPath(cache, "consul", "1.14.11"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("consul 1.14.11 is not built (CI runs make artifacts first): %v", err)
+		}
+		t.Skipf("consul 1.14.11 is not built; run make artifacts: %v", err)
+	}
+	good := httptest.NewServer(artifact.StoreHandler(storeDir))
+	defer good.Close()
+	// The same store, with one byte of every SHA256SUMS changed in flight.
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasSuffix(r.URL.Path, "_SHA256SUMS") {
+			artifact.StoreHandler(storeDir).ServeHTTP(w, r)
+			return
+		}
+		b, err := os.ReadFile(filepath.Join(storeDir, filepath.FromSlash(r.URL.Path)))
+		if err != nil {
+			http.NotFound(w, r)
+			return
+		}
+		b[0] ^= 1
+		w.Write(b)
+	}))
+	defer bad.Close()
+
+	e := newPullEnv(t)
+	cfg, err := os.ReadFile(e.agent.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The agent block is written again by writeConfig; Consul takes longer
+	// than the test services to be ready.
+	rest := strings.SplitN(string(cfg), "}\n", 2)[1]
+	rest = strings.Replace(rest, `health_timeout = "4s"`, `health_timeout = "90s"`, 1)
+	e.agent.writeConfig(rest + fmt.Sprintf("artifacts {\n  keys = [%q]\n}\n", filepath.Join(storeDir, artifact.StoreKeyFile)))
+
+	consul := func(store string) release {
+		return release{a: "a", b: "b", artifacts: []bundle.Artifact{{Product: "consul", Version: "1.14.11", Store: store}},
+			bService: `
+service "b" {
+  command = artifact.consul
+  args    = ["agent", "-dev", "-bind", "127.0.0.51", "-client", "127.0.0.51", "-disable-host-node-id", "-log-level", "warn"]
+  ready {
+    http    = "http://127.0.0.51:8500/v1/status/leader"
+    timeout = "60s"
+  }
+}
+`}
+	}
+	v1 := e.publish(consul(good.URL))
+	e.agent.start()
+	st := e.agent.waitFor("consul running", 120*time.Second, func(st agent.StatusReport) bool {
+		return st.Bundle != nil && st.Bundle.Version == v1 && allRunning(2)(st)
+	})
+	pid := byName(st)["b"].PID
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil || !strings.HasPrefix(exe, filepath.Join(e.agent.dir, "state", "artifacts")) {
+		t.Fatalf("consul runs %q (%v), not the binary the agent fetched into its state dir", exe, err)
+	}
+	resp, err := http.Get("http://127.0.0.51:8500/v1/status/leader")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+
+	v2 := e.publish(consul(bad.URL))
+	st = e.agent.waitFor("the tampered store to be refused", 60*time.Second, func(st agent.StatusReport) bool {
+		return st.Bundle != nil && strings.Contains(st.Bundle.LastError, fmt.Sprintf("release %d", v2)) && strings.Contains(st.Bundle.LastError, "signature")
+	})
+	t.Logf("refused: %s", st.Bundle.LastError)
+	if s := byName(st)["b"]; st.Bundle.Version != v1 || s.PID != pid || s.State != "running" {
+		t.Errorf("after the refusal: release %d, consul %+v; want release %d and pid %d running", st.Bundle.Version, s, v1, pid)
+	}
 	e.agent.stop()
 }
