@@ -3,6 +3,18 @@
 // the secrets of internal/cluster, the machines of internal/provider, the
 // signed bundles of internal/bundle, the artifacts of internal/artifact and
 // the operations of internal/hashi.
+//
+// On the local provider the machines share the operator's filesystem, so
+// they read the artifact store in place through a file:// URL (verified
+// exactly as over HTTP: index, signed SHA256SUMS, digest) and pull their
+// bundles from a directory store: no server process to track, no port to
+// collide, nothing left running by the operator after up returns. The
+// verified binaries are fetched once into a cache every local machine's
+// agent uses (content-addressed by digest).
+//
+// The operator's state directory (0700) holds the cluster.State secrets,
+// the bundle signing key, the bundle store, that shared cache and the
+// machines themselves (provider.Local); `down` removes all of it.
 package deploy
 
 import (
