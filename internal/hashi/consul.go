@@ -211,7 +211,8 @@ func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.Cons
 // after a token is created through another server it may not know it.
 func WaitConsulToken(ctx context.Context, c *consulapi.Client) error {
 	return poll(ctx, "wait until Consul knows the token", func() (bool, error) {
-		_, _, err := c.ACL().TokenReadSelf((&consulapi.QueryOptions{}).WithContext(ctx))
+		// Stale: answered from the server's own state, not the leader's.
+		_, _, err := c.ACL().TokenReadSelf((&consulapi.QueryOptions{AllowStale: true}).WithContext(ctx))
 		return err == nil, err
 	})
 }

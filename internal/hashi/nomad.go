@@ -70,7 +70,10 @@ func BootstrapNomadACL(ctx context.Context, c *nomadapi.Client, src SecretSource
 // applied its raft entry.
 func WaitNomadToken(ctx context.Context, c *nomadapi.Client) error {
 	return poll(ctx, "wait until Nomad knows the token", func() (bool, error) {
-		_, _, err := c.ACLTokens().Self((&nomadapi.QueryOptions{}).WithContext(ctx))
+		// A stale read is answered from the server's own state, which is
+		// what its agent endpoints resolve tokens against; a default read
+		// would be forwarded to the leader, which knows the token first.
+		_, _, err := c.ACLTokens().Self((&nomadapi.QueryOptions{AllowStale: true}).WithContext(ctx))
 		return err == nil, err
 	})
 }

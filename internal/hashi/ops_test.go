@@ -29,7 +29,7 @@ func TestOpsConsulNomadServers(t *testing.T) {
 	nomadBin := hashitest.Binary(t, "nomad", "1.9.3")
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	spec, addrs := serversOnly("127.0.0.151", "127.0.0.152", "127.0.0.153")
+	spec, addrs := serversOnly(hashitest.Addrs(3)...)
 	c := hashitest.New(t, spec, addrs)
 	consulMgmt, err := c.StartConsul(ctx, consulBin)
 	if err != nil {

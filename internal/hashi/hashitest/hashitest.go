@@ -48,6 +48,18 @@ func Binary(t testing.TB, product, version string) string {
 	return p
 }
 
+// Addrs returns n loopback addresses in a /24 of 127/8 picked at random,
+// so that concurrent test runs (several engineers, go test ./...) do not
+// collide on ports.
+func Addrs(n int) []string {
+	a, b := 2+rand.IntN(250), 1+rand.IntN(254)
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("127.%d.%d.%d", a, b, 10+i)
+	}
+	return out
+}
+
 // Cluster is a planned cluster whose machines run on this host.
 type Cluster struct {
 	t        testing.TB
@@ -198,8 +210,8 @@ func (m *Machine) apply(ctx context.Context, t testing.TB) error {
 }
 
 // Start starts the named services of machine m with the given binary of
-// their product (product → path), under m's supervisor, and waits until
-// they are ready.
+// their product (product → path; nil keeps the binaries it ran), under
+// m's supervisor, and waits until they are ready.
 func (c *Cluster) Start(ctx context.Context, m *Machine, binaries map[string]string, services ...string) error {
 	t := c.t
 	if m.sup == nil {
@@ -219,6 +231,12 @@ func (c *Cluster) Start(ctx context.Context, m *Machine, binaries map[string]str
 	}
 	if err := m.apply(ctx, t); err != nil {
 		return fmt.Errorf("start %v on %s: %w", services, m.Name, err)
+	}
+	// Apply leaves a service that was stopped (Stop) stopped.
+	for _, s := range services {
+		if err := m.sup.Start(ctx, s); err != nil {
+			return fmt.Errorf("start %s on %s: %w", s, m.Name, err)
+		}
 	}
 	if err := m.sup.WaitReady(ctx, services...); err != nil {
 		return fmt.Errorf("%s: %w\n%s", m.Name, err, m.Logs(services...))
@@ -348,6 +366,11 @@ func (c *Cluster) StartConsul(ctx context.Context, bin string) (cluster.Secret, 
 	if err := hashi.ApplyConsulACL(ctx, c.ConsulClient(c.Machines[0], mgmt), plan); err != nil {
 		return "", err
 	}
+	for _, m := range c.ServerMachines() {
+		if err := hashi.WaitConsulToken(ctx, c.ConsulClient(m, mgmt)); err != nil {
+			return "", fmt.Errorf("%s: %w", m.Name, err)
+		}
+	}
 	if _, err := hashi.WaitConsulHealthy(ctx, c.ConsulClient(c.Machines[0], mgmt), c.Spec.Servers.Count); err != nil {
 		return "", err
 	}
@@ -374,10 +397,13 @@ func (c *Cluster) StartNomad(ctx context.Context, bin string, ms []*Machine) (cl
 	if err != nil {
 		return "", err
 	}
-	admin := c.NomadClient(c.Machines[0], mgmt)
-	if err := hashi.WaitNomadToken(ctx, admin); err != nil {
-		return "", err
+	// Followers know the token once they applied its raft entry.
+	for _, m := range c.ServerMachines() {
+		if err := hashi.WaitNomadToken(ctx, c.NomadClient(m, mgmt)); err != nil {
+			return "", fmt.Errorf("%s: %w", m.Name, err)
+		}
 	}
+	admin := c.NomadClient(c.Machines[0], mgmt)
 	if _, err := hashi.WaitNomadHealthy(ctx, admin, c.Spec.Servers.Count); err != nil {
 		return "", err
 	}

@@ -1,0 +1,168 @@
+package upgrade
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	consulapi "github.com/hashicorp/consul/api"
+	nomadapi "github.com/hashicorp/nomad/api"
+
+	"github.com/steppe/steppe/internal/hashi"
+)
+
+// product is what an upgrade does with Consul or Nomad servers. Every
+// query goes to the first server that answers, skipping the address
+// except (a server being restarted).
+type product interface {
+	name() string
+	health(ctx context.Context, except string) (hashi.ClusterHealth, error)
+	// members are the servers' gossip members with their versions.
+	members(ctx context.Context, except string) ([]hashi.Member, error)
+	canTransfer() bool
+	transfer(ctx context.Context, id, except string) error
+	snapshot(ctx context.Context, path string) (hashi.SnapshotInfo, error)
+	// ping asks the server at addr itself who leads: autopilot and gossip
+	// take seconds to notice a server that just died, its API does not.
+	ping(ctx context.Context, addr string) error
+}
+
+// pingAll says which servers do not answer, but the one at except.
+func pingAll(ctx context.Context, u *Upgrader, p product, except string) error {
+	var errs []error
+	for _, s := range u.cfg.Servers {
+		if s.Address == except {
+			continue
+		}
+		if err := p.ping(ctx, s.Address); err != nil {
+			errs = append(errs, fmt.Errorf("%s server %s (%s) does not answer: %w", p.name(), s.Machine, s.Address, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// anyServer calls f with the API of each server in turn until one
+// answers.
+func anyServer[C any](u *Upgrader, except string, connect func(string) (C, error), f func(C) error) error {
+	var errs []error
+	for _, s := range u.cfg.Servers {
+		if s.Address == except {
+			continue
+		}
+		c, err := connect(s.Address)
+		if err != nil {
+			return err
+		}
+		err = f(c)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", s.Machine, err))
+	}
+	if len(errs) == 0 {
+		return errors.New("no server to ask")
+	}
+	return errors.Join(errs...)
+}
+
+type consulProduct struct{ u *Upgrader }
+
+func (p *consulProduct) name() string { return Consul }
+
+func (p *consulProduct) health(ctx context.Context, except string) (h hashi.ClusterHealth, err error) {
+	err = anyServer(p.u, except, p.u.cfg.APIs.Consul, func(c *consulapi.Client) error {
+		h, err = hashi.ConsulAutopilotHealth(ctx, c)
+		return err
+	})
+	return h, err
+}
+
+func (p *consulProduct) members(ctx context.Context, except string) (ms []hashi.Member, err error) {
+	err = anyServer(p.u, except, p.u.cfg.APIs.Consul, func(c *consulapi.Client) error {
+		ms, err = hashi.ConsulMemberVersions(ctx, c)
+		return err
+	})
+	return ms, err
+}
+
+func (p *consulProduct) canTransfer() bool { return hashi.ConsulCanTransferLeadership() }
+
+func (p *consulProduct) transfer(ctx context.Context, id, except string) error {
+	return errors.New("consul 1.14 cannot transfer leadership")
+}
+
+func (p *consulProduct) snapshot(ctx context.Context, path string) (info hashi.SnapshotInfo, err error) {
+	err = anyServer(p.u, "", p.u.cfg.APIs.Consul, func(c *consulapi.Client) error {
+		info, err = hashi.SaveConsulSnapshot(ctx, c, path)
+		return err
+	})
+	return info, err
+}
+
+func (p *consulProduct) ping(ctx context.Context, addr string) error {
+	c, err := p.u.cfg.APIs.Consul(addr)
+	if err != nil {
+		return err
+	}
+	var leader string
+	if _, err := c.Raw().Query("/v1/status/leader", &leader, (&consulapi.QueryOptions{}).WithContext(ctx)); err != nil {
+		return err
+	}
+	if leader == "" {
+		return errors.New("it knows no leader")
+	}
+	return nil
+}
+
+type nomadProduct struct{ u *Upgrader }
+
+func (p *nomadProduct) ping(ctx context.Context, addr string) error {
+	c, err := p.u.cfg.APIs.Nomad(addr)
+	if err != nil {
+		return err
+	}
+	var leader string
+	if _, err := c.Raw().Query("/v1/status/leader", &leader, (&nomadapi.QueryOptions{}).WithContext(ctx)); err != nil {
+		return err
+	}
+	if leader == "" {
+		return errors.New("it knows no leader")
+	}
+	return nil
+}
+
+func (p *nomadProduct) name() string { return Nomad }
+
+func (p *nomadProduct) health(ctx context.Context, except string) (h hashi.ClusterHealth, err error) {
+	err = anyServer(p.u, except, p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+		h, err = hashi.NomadAutopilotHealth(ctx, c)
+		return err
+	})
+	return h, err
+}
+
+func (p *nomadProduct) members(ctx context.Context, except string) (ms []hashi.Member, err error) {
+	err = anyServer(p.u, except, p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+		ms, err = hashi.NomadServerVersions(ctx, c)
+		return err
+	})
+	return ms, err
+}
+
+// Nomad transfers leadership since 1.8.3 (operator raft
+// transfer-leadership), so the versions steppe upgrades from have it.
+func (p *nomadProduct) canTransfer() bool { return true }
+
+func (p *nomadProduct) transfer(ctx context.Context, id, except string) error {
+	return anyServer(p.u, except, p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+		return hashi.NomadTransferLeadership(ctx, c, id)
+	})
+}
+
+func (p *nomadProduct) snapshot(ctx context.Context, path string) (info hashi.SnapshotInfo, err error) {
+	err = anyServer(p.u, "", p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+		info, err = hashi.SaveNomadSnapshot(ctx, c, path)
+		return err
+	})
+	return info, err
+}

@@ -1,0 +1,503 @@
+// Package upgrade runs health-gated rolling upgrades of a cluster's
+// Consul and Nomad: a preflight that refuses what is unsafe, snapshots
+// first, servers one at a time (non-leaders first, the leader last or
+// after a leadership transfer) each behind a gate, then clients drained
+// and upgraded; every step recorded in the operator's state directory so
+// that an interrupted upgrade resumes where it stopped.
+package upgrade
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	consulapi "github.com/hashicorp/consul/api"
+	nomadapi "github.com/hashicorp/nomad/api"
+
+	"github.com/steppe/steppe/internal/hashi"
+)
+
+// Products, in the order they are upgraded.
+const (
+	Consul = "consul"
+	Nomad  = "nomad"
+)
+
+// Machines replaces the daemons of a machine. The deploy side implements
+// it by publishing the machine's bundle with new artifact versions.
+type Machines interface {
+	// Upgrade makes machine run the given versions (product → version)
+	// and restarts the daemons whose version changed; it returns once
+	// they are started again (the gates judge their health). Asking for
+	// what a machine already runs changes nothing.
+	Upgrade(ctx context.Context, machine string, versions map[string]string) error
+}
+
+// Artifacts says whether a product's version can be installed.
+type Artifacts interface {
+	Check(ctx context.Context, product, version string) error
+}
+
+// APIs gives management clients of the daemons on a machine address.
+type APIs interface {
+	Consul(addr string) (*consulapi.Client, error)
+	Nomad(addr string) (*nomadapi.Client, error)
+}
+
+// Server is a server machine (it runs a Consul and a Nomad server).
+type Server struct {
+	Machine string
+	Address string // its address, as in the raft configuration
+}
+
+// Client is a client machine (a Consul client agent and a Nomad client).
+type Client struct {
+	Machine string // also its Consul node and Nomad node name
+	Address string
+	Pool    string
+}
+
+// ClientStrategy says how client machines are upgraded.
+type ClientStrategy struct {
+	// Parallelism is how many client machines of a pool are upgraded at
+	// once (default 1).
+	Parallelism int `json:"parallelism"`
+	// DrainDeadline bounds each drain: jobs migrate as their migrate
+	// blocks say, and what is left is stopped at the deadline (default 5m).
+	DrainDeadline time.Duration `json:"drain_deadline"`
+}
+
+// Event is a line of progress.
+type Event struct {
+	Step    string
+	Machine string
+	Phase   string
+	Message string
+}
+
+// Config is an upgrade.
+type Config struct {
+	// StateDir is the operator's state directory: the upgrade's state
+	// file and snapshots live there.
+	StateDir string
+	// Target maps products to the versions to run ("consul" →
+	// "1.14.11"); a product not named is left alone.
+	Target  map[string]string
+	Servers []Server
+	Clients []Client
+	// Force skips the version policy (downgrades, jumps); never the
+	// health checks.
+	Force bool
+
+	APIs      APIs
+	Machines  Machines
+	Artifacts Artifacts
+	Gate      Gate
+	ClientStrategy
+
+	// Progress, if set, is told of every phase as it ends.
+	Progress func(Event)
+	Log      *slog.Logger
+}
+
+// Upgrader runs one upgrade.
+type Upgrader struct {
+	cfg Config
+	log *slog.Logger
+
+	mu    sync.Mutex // st and its file
+	st    *State
+	prods map[string]product
+}
+
+// New checks cfg and prepares an upgrade.
+func New(cfg Config) (*Upgrader, error) {
+	if cfg.StateDir == "" {
+		return nil, errors.New("upgrade: no state directory")
+	}
+	if len(cfg.Servers) == 0 {
+		return nil, errors.New("upgrade: no servers")
+	}
+	if cfg.APIs == nil || cfg.Machines == nil || cfg.Artifacts == nil {
+		return nil, errors.New("upgrade: APIs, Machines and Artifacts are required")
+	}
+	for p, v := range cfg.Target {
+		if p != Consul && p != Nomad {
+			return nil, fmt.Errorf("upgrade: cannot upgrade %q (consul and nomad can be)", p)
+		}
+		if v == "" {
+			return nil, fmt.Errorf("upgrade: no target version for %s", p)
+		}
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Parallelism <= 0 {
+		cfg.Parallelism = 1
+	}
+	if cfg.DrainDeadline <= 0 {
+		cfg.DrainDeadline = 5 * time.Minute
+	}
+	cfg.Gate = cfg.Gate.withDefaults()
+	u := &Upgrader{cfg: cfg, log: cfg.Log}
+	u.prods = map[string]product{
+		Consul: &consulProduct{u: u},
+		Nomad:  &nomadProduct{u: u},
+	}
+	return u, nil
+}
+
+// Run runs the upgrade, or resumes the one recorded in the state
+// directory, until every step is done. It stops at the first step that
+// fails, with what is wrong; run it again to resume. It returns the state
+// (the report) in every case where one was made.
+func (u *Upgrader) Run(ctx context.Context) (*State, error) {
+	if err := os.MkdirAll(u.cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("upgrade: %w", err)
+	}
+	release, err := lock(u.cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+
+	st, err := LoadState(u.cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if st != nil && !st.Done {
+		if !maps.Equal(st.Target, u.cfg.Target) {
+			return st, fmt.Errorf("an upgrade to %s is in progress (%s): run it to the end first", describe(st.Target), filepath.Join(u.cfg.StateDir, StateFile))
+		}
+		u.log.Info("resuming the upgrade", "target", describe(st.Target))
+	} else {
+		pre, err := u.Preflight(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if st != nil {
+			// Keep the report of the last upgrade.
+			old := filepath.Join(u.cfg.StateDir, fmt.Sprintf("upgrade-%s.json", st.Created.UTC().Format("20060102T150405.000Z")))
+			if err := os.Rename(filepath.Join(u.cfg.StateDir, StateFile), old); err != nil {
+				return nil, fmt.Errorf("upgrade: keep the last report: %w", err)
+			}
+		}
+		st = u.plan(pre)
+	}
+	u.st = st
+	if err := u.save(); err != nil {
+		return st, err
+	}
+	for {
+		i, err := u.next(ctx)
+		if err != nil {
+			return st, err
+		}
+		if i < 0 {
+			break
+		}
+		if err := ctx.Err(); err != nil {
+			return st, fmt.Errorf("upgrade interrupted before %s: %w", st.Steps[i].ID, err)
+		}
+		if st.Steps[i].Kind == KindClient {
+			err = u.runClients(ctx)
+		} else {
+			err = u.runStep(ctx, i)
+		}
+		if err != nil {
+			return st, err
+		}
+	}
+	u.mu.Lock()
+	st.Done = true
+	u.mu.Unlock()
+	return st, u.save()
+}
+
+// next picks the step to run: an interrupted one first (to verify it);
+// then in plan order, except that among the servers of a product a
+// non-leader goes before the leader.
+func (u *Upgrader) next(ctx context.Context) (int, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	steps := u.st.Steps
+	for i, s := range steps {
+		if s.Status == StatusRunning && s.Kind != KindClient {
+			return i, nil
+		}
+	}
+	for i, s := range steps {
+		if s.Status == StatusDone {
+			continue
+		}
+		if s.Kind != KindServer {
+			return i, nil
+		}
+		// The first server step not done: if it is the leader and another
+		// of the same product is pending, that one goes first.
+		u.mu.Unlock()
+		h, err := u.prods[s.Product].health(ctx, "")
+		u.mu.Lock()
+		if err != nil {
+			return i, nil // the step's own checks will say what is wrong
+		}
+		for j := i; j < len(steps); j++ {
+			o := steps[j]
+			if o.Kind != KindServer || o.Product != s.Product || o.Status == StatusDone {
+				continue
+			}
+			if sh, ok := h.ByHost(o.Address); ok && !sh.Leader {
+				return j, nil
+			}
+		}
+		return i, nil
+	}
+	return -1, nil
+}
+
+func (u *Upgrader) save() error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.st.save(u.cfg.StateDir)
+}
+
+// update changes step i under the lock and saves the state.
+func (u *Upgrader) update(i int, f func(*Step)) error {
+	u.mu.Lock()
+	f(&u.st.Steps[i])
+	err := u.st.save(u.cfg.StateDir)
+	u.mu.Unlock()
+	return err
+}
+
+func (u *Upgrader) progress(s *Step, phase, msg string) {
+	u.log.Info(msg, "step", s.ID, "phase", phase)
+	if u.cfg.Progress != nil {
+		u.cfg.Progress(Event{Step: s.ID, Machine: s.Machine, Phase: phase, Message: msg})
+	}
+}
+
+// phase times f as a phase of step i.
+func (u *Upgrader) phase(i int, name string, f func() error) error {
+	start := time.Now()
+	err := f()
+	d := time.Since(start)
+	u.update(i, func(s *Step) { s.Phases = append(s.Phases, Phase{Name: name, Seconds: d.Seconds()}) })
+	u.mu.Lock()
+	s := u.st.Steps[i]
+	u.mu.Unlock()
+	if err == nil {
+		u.progress(&s, name, fmt.Sprintf("%s: %s done in %v", s.ID, name, d.Round(time.Millisecond)))
+	}
+	return err
+}
+
+// fail records the failure of step i and returns err.
+func (u *Upgrader) fail(i int, err error) error {
+	u.update(i, func(s *Step) {
+		s.Status = StatusFailed
+		s.Error = err.Error()
+		s.Finished = time.Now()
+	})
+	return err
+}
+
+func (u *Upgrader) runStep(ctx context.Context, i int) error {
+	var resumed bool
+	if err := u.update(i, func(s *Step) {
+		// A step found running was interrupted; one that failed may have
+		// restarted its server: both are verified before anything else.
+		resumed = s.Status == StatusRunning || s.Status == StatusFailed
+		s.Resumed = s.Resumed || s.Status == StatusRunning
+		s.Status = StatusRunning
+		s.Attempts++
+		s.Error = ""
+		if s.Started.IsZero() {
+			s.Started = time.Now()
+		}
+	}); err != nil {
+		return err
+	}
+	u.mu.Lock()
+	s := u.st.Steps[i]
+	u.mu.Unlock()
+	var err error
+	switch s.Kind {
+	case KindSnapshot:
+		err = u.snapshot(ctx, i, s)
+	case KindServer:
+		err = u.server(ctx, i, s, resumed)
+	default:
+		err = fmt.Errorf("step %s: unknown kind %q", s.ID, s.Kind)
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			// Interrupted: the step stays running, to be verified by the
+			// next run.
+			return fmt.Errorf("upgrade interrupted in %s: %w", s.ID, err)
+		}
+		return u.fail(i, fmt.Errorf("%s: %w", s.ID, err))
+	}
+	return u.update(i, func(s *Step) {
+		s.Status = StatusDone
+		s.Finished = time.Now()
+	})
+}
+
+func (u *Upgrader) snapshot(ctx context.Context, i int, s Step) error {
+	path := filepath.Join(u.cfg.StateDir, SnapshotsDir, fmt.Sprintf("%s-%s-%s.snap", s.Product, s.From, time.Now().UTC().Format("20060102T150405Z")))
+	var info hashi.SnapshotInfo
+	err := u.phase(i, "snapshot", func() error {
+		var err error
+		info, err = u.prods[s.Product].snapshot(ctx, path)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return u.update(i, func(s *Step) {
+		s.Snapshot = info.Path
+		s.Note = fmt.Sprintf("%d bytes, %s checked", info.Bytes, strings.Join(info.Files, ", "))
+	})
+}
+
+// server upgrades one server: the cluster must be fit to lose it; if it
+// leads and the product can hand leadership over to an upgraded server,
+// it does; then its daemon is replaced and the gate waits for it.
+// Resumed, it first looks at what the server runs: a server already on
+// the target version is only gated, not restarted again.
+func (u *Upgrader) server(ctx context.Context, i int, s Step, resumed bool) error {
+	p := u.prods[s.Product]
+	n := len(u.cfg.Servers)
+	members, err := p.members(ctx, "")
+	if err != nil {
+		return err
+	}
+	current := memberAt(members, s.Address)
+	onTarget := current != nil && current.Alive && current.Version == s.To
+	if !onTarget || !resumed {
+		// Nothing proceeds on an unhealthy cluster.
+		h, err := p.health(ctx, "")
+		if err != nil {
+			return err
+		}
+		if probs := h.Problems(n); len(probs) > 0 && !(resumed && current != nil) {
+			return fmt.Errorf("refused: the %s cluster is not healthy: %s", s.Product, strings.Join(probs, "; "))
+		} else if len(probs) > 0 {
+			// Resumed mid-restart: the server may be the one missing; the
+			// others must be fine.
+			if err := othersHealthy(h, s.Address); err != nil {
+				return fmt.Errorf("refused: %w", err)
+			}
+		}
+		if err := pingAll(ctx, u, p, s.Address); err != nil {
+			return fmt.Errorf("refused: %w", err)
+		}
+		if me, ok := h.ByHost(s.Address); ok && me.Leader && !onTarget {
+			if err := u.handOver(ctx, i, p, h, s); err != nil {
+				return err
+			}
+		}
+	}
+	if onTarget {
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on "+s.To+" when resumed: verified, not restarted") })
+	} else {
+		err := u.phase(i, "restart", func() error {
+			return u.cfg.Machines.Upgrade(ctx, s.Machine, map[string]string{s.Product: s.To})
+		})
+		if err != nil {
+			return fmt.Errorf("upgrade %s on %s: %w", s.Product, s.Machine, err)
+		}
+	}
+	return u.cfg.Gate.server(ctx, u, i, p, s, n)
+}
+
+// handOver moves leadership away from the server of step s before it
+// restarts: to an upgraded, healthy server where the product can, else
+// it is the last one of its product anyway (next orders leaders last).
+func (u *Upgrader) handOver(ctx context.Context, i int, p product, h hashi.ClusterHealth, s Step) error {
+	if !p.canTransfer() {
+		u.update(i, func(st *Step) {
+			st.Note = joinNote(st.Note, "the leader, restarted last: "+s.Product+" cannot transfer leadership here")
+		})
+		return nil
+	}
+	members, err := p.members(ctx, "")
+	if err != nil {
+		return err
+	}
+	for _, o := range h.Servers {
+		m := memberAt(members, o.Host())
+		if o.Leader || !o.Healthy || !o.Voter || m == nil || m.Version != s.To {
+			continue
+		}
+		err := u.phase(i, "transfer", func() error { return p.transfer(ctx, o.ID, "") })
+		if err != nil {
+			return err
+		}
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "leadership transferred to "+o.Name) })
+		return nil
+	}
+	u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "the leader: no upgraded server to hand leadership to") })
+	return nil
+}
+
+func othersHealthy(h hashi.ClusterHealth, host string) error {
+	var probs []string
+	for _, s := range h.Servers {
+		if s.Host() != host && (!s.Healthy || !s.Voter) {
+			probs = append(probs, fmt.Sprintf("server %s is unhealthy or not a voter", s.Name))
+		}
+	}
+	if _, ok := h.Leader(); !ok {
+		probs = append(probs, "no leader")
+	}
+	if len(probs) > 0 {
+		return errors.New(strings.Join(probs, "; "))
+	}
+	return nil
+}
+
+func memberAt(ms []hashi.Member, addr string) *hashi.Member {
+	for i := range ms {
+		if ms[i].Addr == addr && ms[i].Server {
+			return &ms[i]
+		}
+	}
+	return nil
+}
+
+func joinNote(a, b string) string {
+	if a == "" {
+		return b
+	}
+	return a + "; " + b
+}
+
+func describe(m map[string]string) string {
+	var parts []string
+	for _, p := range []string{Consul, Nomad} {
+		if v, ok := m[p]; ok {
+			parts = append(parts, p+" "+v)
+		}
+	}
+	return strings.Join(parts, ", ")
+}
+
+// sortedKeys is for stable output.
+func sortedKeys(m map[string]string) []string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}
