@@ -96,6 +96,11 @@ func (g Gate) server(ctx context.Context, u *Upgrader, i int, p product, s Step,
 	)
 	for {
 		back, problem := g.check(ctx, p, s, servers)
+		if ctx.Err() != nil {
+			// A check cut short says nothing about the server: report the
+			// last complete one.
+			break
+		}
 		now := time.Now()
 		if back && backAt.IsZero() {
 			backAt = now
@@ -124,13 +129,15 @@ func (g Gate) server(ctx context.Context, u *Upgrader, i int, p product, s Step,
 		}
 		select {
 		case <-ctx.Done():
-			if last == "" {
-				last = "not stable for long enough"
-			}
-			return fmt.Errorf("gate: %s not back and healthy within %v: %s", s.Machine, g.Timeout, last)
 		case <-tick.C:
+			continue
 		}
+		break
 	}
+	if last == "" {
+		last = "not stable for long enough"
+	}
+	return fmt.Errorf("gate: %s not back and healthy within %v: %s", s.Machine, g.Timeout, last)
 }
 
 // record adds a phase measured elsewhere to step i.
