@@ -107,7 +107,8 @@ func (c *upCluster) steppe(timeout time.Duration, args ...string) (string, error
 }
 
 func (c *upCluster) baseEnv() []string {
-	env := []string{"PATH=" + filepath.Dir(c.consul) + ":" + filepath.Dir(c.nomad) + ":/usr/local/bin:/usr/bin:/bin", "HOME=" + c.dir}
+	// No nomad or consul on PATH: `steppe env` must bring the cluster's own.
+	env := []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=" + c.dir}
 	if v := os.Getenv("STEPPE_CACHE"); v != "" {
 		env = append(env, "STEPPE_CACHE="+v)
 	} else if home, err := os.UserHomeDir(); err == nil {

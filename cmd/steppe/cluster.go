@@ -53,10 +53,16 @@ func runEnv(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	bin, err := deploy.CLIBinDir(*o)
+	if err != nil {
+		return err
+	}
 	for _, kv := range vars {
 		k, v, _ := strings.Cut(kv, "=")
 		fmt.Printf("export %s=%s\n", k, deploy.ShellQuote(v))
 	}
+	// The cluster's own nomad and consul come first on PATH.
+	fmt.Printf("export PATH=%s:\"$PATH\"\n", deploy.ShellQuote(bin))
 	return nil
 }
 

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/steppe/steppe/internal/artifact"
+
 	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/hashi"
@@ -325,6 +327,42 @@ func Env(ctx context.Context, opts Options) ([]string, error) {
 	}
 	addr := servers[0]
 	return cluster.CLIEnv(st, fmt.Sprintf("%s:%d", addr, cluster.ConsulHTTPSPort), fmt.Sprintf("%s:%d", addr, cluster.NomadHTTPPort))
+}
+
+// CLIBinDir returns a directory holding the cluster's own nomad and consul
+// binaries (links into the artifact cache, made on first use), so that the
+// CLIs an operator runs are of the versions the cluster runs.
+func CLIBinDir(opts Options) (string, error) {
+	e, err := open(opts)
+	if err != nil {
+		return "", err
+	}
+	if err := e.needState(); err != nil {
+		return "", err
+	}
+	dir := filepath.Join(e.stateDir, "bin")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("cli bin dir: %w", err)
+	}
+	for product, version := range map[string]string{"nomad": e.spec.Versions.Nomad, "consul": e.spec.Versions.Consul} {
+		bin, err := artifact.BinaryPath(e.cacheDir, product, version)
+		if err != nil {
+			return "", err
+		}
+		link := filepath.Join(dir, product)
+		if cur, err := os.Readlink(link); err == nil && cur == bin {
+			continue
+		}
+		tmp := link + ".tmp"
+		os.Remove(tmp)
+		if err := os.Symlink(bin, tmp); err != nil {
+			return "", fmt.Errorf("cli bin dir: %w", err)
+		}
+		if err := os.Rename(tmp, link); err != nil {
+			return "", fmt.Errorf("cli bin dir: %w", err)
+		}
+	}
+	return dir, nil
 }
 
 // ShellQuote quotes s for a POSIX shell.
