@@ -77,7 +77,9 @@ func (u *Upgrader) runClients(ctx context.Context) error {
 // only verifies and makes it eligible.
 func (u *Upgrader) client(ctx context.Context, i int) error {
 	var s Step
+	var prev StepStatus
 	u.update(i, func(st *Step) {
+		prev = st.Status
 		st.Resumed = st.Resumed || st.Status == StatusRunning
 		st.Status = StatusRunning
 		st.Attempts++
@@ -87,7 +89,7 @@ func (u *Upgrader) client(ctx context.Context, i int) error {
 		}
 		s = *st
 	})
-	err := u.clientSteps(ctx, i, s)
+	err := u.clientSteps(ctx, i, s, prev)
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("upgrade interrupted in %s: %w", s.ID, err)
@@ -100,14 +102,21 @@ func (u *Upgrader) client(ctx context.Context, i int) error {
 	})
 }
 
-func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step) error {
+func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step, prev StepStatus) error {
 	want := u.cfg.Target
 	_, nomadToo := want[Nomad]
 	state, err := u.clientState(ctx, s)
 	if err != nil {
 		return err
 	}
-	if !state.on(want) {
+	switch {
+	case prev == StatusRunning && hasPhase(s.Phases, "restart"):
+		u.update(i, func(st *Step) {
+			st.Note = joinNote(st.Note, "interrupted after its restart: verified, not restarted again")
+		})
+	case state.on(want):
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on the target versions: verified, not restarted") })
+	default:
 		if nomadToo {
 			if state.node == nil {
 				return fmt.Errorf("%s is not a Nomad node", s.Machine)
@@ -128,8 +137,6 @@ func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step) error {
 		if err != nil {
 			return fmt.Errorf("upgrade %s: %w", s.Machine, err)
 		}
-	} else {
-		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on the target versions: verified, not restarted") })
 	}
 	err = u.phase(i, "back", func() error {
 		gctx, cancel := context.WithTimeout(ctx, u.cfg.Gate.Timeout)

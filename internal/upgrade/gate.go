@@ -81,8 +81,8 @@ func (g Gate) check(ctx context.Context, p product, s Step, servers int) (back b
 
 // server runs the gate of step i, recording its phases: back, healthy
 // (caught up included) and stable. A failed gate says what is wrong.
-func (g Gate) server(ctx context.Context, u *Upgrader, i int, p product, s Step, servers int) error {
-	ctx, cancel := context.WithTimeout(ctx, g.Timeout)
+func (g Gate) server(parent context.Context, u *Upgrader, i int, p product, s Step, servers int) error {
+	ctx, cancel := context.WithTimeout(parent, g.Timeout)
 	defer cancel()
 	start := time.Now()
 	tick := time.NewTicker(g.Interval)
@@ -133,6 +133,9 @@ func (g Gate) server(ctx context.Context, u *Upgrader, i int, p product, s Step,
 			continue
 		}
 		break
+	}
+	if err := parent.Err(); err != nil {
+		return fmt.Errorf("gate of %s: %w", s.Machine, err)
 	}
 	if last == "" {
 		last = "not stable for long enough"

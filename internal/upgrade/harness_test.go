@@ -29,7 +29,9 @@ type testCluster struct {
 	machines              *swapMachines
 }
 
-func newTestCluster(ctx context.Context, tb testing.TB, withNomad bool, addrs ...string) *testCluster {
+// newTestCluster starts 3 servers, and with clients the default pool's 2
+// client machines (Nomad clients need withNomad).
+func newTestCluster(ctx context.Context, tb testing.TB, withNomad, clients bool, addrs ...string) *testCluster {
 	tb.Helper()
 	consulBin := hashitest.Binary(tb, "consul", consulFrom)
 	hashitest.Binary(tb, "consul", consulTo)
@@ -39,7 +41,9 @@ func newTestCluster(ctx context.Context, tb testing.TB, withNomad bool, addrs ..
 		hashitest.Binary(tb, "nomad", nomadTo)
 	}
 	spec := cluster.DefaultSpec()
-	spec.Pools = nil
+	if !clients {
+		spec.Pools = nil
+	}
 	c := hashitest.New(tb, spec, addrs)
 	tc := &testCluster{Cluster: c}
 	var err error
@@ -47,7 +51,7 @@ func newTestCluster(ctx context.Context, tb testing.TB, withNomad bool, addrs ..
 		tb.Fatal(err)
 	}
 	if withNomad {
-		if tc.nomadMgmt, err = c.StartNomad(ctx, nomadBin, c.ServerMachines()); err != nil {
+		if tc.nomadMgmt, err = c.StartNomad(ctx, nomadBin, c.Machines); err != nil {
 			tb.Fatal(err)
 		}
 	}
@@ -59,6 +63,9 @@ func (tc *testCluster) config(stateDir string, target map[string]string) Config 
 	cfg := Config{StateDir: stateDir, Target: target, APIs: tc, Machines: tc.machines, Artifacts: cacheArtifacts{}}
 	for _, m := range tc.ServerMachines() {
 		cfg.Servers = append(cfg.Servers, Server{Machine: m.Name, Address: m.Address})
+	}
+	for _, m := range tc.ClientMachines() {
+		cfg.Clients = append(cfg.Clients, Client{Machine: m.Name, Address: m.Address, Pool: m.Pool})
 	}
 	return cfg
 }

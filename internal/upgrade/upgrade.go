@@ -311,11 +311,11 @@ func (u *Upgrader) fail(i int, err error) error {
 }
 
 func (u *Upgrader) runStep(ctx context.Context, i int) error {
-	var resumed bool
+	var prev StepStatus
 	if err := u.update(i, func(s *Step) {
-		// A step found running was interrupted; one that failed may have
-		// restarted its server: both are verified before anything else.
-		resumed = s.Status == StatusRunning || s.Status == StatusFailed
+		// A step found running was interrupted: it is verified before
+		// anything is redone.
+		prev = s.Status
 		s.Resumed = s.Resumed || s.Status == StatusRunning
 		s.Status = StatusRunning
 		s.Attempts++
@@ -334,7 +334,7 @@ func (u *Upgrader) runStep(ctx context.Context, i int) error {
 	case KindSnapshot:
 		err = u.snapshot(ctx, i, s)
 	case KindServer:
-		err = u.server(ctx, i, s, resumed)
+		err = u.server(ctx, i, s, prev)
 	default:
 		err = fmt.Errorf("step %s: unknown kind %q", s.ID, s.Kind)
 	}
@@ -371,10 +371,10 @@ func (u *Upgrader) snapshot(ctx context.Context, i int, s Step) error {
 
 // server upgrades one server: the cluster must be fit to lose it; if it
 // leads and the product can hand leadership over to an upgraded server,
-// it does; then its daemon is replaced and the gate waits for it.
-// Resumed, it first looks at what the server runs: a server already on
-// the target version is only gated, not restarted again.
-func (u *Upgrader) server(ctx context.Context, i int, s Step, resumed bool) error {
+// it does; then its daemon is replaced and the gate waits for it. A step
+// interrupted after its restart, or whose server already runs the target
+// version, is only verified by the gate, not restarted again.
+func (u *Upgrader) server(ctx context.Context, i int, s Step, prev StepStatus) error {
 	p := u.prods[s.Product]
 	n := len(u.cfg.Servers)
 	members, err := p.members(ctx, "")
@@ -382,18 +382,25 @@ func (u *Upgrader) server(ctx context.Context, i int, s Step, resumed bool) erro
 		return err
 	}
 	current := memberAt(members, s.Address)
-	onTarget := current != nil && current.Alive && current.Version == s.To
-	if !onTarget || !resumed {
+	switch {
+	case prev == StatusRunning && hasPhase(s.Phases, "restart"):
+		u.update(i, func(st *Step) {
+			st.Note = joinNote(st.Note, "interrupted after its restart: verified, not restarted again")
+		})
+	case current != nil && current.Alive && current.Version == s.To:
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on "+s.To+": verified, not restarted") })
+	default:
 		// Nothing proceeds on an unhealthy cluster.
 		h, err := p.health(ctx, "")
 		if err != nil {
 			return err
 		}
-		if probs := h.Problems(n); len(probs) > 0 && !(resumed && current != nil) {
-			return fmt.Errorf("refused: the %s cluster is not healthy: %s", s.Product, strings.Join(probs, "; "))
-		} else if len(probs) > 0 {
-			// Resumed mid-restart: the server may be the one missing; the
-			// others must be fine.
+		if probs := h.Problems(n); len(probs) > 0 {
+			if prev == StatusPending {
+				return fmt.Errorf("refused: the %s cluster is not healthy: %s", s.Product, strings.Join(probs, "; "))
+			}
+			// A retried step's server may be the one missing; the others
+			// must be fine.
 			if err := othersHealthy(h, s.Address); err != nil {
 				return fmt.Errorf("refused: %w", err)
 			}
@@ -401,16 +408,12 @@ func (u *Upgrader) server(ctx context.Context, i int, s Step, resumed bool) erro
 		if err := pingAll(ctx, u, p, s.Address); err != nil {
 			return fmt.Errorf("refused: %w", err)
 		}
-		if me, ok := h.ByHost(s.Address); ok && me.Leader && !onTarget {
+		if me, ok := h.ByHost(s.Address); ok && me.Leader {
 			if err := u.handOver(ctx, i, p, h, s); err != nil {
 				return err
 			}
 		}
-	}
-	if onTarget {
-		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on "+s.To+" when resumed: verified, not restarted") })
-	} else {
-		err := u.phase(i, "restart", func() error {
+		err = u.phase(i, "restart", func() error {
 			return u.cfg.Machines.Upgrade(ctx, s.Machine, map[string]string{s.Product: s.To})
 		})
 		if err != nil {
@@ -418,6 +421,15 @@ func (u *Upgrader) server(ctx context.Context, i int, s Step, resumed bool) erro
 		}
 	}
 	return u.cfg.Gate.server(ctx, u, i, p, s, n)
+}
+
+func hasPhase(ps []Phase, name string) bool {
+	for _, p := range ps {
+		if p.Name == name {
+			return true
+		}
+	}
+	return false
 }
 
 // handOver moves leadership away from the server of step s before it

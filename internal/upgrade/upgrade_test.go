@@ -24,7 +24,7 @@ import (
 func TestRollingUpgradeConsulNomad(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	tc := newTestCluster(ctx, t, true, hashitest.Addrs(3)...)
+	tc := newTestCluster(ctx, t, true, false, hashitest.Addrs(3)...)
 	servers := tc.ServerMachines()
 	stateDir := t.TempDir()
 	target := map[string]string{Consul: consulTo, Nomad: nomadTo}
@@ -153,7 +153,7 @@ func TestRollingUpgradeConsulNomad(t *testing.T) {
 	if s := stepByID(st, killedIn); s.Status != StatusDone || !s.Resumed || !strings.Contains(s.Note, "verified, not restarted") {
 		t.Errorf("the interrupted step after run 2: %+v", s)
 	}
-	if n := tc.machines.restarts(killedMachine); n != 1 {
+	if n := tc.machines.restarts(killedMachine); n != 1 { // consul; nomad's comes later
 		t.Errorf("%s was restarted %d times, want once (an interrupted step is verified, not redone)", killedMachine, n)
 	}
 

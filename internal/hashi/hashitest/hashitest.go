@@ -70,6 +70,9 @@ type Cluster struct {
 	Servers  []cluster.Machine
 	root     string
 	cgParent string
+	// nomadCgroups are the cgroups below Nomad's parents that existed
+	// before the cluster: the ones created since are its clients'.
+	nomadCgroups []string
 }
 
 // Machine is one machine: its rendered files and secrets, and a
@@ -114,6 +117,7 @@ func New(t testing.TB, spec *cluster.Spec, addrs []string) *Cluster {
 		t.Fatal(err)
 	}
 	c.cgParent = fmt.Sprintf("steppe-test/hashitest-%d", rand.IntN(1e9))
+	c.nomadCgroups = nomadCgroups()
 	t.Cleanup(c.cleanup)
 	plans, err := cluster.Plan(spec, c.Servers)
 	if err != nil {
@@ -422,6 +426,7 @@ func (c *Cluster) cleanup() {
 		}
 		m.sup.Close()
 	}
+	c.cleanupNomadClients()
 	removeCgroups(c.t, c.cgParent)
 	if err := os.RemoveAll(c.root); err != nil {
 		c.t.Logf("remove %s: %v", c.root, err)
@@ -481,3 +486,112 @@ func cgroup2Mount() string {
 	}
 	return ""
 }
+
+// cleanupNomadClients removes what Nomad clients leave on the host once
+// they are stopped: task executors and tasks (which outlive the agent by
+// design), the mounts below the cluster's directory (task secrets tmpfs)
+// and the cgroups of its allocations below Nomad's cgroup v1 parents.
+func (c *Cluster) cleanupNomadClients() {
+	// Only the cgroups of this cluster's allocations, named
+	// <alloc id>.<task>: other tests may run Nomad clients meanwhile.
+	allocs := map[string]bool{}
+	dirs, _ := filepath.Glob(filepath.Join(c.root, "*", "d", "nomad", "alloc", "*"))
+	for _, d := range dirs {
+		allocs[filepath.Base(d)] = true
+	}
+	var created []string
+	for _, d := range nomadCgroups() {
+		id, _, _ := strings.Cut(filepath.Base(d), ".")
+		if !slices.Contains(c.nomadCgroups, d) && allocs[id] {
+			created = append(created, d)
+		}
+	}
+	for _, pid := range leftovers(c.root, created) {
+		c.t.Logf("killing leftover process %d", pid)
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	if len(created) > 0 {
+		time.Sleep(200 * time.Millisecond)
+	}
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		var mounts []string
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 4 && strings.HasPrefix(f[4], c.root+"/") {
+				mounts = append(mounts, f[4])
+			}
+		}
+		slices.SortFunc(mounts, func(a, b string) int { return len(b) - len(a) })
+		for _, m := range mounts {
+			if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
+				c.t.Logf("unmount %s: %v", m, err)
+			}
+		}
+	}
+	slices.SortFunc(created, func(a, b string) int { return len(b) - len(a) })
+	for _, d := range created {
+		if err := syscall.Rmdir(d); err != nil && !os.IsNotExist(err) {
+			c.t.Logf("remove cgroup %s: %v", d, err)
+		}
+	}
+}
+
+// nomadCgroups lists the cgroup directories below Nomad's parents (v1
+// "nomad" in every hierarchy, v2 "nomad.slice").
+func nomadCgroups() []string {
+	var out []string
+	for _, pattern := range []string{"/sys/fs/cgroup/*/nomad", "/sys/fs/cgroup/nomad.slice", "/sys/fs/cgroup/unified/nomad.slice"} {
+		tops, _ := filepath.Glob(pattern)
+		for _, top := range tops {
+			filepath.WalkDir(top, func(p string, d os.DirEntry, err error) error {
+				if err == nil && d.IsDir() {
+					out = append(out, p)
+				}
+				return nil
+			})
+		}
+	}
+	return out
+}
+
+// leftovers are the processes in the given cgroups, or whose command
+// line names root.
+func leftovers(root string, cgroups []string) []int {
+	var pids []int
+	seen := map[int]bool{}
+	add := func(pid int) {
+		if pid > 1 && pid != os.Getpid() && !seen[pid] {
+			seen[pid] = true
+			pids = append(pids, pid)
+		}
+	}
+	for _, d := range cgroups {
+		for _, f := range []string{"cgroup.procs", "tasks"} {
+			b, err := os.ReadFile(filepath.Join(d, f))
+			if err != nil {
+				continue
+			}
+			for _, l := range strings.Fields(string(b)) {
+				var pid int
+				if _, err := fmt.Sscan(l, &pid); err == nil {
+					add(pid)
+				}
+			}
+		}
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !bytes.Contains(b, []byte(root+"/")) {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscan(filepath.Base(filepath.Dir(p)), &pid); err == nil {
+			add(pid)
+		}
+	}
+	return pids
+}
+
+// ClientMachines are the machines of the pools.
+func (c *Cluster) ClientMachines() []*Machine { return c.Machines[c.Spec.Servers.Count:] }
