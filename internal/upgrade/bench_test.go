@@ -17,7 +17,7 @@ import (
 func BenchmarkServerRollingUpgrade(b *testing.B) {
 	for range b.N {
 		b.StopTimer()
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 		tc := newTestCluster(ctx, b, true, false, hashitest.Addrs(3)...)
 		consul, _ := tc.Consul(tc.Machines[0].Address)
 		nomad, _ := tc.Nomad(tc.Machines[0].Address)

@@ -123,7 +123,7 @@ func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step, prev StepStat
 			}
 			var res hashi.DrainResult
 			err := u.phase(i, "drain", func() error {
-				return anyServer(u, "", u.cfg.APIs.Nomad, func(c *nomadapi.Client) (err error) {
+				return anyServer(ctx, u, "", u.cfg.APIs.Nomad, 0, func(ctx context.Context, c *nomadapi.Client) (err error) {
 					res, err = hashi.DrainNode(ctx, c, state.node.ID, u.st.Clients.DrainDeadline)
 					return err
 				})
@@ -167,7 +167,7 @@ func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step, prev StepStat
 		return err
 	}
 	return u.phase(i, "eligible", func() error {
-		return anyServer(u, "", u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+		return anyServer(ctx, u, "", u.cfg.APIs.Nomad, queryLimit, func(ctx context.Context, c *nomadapi.Client) error {
 			return hashi.SetNodeEligibility(ctx, c, state.node.ID, true)
 		})
 	})
@@ -204,7 +204,7 @@ func (u *Upgrader) clientState(ctx context.Context, s Step) (clientState, error)
 	var st clientState
 	if _, ok := u.cfg.Target[Consul]; ok {
 		var ms []hashi.Member
-		err := anyServer(u, "", u.cfg.APIs.Consul, func(c *consulapi.Client) (err error) {
+		err := anyServer(ctx, u, "", u.cfg.APIs.Consul, queryLimit, func(ctx context.Context, c *consulapi.Client) (err error) {
 			ms, err = hashi.ConsulMemberVersions(ctx, c)
 			return err
 		})
@@ -217,7 +217,7 @@ func (u *Upgrader) clientState(ctx context.Context, s Step) (clientState, error)
 	}
 	if _, ok := u.cfg.Target[Nomad]; ok {
 		var nodes []hashi.NomadNode
-		err := anyServer(u, "", u.cfg.APIs.Nomad, func(c *nomadapi.Client) (err error) {
+		err := anyServer(ctx, u, "", u.cfg.APIs.Nomad, queryLimit, func(ctx context.Context, c *nomadapi.Client) (err error) {
 			nodes, err = hashi.NomadNodes(ctx, c)
 			return err
 		})

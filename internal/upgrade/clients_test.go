@@ -21,7 +21,7 @@ import (
 // eligible again. Afterwards every agent runs the new versions and the
 // job still has its 2 allocations running, none failed or lost.
 func TestRollingUpgradeWithClients(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	tc := newTestCluster(ctx, t, true, true, hashitest.Addrs(5)...)
 	consul, _ := tc.Consul(tc.Machines[0].Address)

@@ -143,7 +143,7 @@ func (stuckMachines) Upgrade(ctx context.Context, machine string, versions map[s
 // it; another target is refused while it is unfinished; and once the
 // machine is fixed a new run resumes and completes.
 func TestGateFailureStops(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	tc := newTestCluster(ctx, t, false, false, hashitest.Addrs(3)...)
 	stateDir := t.TempDir()

@@ -142,7 +142,7 @@ func (u *Upgrader) clientVersions(ctx context.Context, prod string, byAddr map[s
 	switch prod {
 	case Consul:
 		var ms []hashi.Member
-		err := anyServer(u, "", u.cfg.APIs.Consul, func(c *consulapi.Client) (err error) {
+		err := anyServer(ctx, u, "", u.cfg.APIs.Consul, queryLimit, func(ctx context.Context, c *consulapi.Client) (err error) {
 			ms, err = hashi.ConsulMemberVersions(ctx, c)
 			return err
 		})
@@ -167,7 +167,7 @@ func (u *Upgrader) clientVersions(ctx context.Context, prod string, byAddr map[s
 		}
 	case Nomad:
 		var nodes []hashi.NomadNode
-		err := anyServer(u, "", u.cfg.APIs.Nomad, func(c *nomadapi.Client) (err error) {
+		err := anyServer(ctx, u, "", u.cfg.APIs.Nomad, queryLimit, func(ctx context.Context, c *nomadapi.Client) (err error) {
 			nodes, err = hashi.NomadNodes(ctx, c)
 			return err
 		})

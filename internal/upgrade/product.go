@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	consulapi "github.com/hashicorp/consul/api"
 	nomadapi "github.com/hashicorp/nomad/api"
@@ -41,9 +42,15 @@ func pingAll(ctx context.Context, u *Upgrader, p product, except string) error {
 	return errors.Join(errs...)
 }
 
+// queryLimit bounds one query of one server: a server that accepts
+// connections but does not answer must not stall the upgrade; the next
+// one is asked.
+const queryLimit = 30 * time.Second
+
 // anyServer calls f with the API of each server in turn until one
-// answers.
-func anyServer[C any](u *Upgrader, except string, connect func(string) (C, error), f func(C) error) error {
+// answers, each call bounded by limit (0: by ctx only, for drains and
+// transfers that take as long as they take).
+func anyServer[C any](ctx context.Context, u *Upgrader, except string, connect func(string) (C, error), limit time.Duration, f func(context.Context, C) error) error {
 	var errs []error
 	for _, s := range u.cfg.Servers {
 		if s.Address == except {
@@ -53,11 +60,19 @@ func anyServer[C any](u *Upgrader, except string, connect func(string) (C, error
 		if err != nil {
 			return err
 		}
-		err = f(c)
+		cctx, cancel := ctx, context.CancelFunc(func() {})
+		if limit > 0 {
+			cctx, cancel = context.WithTimeout(ctx, limit)
+		}
+		err = f(cctx, c)
+		cancel()
 		if err == nil {
 			return nil
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", s.Machine, err))
+		if ctx.Err() != nil {
+			break
+		}
 	}
 	if len(errs) == 0 {
 		return errors.New("no server to ask")
@@ -70,7 +85,7 @@ type consulProduct struct{ u *Upgrader }
 func (p *consulProduct) name() string { return Consul }
 
 func (p *consulProduct) health(ctx context.Context, except string) (h hashi.ClusterHealth, err error) {
-	err = anyServer(p.u, except, p.u.cfg.APIs.Consul, func(c *consulapi.Client) error {
+	err = anyServer(ctx, p.u, except, p.u.cfg.APIs.Consul, queryLimit, func(ctx context.Context, c *consulapi.Client) error {
 		h, err = hashi.ConsulAutopilotHealth(ctx, c)
 		return err
 	})
@@ -78,7 +93,7 @@ func (p *consulProduct) health(ctx context.Context, except string) (h hashi.Clus
 }
 
 func (p *consulProduct) members(ctx context.Context, except string) (ms []hashi.Member, err error) {
-	err = anyServer(p.u, except, p.u.cfg.APIs.Consul, func(c *consulapi.Client) error {
+	err = anyServer(ctx, p.u, except, p.u.cfg.APIs.Consul, queryLimit, func(ctx context.Context, c *consulapi.Client) error {
 		ms, err = hashi.ConsulMemberVersions(ctx, c)
 		return err
 	})
@@ -92,7 +107,7 @@ func (p *consulProduct) transfer(ctx context.Context, id, except string) error {
 }
 
 func (p *consulProduct) snapshot(ctx context.Context, path string) (info hashi.SnapshotInfo, err error) {
-	err = anyServer(p.u, "", p.u.cfg.APIs.Consul, func(c *consulapi.Client) error {
+	err = anyServer(ctx, p.u, "", p.u.cfg.APIs.Consul, 0, func(ctx context.Context, c *consulapi.Client) error {
 		info, err = hashi.SaveConsulSnapshot(ctx, c, path)
 		return err
 	})
@@ -134,7 +149,7 @@ func (p *nomadProduct) ping(ctx context.Context, addr string) error {
 func (p *nomadProduct) name() string { return Nomad }
 
 func (p *nomadProduct) health(ctx context.Context, except string) (h hashi.ClusterHealth, err error) {
-	err = anyServer(p.u, except, p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+	err = anyServer(ctx, p.u, except, p.u.cfg.APIs.Nomad, queryLimit, func(ctx context.Context, c *nomadapi.Client) error {
 		h, err = hashi.NomadAutopilotHealth(ctx, c)
 		return err
 	})
@@ -142,7 +157,7 @@ func (p *nomadProduct) health(ctx context.Context, except string) (h hashi.Clust
 }
 
 func (p *nomadProduct) members(ctx context.Context, except string) (ms []hashi.Member, err error) {
-	err = anyServer(p.u, except, p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+	err = anyServer(ctx, p.u, except, p.u.cfg.APIs.Nomad, queryLimit, func(ctx context.Context, c *nomadapi.Client) error {
 		ms, err = hashi.NomadServerVersions(ctx, c)
 		return err
 	})
@@ -154,13 +169,13 @@ func (p *nomadProduct) members(ctx context.Context, except string) (ms []hashi.M
 func (p *nomadProduct) canTransfer() bool { return true }
 
 func (p *nomadProduct) transfer(ctx context.Context, id, except string) error {
-	return anyServer(p.u, except, p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+	return anyServer(ctx, p.u, except, p.u.cfg.APIs.Nomad, 0, func(ctx context.Context, c *nomadapi.Client) error {
 		return hashi.NomadTransferLeadership(ctx, c, id)
 	})
 }
 
 func (p *nomadProduct) snapshot(ctx context.Context, path string) (info hashi.SnapshotInfo, err error) {
-	err = anyServer(p.u, "", p.u.cfg.APIs.Nomad, func(c *nomadapi.Client) error {
+	err = anyServer(ctx, p.u, "", p.u.cfg.APIs.Nomad, 0, func(ctx context.Context, c *nomadapi.Client) error {
 		info, err = hashi.SaveNomadSnapshot(ctx, c, path)
 		return err
 	})

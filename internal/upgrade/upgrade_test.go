@@ -22,7 +22,7 @@ import (
 // identity requirement), an upgrade killed inside a step and one killed
 // between steps, each resumed from the state file.
 func TestRollingUpgradeConsulNomad(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	tc := newTestCluster(ctx, t, true, false, hashitest.Addrs(3)...)
 	servers := tc.ServerMachines()
