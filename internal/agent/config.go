@@ -251,7 +251,8 @@ func (p *parser) str(attrs hcl.Attributes, name string, dst *string) {
 	}
 }
 
-func (p *parser) duration(attrs hcl.Attributes, name string, dst *time.Duration) {
+// scalar decodes the string attribute name, if present, through parse.
+func scalar[T any](p *parser, attrs hcl.Attributes, name, summary string, parse func(string) (T, error), dst *T) {
 	a, ok := attrs[name]
 	if !ok {
 		return
@@ -260,46 +261,32 @@ func (p *parser) duration(attrs hcl.Attributes, name string, dst *time.Duration)
 	if !p.decode(a, &s) {
 		return
 	}
-	d, err := time.ParseDuration(s)
-	if err != nil || d < 0 {
-		p.errorf(a.Expr.Range(), "Invalid duration", "%s = %q: want a duration such as \"500ms\", \"10s\" or \"2m\"", name, s)
+	v, err := parse(s)
+	if err != nil {
+		p.errorf(a.Expr.Range(), summary, "%s = %q: %v", name, s, err)
 		return
 	}
-	*dst = d
+	*dst = v
+}
+
+func (p *parser) duration(attrs hcl.Attributes, name string, dst *time.Duration) {
+	scalar(p, attrs, name, "Invalid duration", parseDuration, dst)
 }
 
 func (p *parser) signal(attrs hcl.Attributes, name string, dst *syscall.Signal) {
-	a, ok := attrs[name]
-	if !ok {
-		return
-	}
-	var s string
-	if !p.decode(a, &s) {
-		return
-	}
-	sig, err := parseSignal(s)
-	if err != nil {
-		p.errorf(a.Expr.Range(), "Invalid signal", "%s = %q: %v", name, s, err)
-		return
-	}
-	*dst = sig
+	scalar(p, attrs, name, "Invalid signal", parseSignal, dst)
 }
 
 func (p *parser) size(attrs hcl.Attributes, name string, dst *int64) {
-	a, ok := attrs[name]
-	if !ok {
-		return
+	scalar(p, attrs, name, "Invalid size", parseSize, dst)
+}
+
+func parseDuration(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("want a duration such as \"500ms\", \"10s\" or \"2m\"")
 	}
-	var s string
-	if !p.decode(a, &s) {
-		return
-	}
-	n, err := parseSize(s)
-	if err != nil {
-		p.errorf(a.Expr.Range(), "Invalid size", "%s = %q: %v", name, s, err)
-		return
-	}
-	*dst = n
+	return d, nil
 }
 
 func (p *parser) config(body hcl.Body) *Config {
