@@ -451,3 +451,12 @@ func CheckSnapshot(path string) ([]string, error) {
 	}
 	return names, nil
 }
+
+// PurgeNode removes a node that is gone for good (its machine destroyed)
+// from Nomad's state, so it does not linger as down.
+func PurgeNode(ctx context.Context, c *nomadapi.Client, nodeID string) error {
+	if _, _, err := c.Nodes().Purge(nodeID, (&nomadapi.QueryOptions{}).WithContext(ctx)); err != nil {
+		return fmt.Errorf("purge nomad node %s: %w", nodeID, err)
+	}
+	return nil
+}

@@ -31,7 +31,7 @@ func TestOpsConsulNomadServers(t *testing.T) {
 	defer cancel()
 	spec, addrs := serversOnly(hashitest.Addrs(3)...)
 	c := hashitest.New(t, spec, addrs)
-	consulMgmt, err := c.StartConsul(ctx, consulBin)
+	consulMgmt, err := c.StartConsul(ctx, consulBin, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,7 +18,7 @@ func BenchmarkServerRollingUpgrade(b *testing.B) {
 	for range b.N {
 		b.StopTimer()
 		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-		tc := newTestCluster(ctx, b, true, false, hashitest.Addrs(3)...)
+		tc := newTestCluster(ctx, b, true, 0, 0, hashitest.Addrs(3)...)
 		consul, _ := tc.Consul(tc.Machines[0].Address)
 		nomad, _ := tc.Nomad(tc.Machines[0].Address)
 		if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, []string{"default"}); err != nil {

@@ -33,6 +33,17 @@ func (u *Upgrader) runClients(ctx context.Context) error {
 	par := u.st.Clients.Parallelism
 	u.mu.Unlock()
 	for _, pool := range pools {
+		if u.st.Clients.Surge {
+			idx := byPool[pool]
+			for len(idx) > 0 {
+				n := min(par, len(idx))
+				if err := u.surge(ctx, pool, idx[:n]); err != nil {
+					return err
+				}
+				idx = idx[n:]
+			}
+			continue
+		}
 		sem := make(chan struct{}, par)
 		var wg sync.WaitGroup
 		var mu sync.Mutex
@@ -138,31 +149,7 @@ func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step, prev StepStat
 			return fmt.Errorf("upgrade %s: %w", s.Machine, err)
 		}
 	}
-	err = u.phase(i, "back", func() error {
-		gctx, cancel := context.WithTimeout(ctx, u.cfg.Gate.Timeout)
-		defer cancel()
-		tick := time.NewTicker(u.cfg.Gate.Interval)
-		defer tick.Stop()
-		for {
-			state, err := u.clientState(gctx, s)
-			var problem string
-			switch {
-			case err != nil:
-				problem = err.Error()
-			case !state.on(want):
-				problem = fmt.Sprintf("runs %s", state)
-			case nomadToo && state.node.Status != nomadapi.NodeStatusReady:
-				problem = "nomad node is " + state.node.Status
-			default:
-				return nil
-			}
-			select {
-			case <-gctx.Done():
-				return fmt.Errorf("%s not back on %s within %v: %s", s.Machine, describe(want), u.cfg.Gate.Timeout, problem)
-			case <-tick.C:
-			}
-		}
-	})
+	err = u.phase(i, "back", func() error { return u.waitClient(ctx, s.Machine, s.Address) })
 	if err != nil || !nomadToo {
 		return err
 	}
@@ -171,6 +158,134 @@ func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step, prev StepStat
 			return hashi.SetNodeEligibility(ctx, c, state.node.ID, true)
 		})
 	})
+}
+
+// waitClient waits until the client machine runs the target versions,
+// its Nomad node ready, for at most Gate.Timeout.
+func (u *Upgrader) waitClient(ctx context.Context, machine, addr string) error {
+	want := u.cfg.Target
+	_, nomadToo := want[Nomad]
+	ctx, cancel := context.WithTimeout(ctx, u.cfg.Gate.Timeout)
+	defer cancel()
+	tick := time.NewTicker(u.cfg.Gate.Interval)
+	defer tick.Stop()
+	for {
+		state, err := u.clientState(ctx, Step{Machine: machine, Address: addr})
+		var problem string
+		switch {
+		case err != nil:
+			problem = err.Error()
+		case !state.on(want):
+			problem = fmt.Sprintf("runs %s", state)
+		case nomadToo && state.node.Status != nomadapi.NodeStatusReady:
+			problem = "nomad node is " + state.node.Status
+		default:
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s not on %s within %v: %s", machine, describe(want), u.cfg.Gate.Timeout, problem)
+		case <-tick.C:
+		}
+	}
+}
+
+// surge replaces the client machines of steps idx (one pool): as many
+// new machines on the target versions, ready; then each old one drained
+// and destroyed, and its Nomad node purged.
+func (u *Upgrader) surge(ctx context.Context, pool string, idx []int) error {
+	var need []int
+	for _, i := range idx {
+		u.update(i, func(st *Step) {
+			st.Resumed = st.Resumed || st.Status == StatusRunning
+			st.Status = StatusRunning
+			st.Attempts++
+			st.Error = ""
+			if st.Started.IsZero() {
+				st.Started = time.Now()
+			}
+			if st.Replacement == "" {
+				need = append(need, i)
+			}
+		})
+	}
+	failAll := func(err error) error {
+		if ctx.Err() != nil {
+			return fmt.Errorf("upgrade interrupted in a surge of pool %s: %w", pool, err)
+		}
+		for _, i := range idx {
+			u.fail(i, err)
+		}
+		return err
+	}
+	if len(need) > 0 {
+		start := time.Now()
+		created, err := u.cfg.Pools.Create(ctx, pool, len(need), u.cfg.Target)
+		if err == nil && len(created) != len(need) {
+			err = fmt.Errorf("asked for %d machines, got %d", len(need), len(created))
+		}
+		if err != nil {
+			return failAll(fmt.Errorf("surge of pool %s: create %d machines: %w", pool, len(need), err))
+		}
+		for k, i := range need {
+			u.update(i, func(st *Step) { st.Replacement, st.ReplacementAddress = created[k].Machine, created[k].Address })
+			u.record(i, "create", time.Since(start))
+		}
+	}
+	for _, i := range idx {
+		s := u.step(i)
+		if err := u.phase(i, "ready", func() error { return u.waitClient(ctx, s.Replacement, s.ReplacementAddress) }); err != nil {
+			return failAll(fmt.Errorf("%s: replacement %s: %w", s.ID, s.Replacement, err))
+		}
+	}
+	_, nomadToo := u.cfg.Target[Nomad]
+	for _, i := range idx {
+		s := u.step(i)
+		var node *hashi.NomadNode
+		if nomadToo {
+			state, err := u.clientState(ctx, s)
+			if err != nil {
+				return failAll(fmt.Errorf("%s: %w", s.ID, err))
+			}
+			node = state.node
+		}
+		if node != nil && node.Status == nomadapi.NodeStatusReady {
+			var res hashi.DrainResult
+			err := u.phase(i, "drain", func() error {
+				return anyServer(ctx, u, "", u.cfg.APIs.Nomad, 0, func(ctx context.Context, c *nomadapi.Client) (err error) {
+					res, err = hashi.DrainNode(ctx, c, node.ID, u.st.Clients.DrainDeadline)
+					return err
+				})
+			})
+			if err != nil {
+				return failAll(fmt.Errorf("%s: %w", s.ID, err))
+			}
+			u.update(i, func(st *Step) { st.Drained = max(st.Drained, res.Allocs) })
+		}
+		if err := u.phase(i, "destroy", func() error { return u.cfg.Pools.Destroy(ctx, s.Machine) }); err != nil {
+			return failAll(fmt.Errorf("%s: destroy %s: %w", s.ID, s.Machine, err))
+		}
+		if node != nil {
+			err := anyServer(ctx, u, "", u.cfg.APIs.Nomad, queryLimit, func(ctx context.Context, c *nomadapi.Client) error {
+				return hashi.PurgeNode(ctx, c, node.ID)
+			})
+			if err != nil {
+				return failAll(fmt.Errorf("%s: %w", s.ID, err))
+			}
+		}
+		u.update(i, func(st *Step) {
+			st.Status = StatusDone
+			st.Finished = time.Now()
+			st.Note = joinNote(st.Note, "replaced by "+st.Replacement)
+		})
+	}
+	return nil
+}
+
+func (u *Upgrader) step(i int) Step {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.st.Steps[i]
 }
 
 // clientState is what a client machine runs.

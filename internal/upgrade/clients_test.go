@@ -23,7 +23,7 @@ import (
 func TestRollingUpgradeWithClients(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	tc := newTestCluster(ctx, t, true, true, hashitest.Addrs(5)...)
+	tc := newTestCluster(ctx, t, true, 2, 0, hashitest.Addrs(5)...)
 	consul, _ := tc.Consul(tc.Machines[0].Address)
 	nomad, _ := tc.Nomad(tc.Machines[0].Address)
 	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, []string{"default"}); err != nil {
@@ -33,33 +33,7 @@ func TestRollingUpgradeWithClients(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	job := nomadapi.NewServiceJob("sleeper", "sleeper", tc.Spec.Region, 50)
-	job.Datacenters = []string{tc.Spec.Datacenter}
-	tg := nomadapi.NewTaskGroup("g", 2)
-	tg.Migrate = &nomadapi.MigrateStrategy{MaxParallel: ptr(1), HealthCheck: ptr("task_states"),
-		MinHealthyTime: ptr(time.Second), HealthyDeadline: ptr(time.Minute)}
-	task := nomadapi.NewTask("sleep", "raw_exec")
-	task.Config = map[string]any{"command": "/bin/sleep", "args": []string{"3600"}}
-	task.Resources = &nomadapi.Resources{CPU: ptr(20), MemoryMB: ptr(16)}
-	tg.AddTask(task)
-	job.AddTaskGroup(tg)
-	if _, _, err := nomad.Jobs().Register(job, nil); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		// Stop the tasks through Nomad so that it unmounts what it
-		// mounted; the cluster's cleanup kills what is left.
-		nomad.Jobs().Deregister("sleeper", true, nil)
-		dctx, dcancel := context.WithTimeout(context.Background(), time.Minute)
-		defer dcancel()
-		for dctx.Err() == nil {
-			if running(t, nomad) == 0 {
-				return
-			}
-			time.Sleep(250 * time.Millisecond)
-		}
-	})
-	waitRunning(ctx, t, nomad, 2)
+	startSleeper(ctx, t, tc, nomad)
 
 	stateDir := t.TempDir()
 	run := func(cancelOn string) (*State, error) {
@@ -200,4 +174,117 @@ func waitRunning(ctx context.Context, t *testing.T, nomad *nomadapi.Client, want
 		time.Sleep(250 * time.Millisecond)
 	}
 	t.Fatalf("not %d running allocations: %v", want, states)
+}
+
+// TestSurgeUpgradeClients upgrades the 2 client machines of a pool by
+// surge: for each, a new machine on the new versions (a spare of the
+// plan, started for real), ready, then the old one drained (its
+// allocations migrate), destroyed and its node purged. Afterwards the
+// pool is the 2 new machines, the job still runs its 2 allocations.
+func TestSurgeUpgradeClients(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	tc := newTestCluster(ctx, t, true, 2, 2, hashitest.Addrs(7)...)
+	consul, _ := tc.Consul(tc.Machines[0].Address)
+	nomad, _ := tc.Nomad(tc.Machines[0].Address)
+	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, []string{"default"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hashi.WaitNomadClients(ctx, nomad, 2); err != nil {
+		t.Fatal(err)
+	}
+	startSleeper(ctx, t, tc, nomad)
+	old := map[string]bool{}
+	for _, m := range tc.Machines[3:5] {
+		old[m.Name] = true
+	}
+
+	cfg := tc.config(t.TempDir(), map[string]string{Consul: consulTo, Nomad: nomadTo})
+	cfg.Gate = Gate{Stable: time.Second, Timeout: 3 * time.Minute}
+	cfg.ClientStrategy = ClientStrategy{Parallelism: 1, DrainDeadline: 2 * time.Minute, Surge: true}
+	cfg.Pools = surgePools{tc}
+	cfg.Progress = func(e Event) { t.Logf("progress: %s", e.Message) }
+	u, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := u.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	drained := 0
+	for _, s := range st.Steps {
+		if s.Kind == KindClient {
+			t.Logf("step %-28s → %s (%s), %v, phases %v, drained %d; %s", s.ID, s.Replacement, s.To, s.Duration().Round(time.Millisecond), s.Phases, s.Drained, s.Note)
+			drained += s.Drained
+			if s.Replacement == "" || old[s.Replacement] {
+				t.Errorf("step %s replacement %q", s.ID, s.Replacement)
+			}
+		}
+	}
+	if drained < 2 {
+		t.Errorf("%d allocations drained, want at least 2", drained)
+	}
+	nodes, err := hashi.NomadNodes(ctx, nomad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(nodes) != 2 {
+		t.Fatalf("nodes after the surge: %+v", nodes)
+	}
+	for _, n := range nodes {
+		if old[n.Name] || n.Version != nomadTo || n.Status != "ready" || !n.Eligible {
+			t.Errorf("node after the surge: %+v", n)
+		}
+	}
+	ms, err := hashi.ConsulMemberVersions(ctx, consul)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms {
+		if m.Alive == old[m.Name] || (m.Alive && m.Version != consulTo) {
+			t.Errorf("consul member after the surge: %+v", m)
+		}
+	}
+	waitRunning(ctx, t, nomad, 2)
+	sum, _, err := nomad.Jobs().Summary("sleeper", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := sum.Summary["g"]; g.Failed != 0 || g.Lost != 0 || g.Running != 2 {
+		t.Errorf("job summary %+v", g)
+	}
+}
+
+// startSleeper runs a 2-instance raw_exec job whose migrate block lets a
+// drain move one allocation at a time, healthy after 1 s.
+func startSleeper(ctx context.Context, t *testing.T, tc *testCluster, nomad *nomadapi.Client) {
+	t.Helper()
+	job := nomadapi.NewServiceJob("sleeper", "sleeper", tc.Spec.Region, 50)
+	job.Datacenters = []string{tc.Spec.Datacenter}
+	tg := nomadapi.NewTaskGroup("g", 2)
+	tg.Migrate = &nomadapi.MigrateStrategy{MaxParallel: ptr(1), HealthCheck: ptr("task_states"),
+		MinHealthyTime: ptr(time.Second), HealthyDeadline: ptr(time.Minute)}
+	task := nomadapi.NewTask("sleep", "raw_exec")
+	task.Config = map[string]any{"command": "/bin/sleep", "args": []string{"3600"}}
+	task.Resources = &nomadapi.Resources{CPU: ptr(20), MemoryMB: ptr(16)}
+	tg.AddTask(task)
+	job.AddTaskGroup(tg)
+	if _, _, err := nomad.Jobs().Register(job, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// Stop the tasks through Nomad so that it unmounts what it
+		// mounted; the cluster's cleanup kills what is left.
+		nomad.Jobs().Deregister("sleeper", true, nil)
+		dctx, dcancel := context.WithTimeout(context.Background(), time.Minute)
+		defer dcancel()
+		for dctx.Err() == nil {
+			if running(t, nomad) == 0 {
+				return
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	})
+	waitRunning(ctx, t, nomad, 2)
 }

@@ -27,11 +27,14 @@ type testCluster struct {
 	*hashitest.Cluster
 	consulMgmt, nomadMgmt cluster.Secret
 	machines              *swapMachines
+	started               int // machines started, in plan order
 }
 
-// newTestCluster starts 3 servers, and with clients the default pool's 2
-// client machines (Nomad clients need withNomad).
-func newTestCluster(ctx context.Context, tb testing.TB, withNomad, clients bool, addrs ...string) *testCluster {
+// newTestCluster starts 3 servers and clients client machines of the
+// default pool (Nomad clients need withNomad); spares more client
+// machines are planned, with their secrets, but not started (surgePools
+// starts them).
+func newTestCluster(ctx context.Context, tb testing.TB, withNomad bool, clients, spares int, addrs ...string) *testCluster {
 	tb.Helper()
 	consulBin := hashitest.Binary(tb, "consul", consulFrom)
 	hashitest.Binary(tb, "consul", consulTo)
@@ -41,22 +44,69 @@ func newTestCluster(ctx context.Context, tb testing.TB, withNomad, clients bool,
 		hashitest.Binary(tb, "nomad", nomadTo)
 	}
 	spec := cluster.DefaultSpec()
-	if !clients {
+	spec.Pools[0].Count = clients + spares
+	if clients+spares == 0 {
 		spec.Pools = nil
 	}
 	c := hashitest.New(tb, spec, addrs)
 	tc := &testCluster{Cluster: c}
 	var err error
-	if tc.consulMgmt, err = c.StartConsul(ctx, consulBin); err != nil {
+	started := c.Machines[:spec.Servers.Count+clients]
+	if tc.consulMgmt, err = c.StartConsul(ctx, consulBin, started); err != nil {
 		tb.Fatal(err)
 	}
 	if withNomad {
-		if tc.nomadMgmt, err = c.StartNomad(ctx, nomadBin, c.Machines); err != nil {
+		if tc.nomadMgmt, err = c.StartNomad(ctx, nomadBin, started); err != nil {
 			tb.Fatal(err)
 		}
 	}
 	tc.machines = &swapMachines{tb: tb, c: c, calls: map[string]int{}}
+	tc.started = len(started)
 	return tc
+}
+
+// surgePools creates client machines by starting the next spare machine
+// of the plan (its daemons on the asked versions, under its own
+// supervisor) and destroys one by stopping its daemons: what the local
+// provider does with an agent process.
+type surgePools struct{ tc *testCluster }
+
+func (p surgePools) Create(ctx context.Context, pool string, n int, versions map[string]string) ([]Client, error) {
+	cache, err := artifact.DefaultCacheDir()
+	if err != nil {
+		return nil, err
+	}
+	bins := map[string]string{}
+	for product, v := range versions {
+		if bins[product], err = artifact.BinaryPath(cache, product, v); err != nil {
+			return nil, err
+		}
+	}
+	var out []Client
+	for range n {
+		if p.tc.started >= len(p.tc.Machines) {
+			return out, fmt.Errorf("no spare machine left in pool %s", pool)
+		}
+		m := p.tc.Machines[p.tc.started]
+		p.tc.started++
+		if err := p.tc.Start(ctx, m, bins, "consul", "nomad"); err != nil {
+			return out, err
+		}
+		out = append(out, Client{Machine: m.Name, Address: m.Address, Pool: m.Pool})
+	}
+	return out, nil
+}
+
+func (p surgePools) Destroy(ctx context.Context, machine string) error {
+	for _, m := range p.tc.Machines {
+		if m.Name == machine {
+			if err := p.tc.Stop(ctx, m, "nomad"); err != nil {
+				return err
+			}
+			return p.tc.Stop(ctx, m, "consul")
+		}
+	}
+	return fmt.Errorf("no machine %s", machine)
 }
 
 func (tc *testCluster) config(stateDir string, target map[string]string) Config {
@@ -64,7 +114,7 @@ func (tc *testCluster) config(stateDir string, target map[string]string) Config 
 	for _, m := range tc.ServerMachines() {
 		cfg.Servers = append(cfg.Servers, Server{Machine: m.Name, Address: m.Address})
 	}
-	for _, m := range tc.ClientMachines() {
+	for _, m := range tc.Machines[len(tc.ServerMachines()):tc.started] {
 		cfg.Clients = append(cfg.Clients, Client{Machine: m.Name, Address: m.Address, Pool: m.Pool})
 	}
 	return cfg

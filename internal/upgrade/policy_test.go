@@ -145,7 +145,7 @@ func (stuckMachines) Upgrade(ctx context.Context, machine string, versions map[s
 func TestGateFailureStops(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	tc := newTestCluster(ctx, t, false, false, hashitest.Addrs(3)...)
+	tc := newTestCluster(ctx, t, false, 0, 0, hashitest.Addrs(3)...)
 	stateDir := t.TempDir()
 	target := map[string]string{Consul: consulTo}
 

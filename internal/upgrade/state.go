@@ -65,7 +65,12 @@ type Step struct {
 	Note     string `json:"note,omitempty"`     // leadership, "already on the target version"
 	Snapshot string `json:"snapshot,omitempty"` // path of the snapshot saved
 	Drained  int    `json:"drained,omitempty"`  // allocations on a client when its drain began
-	Error    string `json:"error,omitempty"`
+	// Replacement is the machine a surge created for this client machine
+	// (recorded as soon as it exists, so a resumed upgrade does not create
+	// another).
+	Replacement        string `json:"replacement,omitempty"`
+	ReplacementAddress string `json:"replacement_address,omitempty"`
+	Error              string `json:"error,omitempty"`
 }
 
 // Duration is how long the step took (to now if it is not finished).

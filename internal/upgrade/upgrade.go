@@ -73,6 +73,21 @@ type ClientStrategy struct {
 	// DrainDeadline bounds each drain: jobs migrate as their migrate
 	// blocks say, and what is left is stopped at the deadline (default 5m).
 	DrainDeadline time.Duration `json:"drain_deadline"`
+	// Surge replaces client machines instead of upgrading them in place:
+	// new machines on the new versions first (Config.Pools creates them),
+	// ready, then the old ones drained and destroyed.
+	Surge bool `json:"surge,omitempty"`
+}
+
+// Pools creates and destroys client machines, for surge upgrades. The
+// provider implements it.
+type Pools interface {
+	// Create makes n new machines in pool running versions (product →
+	// version) and returns them once their daemons are started.
+	Create(ctx context.Context, pool string, n int, versions map[string]string) ([]Client, error)
+	// Destroy stops a machine's daemons and removes it; a machine that
+	// is already gone is not an error (a resumed upgrade may ask again).
+	Destroy(ctx context.Context, machine string) error
 }
 
 // Event is a line of progress.
@@ -99,6 +114,7 @@ type Config struct {
 
 	APIs      APIs
 	Machines  Machines
+	Pools     Pools // needed for ClientStrategy.Surge
 	Artifacts Artifacts
 	Gate      Gate
 	ClientStrategy
@@ -136,6 +152,9 @@ func New(cfg Config) (*Upgrader, error) {
 		if v == "" {
 			return nil, fmt.Errorf("upgrade: no target version for %s", p)
 		}
+	}
+	if cfg.Surge && cfg.Pools == nil {
+		return nil, errors.New("upgrade: a surge of client machines needs Pools")
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)

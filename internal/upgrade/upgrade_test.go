@@ -24,7 +24,7 @@ import (
 func TestRollingUpgradeConsulNomad(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	tc := newTestCluster(ctx, t, true, false, hashitest.Addrs(3)...)
+	tc := newTestCluster(ctx, t, true, 0, 0, hashitest.Addrs(3)...)
 	servers := tc.ServerMachines()
 	stateDir := t.TempDir()
 	target := map[string]string{Consul: consulTo, Nomad: nomadTo}

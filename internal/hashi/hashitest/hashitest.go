@@ -338,15 +338,19 @@ func (c *Cluster) NomadClient(m *Machine, token cluster.Secret) *nomadapi.Client
 	return cl
 }
 
-// StartConsul starts Consul on every machine with bin, bootstraps its
-// ACLs and applies the plan's policies and tokens; it returns the
-// management token.
-func (c *Cluster) StartConsul(ctx context.Context, bin string) (cluster.Secret, error) {
-	errs := make(chan error, len(c.Machines))
-	for _, m := range c.Machines {
+// StartConsul starts Consul on the given machines (nil: all) with bin,
+// bootstraps its ACLs and applies the plan's policies and tokens for every
+// machine of the spec (so that spare machines can join later); it returns
+// the management token.
+func (c *Cluster) StartConsul(ctx context.Context, bin string, ms []*Machine) (cluster.Secret, error) {
+	if ms == nil {
+		ms = c.Machines
+	}
+	errs := make(chan error, len(ms))
+	for _, m := range ms {
 		go func() { errs <- c.Start(ctx, m, map[string]string{cluster.ConsulProduct: bin}, "consul") }()
 	}
-	for range c.Machines {
+	for range ms {
 		if err := <-errs; err != nil {
 			return "", err
 		}
@@ -359,11 +363,11 @@ func (c *Cluster) StartConsul(ctx context.Context, bin string) (cluster.Secret, 
 	if err != nil {
 		return "", err
 	}
-	var ms []cluster.Machine
+	var all []cluster.Machine
 	for _, m := range c.Machines {
-		ms = append(ms, m.Machine)
+		all = append(all, m.Machine)
 	}
-	plan, err := cluster.ConsulACL(c.Spec, c.State, ms)
+	plan, err := cluster.ConsulACL(c.Spec, c.State, all)
 	if err != nil {
 		return "", err
 	}
