@@ -388,6 +388,10 @@ const webJob = `job "web" {
   type        = "service"
   group "web" {
     count = 2
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
     network {
       port "http" {}
     }
@@ -411,9 +415,9 @@ const webJob = `job "web" {
 }
 `
 
-// runWebJob runs a raw_exec HTTP service with 2 allocations through the
-// real nomad CLI and checks they run, answer on their addresses and are
-// registered in Consul. It returns the allocation ids.
+// runWebJob runs a raw_exec HTTP service with 2 allocations, one per
+// client, through the real nomad CLI and checks they run, answer on their
+// own clients' addresses and are registered in Consul. It returns the allocation ids.
 func (c *upCluster) runWebJob(env map[string]string) []string {
 	t := c.t
 	job := filepath.Join(c.dir, "web.nomad.hcl")
@@ -446,15 +450,29 @@ func (c *upCluster) runWebJob(env map[string]string) []string {
 			if err != nil || full.AllocatedResources == nil {
 				return false
 			}
+			node, _, err := nc.Nodes().Info(full.NodeID, nil)
+			if err != nil {
+				return false
+			}
+			nodeIP, _, _ := net.SplitHostPort(node.HTTPAddr)
 			for _, p := range full.AllocatedResources.Shared.Ports {
-				if p.Label == "http" {
-					addrs = append(addrs, net.JoinHostPort(p.HostIP, strconv.Itoa(p.Value)))
+				if p.Label != "http" {
+					continue
 				}
+				// Each allocation answers on its own client's address,
+				// not on the 127.0.0.1 every local machine shares.
+				if p.HostIP != nodeIP {
+					t.Fatalf("allocation %s on %s listens on %s, not on its client's address %s", a.ID, node.Name, p.HostIP, nodeIP)
+				}
+				addrs = append(addrs, net.JoinHostPort(p.HostIP, strconv.Itoa(p.Value)))
 			}
 			ids = append(ids, a.ID)
 		}
 		return len(ids) == 2 && len(addrs) == 2
 	})
+	if h0, _, _ := net.SplitHostPort(addrs[0]); strings.HasPrefix(addrs[1], h0+":") {
+		t.Fatalf("both allocations listen on %s", h0)
+	}
 	hc := &http.Client{Timeout: 5 * time.Second}
 	for _, a := range addrs {
 		waitUntil(t, "allocation at "+a+" to answer", time.Minute, func() bool {

@@ -400,8 +400,12 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 			"node_pool":   "default",
 			"meta":        meta,
 			// Tasks listen on the client's own address, not on 127.0.0.1
-			// that every local machine shares (DESIGN: facts).
-			"network_interface": "lo",
+			// that every local machine shares (DESIGN: facts): the local
+			// provider gives each client an interface holding only its
+			// address, named by the task_interface tag.
+			// (Raw strings inside the action: the file is JSON, whose
+			// encoding would escape double quotes.)
+			"network_interface": "{{ default `lo` (index .Machine.Tags `task_interface`) }}",
 		}
 		if pool.NodeClass != "" {
 			client["node_class"] = escapeTemplate(pool.NodeClass)

@@ -8,38 +8,26 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"text/template"
+
+	"github.com/steppe/steppe/internal/render"
 )
 
 // facts is the render scope the plan's templates use (see the fact*
 // constants): a stand-in for internal/render's scope with the same names.
-type facts struct {
-	Machine struct {
-		Name, Address string
-		Tags          map[string]string
-	}
-	Vars map[string]string
-}
-
 func renderAll(t *testing.T, p RolePlan, m Machine) map[string][]byte {
 	t.Helper()
-	var f facts
-	f.Machine.Name, f.Machine.Address = m.Name, m.Address
-	f.Machine.Tags = map[string]string{
+	f := render.Facts{Name: m.Name, Address: m.Address, Tags: map[string]string{
 		TagDataDir: "/var/lib/steppe/data", TagSecretsDir: "/var/lib/steppe/secrets", TagConfigDir: "/var/lib/steppe/current",
-	}
-	f.Vars = p.Vars
+	}}
 	out := map[string][]byte{}
 	for name, src := range p.Files {
-		tm, err := template.New(name).Option("missingkey=error").Parse(string(src))
+		// The agent's own renderer: the planned templates must pass its
+		// allow-list, not only text/template's.
+		b, err := render.Execute(name, string(src), f, p.Vars)
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
-		var b bytes.Buffer
-		if err := tm.Execute(&b, f); err != nil {
-			t.Fatalf("%s: %v", name, err)
-		}
-		out[strings.TrimSuffix(name, ".tmpl")] = b.Bytes()
+		out[strings.TrimSuffix(name, ".tmpl")] = b
 	}
 	return out
 }

@@ -84,6 +84,9 @@ func (l *Local) Destroy(ctx context.Context, name string) error {
 		}
 	}
 	killByPath(m.Dir)
+	if err := deleteLink(LinkName(name)); err != nil {
+		errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
+	}
 	if err := unmountUnder(m.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -202,6 +203,15 @@ func (l *Local) Create(ctx context.Context, req CreateRequest) (Machine, error) 
 		m.SecretsChanged = changed
 		return m, nil
 	}
+	if m.Role == cluster.RoleClient {
+		addr, err := netip.ParseAddr(m.Address)
+		if err != nil {
+			return m, fmt.Errorf("local machine %s: address %q: %w", m.Name, m.Address, err)
+		}
+		if err := ensureLink(LinkName(m.Name), addr); err != nil {
+			return m, fmt.Errorf("local machine %s: task interface: %w", m.Name, err)
+		}
+	}
 	if err := l.writeAgentConfig(m, req.Agent); err != nil {
 		return m, err
 	}
@@ -346,8 +356,13 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 	fmt.Fprintf(&b, "# Written by steppe's local provider for machine %s.\n", m.Name)
 	fmt.Fprintf(&b, "agent {\n  state_dir = %s\n  socket    = %s\n  cgroup    = %s\n}\n\n",
 		hclString(l.StateDir(m.Name)), hclString(m.Socket), hclString(l.CgroupParent()+"/"+m.Name))
-	fmt.Fprintf(&b, "machine {\n  name       = %s\n  address    = %s\n  pool       = %s\n  region     = %s\n  datacenter = %s\n}\n\n",
-		hclString(m.Name), hclString(m.Address), hclString(m.Pool), hclString(a.Region), hclString(a.Datacenter))
+	// A client's tasks listen on its own interface (see link.go).
+	tags := ""
+	if m.Role == cluster.RoleClient {
+		tags = fmt.Sprintf("  tags       = { task_interface = %s }\n", hclString(LinkName(m.Name)))
+	}
+	fmt.Fprintf(&b, "machine {\n  name       = %s\n  address    = %s\n  pool       = %s\n  region     = %s\n  datacenter = %s\n%s}\n\n",
+		hclString(m.Name), hclString(m.Address), hclString(m.Pool), hclString(a.Region), hclString(a.Datacenter), tags)
 	fmt.Fprintf(&b, "bundle {\n  store          = %s\n  cluster        = %s\n  role           = %s\n  keys           = %s\n  wait           = \"30s\"\n  health_timeout = %s\n}\n",
 		hclString(a.BundleStore), hclString(a.Cluster), hclString(a.BundleRole), hclList(a.BundleKeys), hclString(health.String()))
 	if len(a.ArtifactKeys) > 0 {
