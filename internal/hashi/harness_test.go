@@ -13,8 +13,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"text/template"
 	"time"
+
+	"github.com/steppe/steppe/internal/render"
 
 	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/cluster"
@@ -54,17 +55,15 @@ type facts struct {
 	Vars map[string]string
 }
 
-func render(t *testing.T, name, src string, f facts) string {
+// renderTmpl renders a planned template through the agent's own renderer
+// (its allow-list of functions included), as the agent would.
+func renderTmpl(t *testing.T, name, src string, f facts) string {
 	t.Helper()
-	tm, err := template.New(name).Option("missingkey=error").Parse(src)
+	b, err := render.Execute(name, src, render.Facts{Name: f.Machine.Name, Address: f.Machine.Address, Tags: f.Machine.Tags}, f.Vars)
 	if err != nil {
 		t.Fatalf("template %s: %v", name, err)
 	}
-	var b bytes.Buffer
-	if err := tm.Execute(&b, f); err != nil {
-		t.Fatalf("template %s: %v", name, err)
-	}
-	return b.String()
+	return string(b)
 }
 
 // installMachine renders the role plan for m and writes m's secrets, as
@@ -83,7 +82,7 @@ func installMachine(t *testing.T, root string, spec *cluster.Spec, st *cluster.S
 	f.Machine.Tags = map[string]string{cluster.TagDataDir: d.data, cluster.TagSecretsDir: d.secrets, cluster.TagConfigDir: d.bundle}
 	f.Vars = plan.Vars
 	for name, src := range plan.Files {
-		out := render(t, name, string(src), f)
+		out := renderTmpl(t, name, string(src), f)
 		if err := os.WriteFile(filepath.Join(d.bundle, strings.TrimSuffix(name, ".tmpl")), []byte(out), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -116,7 +115,7 @@ func startService(t *testing.T, bin string, def cluster.ServiceDef, d machineDir
 	t.Helper()
 	var args []string
 	for i, a := range def.Args {
-		args = append(args, render(t, fmt.Sprintf("%s-arg%d", def.Name, i), a, f))
+		args = append(args, renderTmpl(t, fmt.Sprintf("%s-arg%d", def.Name, i), a, f))
 	}
 	p := &proc{name: f.Machine.Name + "/" + def.Name, log: filepath.Join(d.root, def.Name+".log"), ready: make(chan struct{}), done: make(chan struct{})}
 

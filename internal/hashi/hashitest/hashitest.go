@@ -17,8 +17,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"text/template"
 	"time"
+
+	"github.com/steppe/steppe/internal/render"
 
 	consulapi "github.com/hashicorp/consul/api"
 	nomadapi "github.com/hashicorp/nomad/api"
@@ -160,25 +161,15 @@ func (c *Cluster) install(m *Machine) {
 	}
 }
 
+// render renders a planned template through the agent's own renderer (its
+// allow-list of functions included), as the agent would.
 func (m *Machine) render(t testing.TB, name, src string) string {
 	t.Helper()
-	tm, err := template.New(name).Option("missingkey=error").Parse(src)
+	b, err := render.Execute(name, src, render.Facts{Name: m.Name, Address: m.Address, Tags: m.tags}, m.plan.Vars)
 	if err != nil {
 		t.Fatalf("template %s: %v", name, err)
 	}
-	var f struct {
-		Machine struct {
-			Name, Address string
-			Tags          map[string]string
-		}
-		Vars map[string]string
-	}
-	f.Machine.Name, f.Machine.Address, f.Machine.Tags, f.Vars = m.Name, m.Address, m.tags, m.plan.Vars
-	var b bytes.Buffer
-	if err := tm.Execute(&b, f); err != nil {
-		t.Fatalf("template %s: %v", name, err)
-	}
-	return b.String()
+	return string(b)
 }
 
 // spec turns the plan's service into the supervisor's, as the agent does.
