@@ -27,12 +27,12 @@ Operator:
   steppe bundle keygen|build|sign|verify|publish|serve
   steppe artifact build PRODUCT@VERSION [-out DIR]
   steppe artifact serve DIR [-addr ADDR]
-  steppe up [-spec cluster.hcl]
-  steppe status [-json]
-  steppe env
-  steppe upgrade [-nomad V] [-consul V] [-vault V]
-  steppe scale POOL COUNT
-  steppe down
+  steppe up [-spec cluster.hcl]        create or converge a cluster (local provider)
+  steppe status [-json]                the whole cluster at a glance
+  steppe env                           exports for the nomad and consul CLIs
+  steppe down                          remove everything up made
+  steppe upgrade [-nomad V] [-consul V] [-vault V]   (not built yet)
+  steppe scale POOL COUNT                            (not built yet)
 `
 
 // errUsage marks errors caused by how steppe was invoked; they exit with 2.
