@@ -382,7 +382,11 @@ service "dnsmasq" {
 
 	a := newTestAgent(t, cfg.String())
 	a.start()
-	before := byName(a.waitFor("5 services running", 60*time.Second, allRunning(5)))
+	// Settled once dnsmasq's first process has exited: it binds its port
+	// (and so is ready) before it forks into the background.
+	before := byName(a.waitFor("5 services running, dnsmasq in the background", 60*time.Second, func(st agent.StatusReport) bool {
+		return allRunning(5)(st) && byName(st)["dnsmasq"].Processes == 1
+	}))
 	for name, s := range before {
 		if s.Isolation != "cgroup2" {
 			t.Errorf("%s: isolation %q, want cgroup2", name, s.Isolation)

@@ -1,6 +1,7 @@
 package supervise
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -328,8 +329,15 @@ func TestFallbackAdoptAfterAgentKill(t *testing.T) {
 		sh("daemon", "(setsid /bin/sleep 1001 &) ; exit 0"),
 	}
 	agent := startAgent(t, agentConfig{StateDir: opts.StateDir, CgroupParent: opts.CgroupParent, Fallback: true, Specs: specs})
+	// Settled once the daemon's tracked process is the detached sleep
+	// itself: for an instant the subshell that forks it is the only
+	// process, and would be taken for the daemon.
 	settled := func(st []Status) bool {
-		return len(st) == 2 && st[0].PID != 0 && st[1].PID != 0 && st[0].Processes == 1 && st[0].State == StateRunning
+		if len(st) != 2 || st[0].PID == 0 || st[1].PID == 0 || st[0].Processes != 1 || st[0].State != StateRunning {
+			return false
+		}
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", st[0].PID))
+		return err == nil && strings.Contains(string(cmd), "1001")
 	}
 	before := agent.waitStatus("running", settled)
 	agent.kill()
