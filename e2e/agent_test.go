@@ -369,6 +369,7 @@ func TestAgentKilledAdoptsEveryService(t *testing.T) {
 		cfg.WriteString(httpService(name, ports[name], ""))
 	}
 	dnsPort := freePort(t)
+	dnsPid := filepath.Join(t.TempDir(), "dnsmasq.pid")
 	fmt.Fprintf(&cfg, `
 service "dnsmasq" {
   command = "/usr/sbin/dnsmasq"
@@ -377,15 +378,17 @@ service "dnsmasq" {
     tcp = "127.0.0.1:%d"
   }
 }
-`, dnsPort, filepath.Join(t.TempDir(), "dnsmasq.pid"), dnsPort)
+`, dnsPort, dnsPid, dnsPort)
 	ports["dnsmasq"] = dnsPort
 
 	a := newTestAgent(t, cfg.String())
 	a.start()
-	// Settled once dnsmasq's first process has exited: it binds its port
-	// (and so is ready) before it forks into the background.
+	// Settled once the tracked dnsmasq is the one its pid file names: it
+	// listens (and so is ready) before it forks into the background.
 	before := byName(a.waitFor("5 services running, dnsmasq in the background", 60*time.Second, func(st agent.StatusReport) bool {
-		return allRunning(5)(st) && byName(st)["dnsmasq"].Processes == 1
+		b, _ := os.ReadFile(dnsPid)
+		d := byName(st)["dnsmasq"]
+		return allRunning(5)(st) && d.Processes == 1 && strings.TrimSpace(string(b)) == strconv.Itoa(d.PID)
 	}))
 	for name, s := range before {
 		if s.Isolation != "cgroup2" {

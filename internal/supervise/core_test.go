@@ -288,16 +288,20 @@ func TestDnsmasqThroughAgentRestart(t *testing.T) {
 	}
 	opts := testOptions(t)
 	port := freePort(t)
+	pidFile := filepath.Join(t.TempDir(), "dnsmasq.pid")
 	spec := Spec{
 		Name:    "dnsmasq",
 		Command: "/usr/sbin/dnsmasq",
 		Args: []string{"--conf-file=/dev/null", "--port=" + itoa(port), "--listen-address=127.0.0.1",
-			"--bind-interfaces", "--pid-file=" + filepath.Join(t.TempDir(), "dnsmasq.pid"), "--user=root"},
+			"--bind-interfaces", "--pid-file=" + pidFile, "--user=root"},
 		Ready: &Readiness{TCP: "127.0.0.1:" + itoa(port)},
 	}
 	agent := startAgent(t, agentConfig{StateDir: opts.StateDir, CgroupParent: opts.CgroupParent, Specs: []Spec{spec}})
+	// Settled once the tracked process is the one dnsmasq's pid file names:
+	// dnsmasq listens (and so is ready) before it forks into the background.
 	settled := func(st []Status) bool {
-		return len(st) == 1 && st[0].Ready && st[0].PID != 0 && st[0].Processes == 1
+		b, _ := os.ReadFile(pidFile)
+		return len(st) == 1 && st[0].Ready && st[0].PID != 0 && st[0].Processes == 1 && strings.TrimSpace(string(b)) == itoa(st[0].PID)
 	}
 	before := agent.waitStatus("dnsmasq running", settled)[0]
 	comm, _ := os.ReadFile("/proc/" + itoa(before.PID) + "/comm")
