@@ -265,12 +265,14 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	}
 	info.GoVersion = goVer
 	cc := b.CC
-	if cc == "" {
-		cc = "musl-gcc"
-	}
 	if p.cgo {
-		if _, err := exec.LookPath(cc); err != nil {
-			return fail("toolchain", fmt.Errorf("%s needs cgo linked statically against musl, but %s is not installed: apt-get install musl-tools", p.title, cc))
+		var warn string
+		cc, warn, err = pickCC(b.CC, exec.LookPath)
+		if err != nil {
+			return fail("toolchain", fmt.Errorf("%s needs cgo: %w", p.title, err))
+		}
+		if warn != "" {
+			phase("WARNING: %s", warn)
 		}
 	}
 	phase("building from source with %s (GOTOOLCHAIN=local)", goVer)
@@ -631,4 +633,27 @@ func quoteArgs(args []string) []string {
 		}
 	}
 	return out
+}
+
+// pickCC chooses the C compiler of a cgo product. An explicit choice must
+// exist. By default musl-gcc links a static binary against musl; where it
+// is missing (a machine with only Go and Debian's gcc), gcc links it
+// statically against glibc, which the netgo and osusergo tags keep from
+// needing glibc's run-time loaded parts, and the build says so.
+func pickCC(explicit string, lookPath func(string) (string, error)) (cc, warning string, err error) {
+	if explicit != "" {
+		if _, err := lookPath(explicit); err != nil {
+			return "", "", fmt.Errorf("%s is not installed (for musl-gcc: apt-get install musl-tools)", explicit)
+		}
+		return explicit, "", nil
+	}
+	if _, err := lookPath("musl-gcc"); err == nil {
+		return "musl-gcc", "", nil
+	}
+	for _, c := range []string{"gcc", "cc"} {
+		if _, err := lookPath(c); err == nil {
+			return c, "musl-gcc is not installed: linking statically against glibc with " + c + " (apt-get install musl-tools for musl)", nil
+		}
+	}
+	return "", "", fmt.Errorf("no C compiler: neither musl-gcc nor gcc is installed (apt-get install musl-tools)")
 }

@@ -22,6 +22,43 @@ func TestBuildMissingMuslIsClearError(t *testing.T) {
 	}
 }
 
+func TestPickCC(t *testing.T) {
+	have := func(names ...string) func(string) (string, error) {
+		return func(n string) (string, error) {
+			for _, h := range names {
+				if h == n {
+					return "/usr/bin/" + n, nil
+				}
+			}
+			return "", errors.New("not found")
+		}
+	}
+	for _, tc := range []struct {
+		explicit string
+		have     []string
+		cc, warn string // warn: a substring; "" means none
+		err      string
+	}{
+		{"", []string{"musl-gcc", "gcc"}, "musl-gcc", "", ""},
+		{"", []string{"gcc"}, "gcc", "glibc", ""},
+		{"", []string{"cc"}, "cc", "glibc", ""},
+		{"", nil, "", "", "musl-tools"},
+		{"clang", []string{"clang", "musl-gcc"}, "clang", "", ""},
+		{"steppe-no-such-cc", []string{"gcc", "musl-gcc"}, "", "", "steppe-no-such-cc is not installed"},
+	} {
+		cc, warn, err := pickCC(tc.explicit, have(tc.have...))
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("pickCC(%q, %v): err %v, want %q", tc.explicit, tc.have, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || cc != tc.cc || (tc.warn == "") != (warn == "") || !strings.Contains(warn, tc.warn) {
+			t.Errorf("pickCC(%q, %v) = %q, %q, %v; want %q, warning with %q", tc.explicit, tc.have, cc, warn, err, tc.cc, tc.warn)
+		}
+	}
+}
+
 func TestBuildUnobtainableVersionKeepsLog(t *testing.T) {
 	var log bytes.Buffer
 	cache := t.TempDir()
