@@ -1,4 +1,4 @@
-package hashi
+package hashi_test
 
 import (
 	"bufio"
@@ -17,6 +17,8 @@ import (
 	nomadapi "github.com/hashicorp/nomad/api"
 
 	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/hashi"
+	"github.com/steppe/steppe/internal/hashi/hashitest"
 )
 
 // TestNomadClusterSecured starts the default topology (3 servers, 2
@@ -26,135 +28,91 @@ import (
 // Consul then Nomad ACLs, sets up workload identity, runs a raw_exec job
 // with a Consul service, and checks what must be refused.
 func TestNomadClusterSecured(t *testing.T) {
-	consulBin := binary(t, "consul", cluster.DefaultConsulVersion)
+	consulBin := hashitest.Binary(t, "consul", cluster.DefaultConsulVersion)
 	// STEPPE_TEST_NOMAD_VERSION runs the same test against another
 	// built version (1.9.3, the upgrade pair's first).
 	nomadVersion := cluster.DefaultNomadVersion
 	if v := os.Getenv("STEPPE_TEST_NOMAD_VERSION"); v != "" {
 		nomadVersion = v
 	}
-	nomadBin := binary(t, "nomad", nomadVersion)
+	nomadBin := hashitest.Binary(t, "nomad", nomadVersion)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
-	st, err := cluster.OpenState(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
 	spec := cluster.DefaultSpec()
-	ms := spec.MachineList()
-	for i := range ms {
-		ms[i].Address = fmt.Sprintf("127.0.0.%d", 121+i)
-	}
-	servers := ms[:spec.Servers.Count]
-	plans, err := cluster.Plan(spec, servers)
-	if err != nil {
-		t.Fatal(err)
-	}
-	planOf := map[string]cluster.RolePlan{}
-	for _, p := range plans {
-		planOf[p.Role] = p
-	}
-	op, err := st.OperatorCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	opFiles := TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}
-
-	root := t.TempDir()
-	cleanupHost(t, root)
+	c := hashitest.New(t, spec, hashitest.Addrs(len(spec.MachineList())))
+	st, servers := c.State, c.Servers
 	start := time.Now()
 	phase := func(name string) { t.Logf("phase %-32s done at %v", name, time.Since(start).Round(time.Millisecond)) }
-	type machine struct {
-		m      cluster.Machine
-		d      machineDirs
-		f      facts
-		plan   cluster.RolePlan
-		consul *proc
-		nomad  *proc
-	}
-	var machines []*machine
-	var all []*proc
-	for _, m := range ms {
-		p := planOf[cluster.RoleName(m)]
-		d, f := installMachine(t, root, spec, st, p, m)
-		mc := &machine{m: m, d: d, f: f, plan: p}
-		mc.consul = startService(t, consulBin, serviceDef(t, p, "consul"), d, f)
-		machines = append(machines, mc)
-		all = append(all, mc.consul)
-	}
 	fail := func(format string, args ...any) {
 		t.Helper()
-		t.Fatalf("%s\n%s", fmt.Sprintf(format, args...), logTails(all))
+		t.Fatalf("%s\n%s", fmt.Sprintf(format, args...), c.Logs("consul", "nomad"))
 	}
-	waitReady(ctx, t, all...)
+	if err := c.StartAll(ctx, c.Machines, map[string]string{cluster.ConsulProduct: consulBin}, "consul"); err != nil {
+		fail("%v", err)
+	}
 	phase("consul: 5 agents joined")
 
 	// Consul first: its ACLs, and the tokens the machines already hold.
-	consulAnon, err := ConsulClient(servers[0].Address+":8501", opFiles, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := WaitConsulLeader(ctx, consulAnon); err != nil {
+	consulAnon := c.ConsulClient(c.Machines[0], "")
+	if _, err := hashi.WaitConsulLeader(ctx, consulAnon); err != nil {
 		fail("%v", err)
 	}
-	consulMgmt, err := BootstrapConsulACL(ctx, consulAnon, st)
+	consulMgmt, err := hashi.BootstrapConsulACL(ctx, consulAnon, st)
 	if err != nil {
 		fail("%v", err)
 	}
-	consulAdmin, err := ConsulClient(servers[1].Address+":8501", opFiles, consulMgmt)
-	if err != nil {
-		t.Fatal(err)
+	consulAdmin := c.ConsulClient(c.Machines[1], consulMgmt)
+	var ms []cluster.Machine
+	for _, m := range c.Machines {
+		ms = append(ms, m.Machine)
 	}
 	aclPlan, err := cluster.ConsulACL(spec, st, ms)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ApplyConsulACL(ctx, consulAdmin, aclPlan); err != nil {
+	if err := hashi.ApplyConsulACL(ctx, consulAdmin, aclPlan); err != nil {
 		fail("%v", err)
 	}
 	phase("consul: ACLs bootstrapped")
 
 	// Then Nomad, after its local Consul is ready (ServiceDef.After).
-	for _, mc := range machines {
-		def := serviceDef(t, mc.plan, "nomad")
-		if len(def.After) != 1 || def.After[0] != "consul" {
-			t.Fatalf("nomad after %v", def.After)
+	for _, m := range c.Machines {
+		var def cluster.ServiceDef
+		for _, s := range m.Plan().Services {
+			if s.Name == "nomad" {
+				def = s
+			}
 		}
-		mc.nomad = startService(t, nomadBin, def, mc.d, mc.f)
-		all = append(all, mc.nomad)
+		if len(def.After) != 1 || def.After[0] != "consul" {
+			t.Fatalf("%s: nomad after %v", m.Name, def.After)
+		}
 	}
-	for _, mc := range machines {
-		waitReady(ctx, t, mc.nomad)
+	if err := c.StartAll(ctx, c.Machines, map[string]string{cluster.NomadProduct: nomadBin}, "nomad"); err != nil {
+		fail("%v", err)
 	}
 	phase("nomad: 5 agents started")
 
-	nomadAnon, err := NomadClient(servers[0].Address+":4646", opFiles, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := WaitNomadLeader(ctx, nomadAnon); err != nil {
+	nomadAnon := c.NomadClient(c.Machines[0], "")
+	if _, err := hashi.WaitNomadLeader(ctx, nomadAnon); err != nil {
 		fail("%v", err)
 	}
-	nomadMgmt, err := BootstrapNomadACL(ctx, nomadAnon, st)
+	nomadMgmt, err := hashi.BootstrapNomadACL(ctx, nomadAnon, st)
 	if err != nil {
 		fail("%v", err)
 	}
-	if again, err := BootstrapNomadACL(ctx, nomadAnon, st); err != nil || again != nomadMgmt {
+	if again, err := hashi.BootstrapNomadACL(ctx, nomadAnon, st); err != nil || again != nomadMgmt {
 		fail("second Nomad bootstrap: %v", err)
 	}
-	nomadAdmin, err := NomadClient(servers[2].Address+":4646", opFiles, nomadMgmt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := WaitNomadToken(ctx, nomadAdmin); err != nil {
+	nomadAdmin := c.NomadClient(c.Machines[2], nomadMgmt)
+	if err := hashi.WaitNomadToken(ctx, nomadAdmin); err != nil {
 		fail("%v", err)
 	}
-	if _, err := WaitNomadHealthy(ctx, nomadAdmin, 3); err != nil {
+	if _, err := hashi.WaitNomadHealthy(ctx, nomadAdmin, 3); err != nil {
 		fail("%v", err)
 	}
 	phase("nomad: ACLs, 3 healthy servers")
-	peers, err := NomadServers(ctx, nomadAdmin)
+	peers, err := hashi.NomadServers(ctx, nomadAdmin)
 	if err != nil {
 		fail("%v", err)
 	}
@@ -167,7 +125,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	if len(peers) != 3 || leaders != 1 {
 		fail("nomad raft peers %+v", peers)
 	}
-	nodes, err := WaitNomadClients(ctx, nomadAdmin, 2)
+	nodes, err := hashi.WaitNomadClients(ctx, nomadAdmin, 2)
 	if err != nil {
 		fail("%v", err)
 	}
@@ -195,7 +153,7 @@ func TestNomadClusterSecured(t *testing.T) {
 
 	// 5 Consul members, and Nomad registered itself in Consul with its
 	// token over mutual TLS.
-	members, err := ConsulMembers(consulAdmin)
+	members, err := hashi.ConsulMembers(consulAdmin)
 	if err != nil {
 		fail("%v", err)
 	}
@@ -209,7 +167,7 @@ func TestNomadClusterSecured(t *testing.T) {
 		fail("consul members %+v", members)
 	}
 	// Every agent registered its node with its own token.
-	err = poll(ctx, "5 nodes in the Consul catalog", func() (bool, error) {
+	err = hashi.Poll(ctx, "5 nodes in the Consul catalog", func() (bool, error) {
 		nodes, _, err := consulAdmin.Catalog().Nodes(nil)
 		if err != nil {
 			return false, err
@@ -222,7 +180,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	if err != nil {
 		fail("%v", err)
 	}
-	err = poll(ctx, "nomad services in Consul", func() (bool, error) {
+	err = hashi.Poll(ctx, "nomad services in Consul", func() (bool, error) {
 		svcs, _, err := consulAdmin.Catalog().Services(nil)
 		if err != nil {
 			return false, err
@@ -257,7 +215,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	foreign, err := NomadClient(servers[0].Address+":4646", TLSFiles{CAFile: st.CAFile(), CertFile: oc.CertFile, KeyFile: oc.KeyFile}, nomadMgmt)
+	foreign, err := hashi.NomadClient(servers[0].Address+":4646", hashi.TLSFiles{CAFile: st.CAFile(), CertFile: oc.CertFile, KeyFile: oc.KeyFile}, nomadMgmt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -268,13 +226,13 @@ func TestNomadClusterSecured(t *testing.T) {
 
 	// Workload identity: Consul trusts Nomad's signing keys; a job's
 	// service registers with a token Consul issued through the auth method.
-	if err := SetupConsulWorkloadIdentity(ctx, consulAdmin, nomadAdmin, []string{"default"}); err != nil {
+	if err := hashi.SetupConsulWorkloadIdentity(ctx, consulAdmin, nomadAdmin, []string{"default"}); err != nil {
 		fail("%v", err)
 	}
-	if err := SetupConsulWorkloadIdentity(ctx, consulAdmin, nomadAdmin, []string{"default"}); err != nil {
+	if err := hashi.SetupConsulWorkloadIdentity(ctx, consulAdmin, nomadAdmin, []string{"default"}); err != nil {
 		fail("second workload identity setup: %v", err)
 	}
-	rules, _, err := consulAdmin.ACL().BindingRuleList(ConsulAuthMethod, nil)
+	rules, _, err := consulAdmin.ACL().BindingRuleList(hashi.ConsulAuthMethod, nil)
 	if err != nil || len(rules) != 2 {
 		fail("binding rules after two setups: %d, %v", len(rules), err)
 	}
@@ -297,7 +255,7 @@ func TestNomadClusterSecured(t *testing.T) {
 		nomadAdmin.Jobs().Deregister("wi-test", false, nil)
 		dctx, dcancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer dcancel()
-		err := poll(dctx, "job stopped", func() (bool, error) {
+		err := hashi.Poll(dctx, "job stopped", func() (bool, error) {
 			allocs, _, err := nomadAdmin.Jobs().Allocations("wi-test", true, nil)
 			if err != nil {
 				return false, err
@@ -314,7 +272,7 @@ func TestNomadClusterSecured(t *testing.T) {
 		}
 		nomadAdmin.Jobs().Deregister("wi-test", true, nil)
 	})
-	err = poll(ctx, "2 running allocations", func() (bool, error) {
+	err = hashi.Poll(ctx, "2 running allocations", func() (bool, error) {
 		allocs, _, err := nomadAdmin.Jobs().Allocations("wi-test", false, nil)
 		if err != nil {
 			return false, err
@@ -327,7 +285,7 @@ func TestNomadClusterSecured(t *testing.T) {
 				running++
 			}
 			if a.ClientStatus == "failed" {
-				return false, permanent(fmt.Errorf("allocation %s failed: %s %v", a.ID, a.ClientDescription, a.TaskStates))
+				return false, hashi.Permanent(fmt.Errorf("allocation %s failed: %s %v", a.ID, a.ClientDescription, a.TaskStates))
 			}
 		}
 		if running != 2 {
@@ -338,7 +296,7 @@ func TestNomadClusterSecured(t *testing.T) {
 	if err != nil {
 		fail("%v", err)
 	}
-	err = poll(ctx, "wi-web registered in Consul", func() (bool, error) {
+	err = hashi.Poll(ctx, "wi-web registered in Consul", func() (bool, error) {
 		svc, _, err := consulAdmin.Catalog().Service("wi-web", "", nil)
 		if err != nil {
 			return false, err
@@ -352,24 +310,25 @@ func TestNomadClusterSecured(t *testing.T) {
 		fail("%v", err)
 	}
 	phase("job: 2 allocations, services in Consul")
-	toks, _, err := consulAdmin.ACL().TokenListFiltered(consulapi.ACLTokenFilterOptions{AuthMethod: ConsulAuthMethod}, nil)
+	toks, _, err := consulAdmin.ACL().TokenListFiltered(consulapi.ACLTokenFilterOptions{AuthMethod: hashi.ConsulAuthMethod}, nil)
 	if err != nil {
 		fail("%v", err)
 	}
 	if len(toks) == 0 {
-		fail("no Consul token was issued through the %s auth method", ConsulAuthMethod)
+		fail("no Consul token was issued through the %s auth method", hashi.ConsulAuthMethod)
 	}
-	t.Logf("%d Consul tokens issued to workloads through %s", len(toks), ConsulAuthMethod)
+	t.Logf("%d Consul tokens issued to workloads through %s", len(toks), hashi.ConsulAuthMethod)
 
 	// The real CLIs, configured only by the environment CLIEnv gives.
 	env, err := cluster.CLIEnv(st, servers[0].Address+":8501", servers[1].Address+":4646")
 	if err != nil {
 		t.Fatal(err)
 	}
+	home := t.TempDir()
 	cli := func(bin string, args ...string) string {
 		t.Helper()
 		cmd := exec.CommandContext(ctx, bin, args...)
-		cmd.Env = append(env, "HOME="+root, "PATH=/usr/bin:/bin")
+		cmd.Env = append(env, "HOME="+home, "PATH=/usr/bin:/bin")
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			fail("%s %v: %v\n%s", filepath.Base(bin), args, err, out)
@@ -387,16 +346,20 @@ func TestNomadClusterSecured(t *testing.T) {
 	}
 
 	// Nothing secret in any daemon's log.
-	for _, p := range all {
-		checkLogClean(t, p, st)
+	for _, m := range c.Machines {
+		for _, svc := range []string{"consul", "nomad"} {
+			for _, log := range m.LogFiles(svc) {
+				checkLogClean(t, m.Name+"/"+svc, log, st)
+			}
+		}
 	}
 }
 
 func ptr[T any](v T) *T { return &v }
 
-func checkLogClean(t *testing.T, p *proc, st *cluster.State) {
+func checkLogClean(t *testing.T, name, log string, st *cluster.State) {
 	t.Helper()
-	f, err := os.Open(p.log)
+	f, err := os.Open(log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -411,7 +374,7 @@ func checkLogClean(t *testing.T, p *proc, st *cluster.State) {
 	for sc.Scan() {
 		for _, s := range secrets {
 			if strings.Contains(sc.Text(), s) {
-				t.Fatalf("%s's log holds a secret: %.40s…", p.name, sc.Text())
+				t.Fatalf("%s's log holds a secret: %.40s…", name, sc.Text())
 			}
 		}
 	}

@@ -1,4 +1,4 @@
-package hashi
+package hashi_test
 
 import (
 	"context"
@@ -17,107 +17,65 @@ import (
 	consulapi "github.com/hashicorp/consul/api"
 
 	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/hashi"
+	"github.com/steppe/steppe/internal/hashi/hashitest"
 )
-
-// consulCluster is 3 real Consul servers started from the plan.
-type consulCluster struct {
-	spec    *cluster.Spec
-	st      *cluster.State
-	servers []cluster.Machine
-	procs   []*proc
-	op      TLSFiles
-}
-
-// startConsulServers starts the servers of the plan with the real consul
-// binary on the given loopback addresses and waits for READY=1 (which
-// Consul sends once it has joined the LAN pool).
-func startConsulServers(ctx context.Context, t *testing.T, bin string, spec *cluster.Spec, st *cluster.State, addrs []string) *consulCluster {
-	t.Helper()
-	cc := &consulCluster{spec: spec, st: st}
-	for i, m := range spec.MachineList()[:spec.Servers.Count] {
-		m.Address = addrs[i]
-		cc.servers = append(cc.servers, m)
-	}
-	plans, err := cluster.Plan(spec, cc.servers)
-	if err != nil {
-		t.Fatal(err)
-	}
-	root := t.TempDir()
-	for _, m := range cc.servers {
-		d, f := installMachine(t, root, spec, st, plans[0], m)
-		cc.procs = append(cc.procs, startService(t, bin, serviceDef(t, plans[0], "consul"), d, f))
-	}
-	waitReady(ctx, t, cc.procs...)
-	op, err := st.OperatorCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc.op = TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}
-	return cc
-}
-
-func (cc *consulCluster) client(t *testing.T, i int, token cluster.Secret) *consulapi.Client {
-	t.Helper()
-	c, err := ConsulClient(fmt.Sprintf("%s:%d", cc.servers[i].Address, cluster.ConsulHTTPSPort), cc.op, token)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
 
 // TestConsulServersSecured starts 3 real Consul servers with the planned
 // configs and secrets (TLS with verified client certificates, gossip
 // encryption, ACLs default deny), bootstraps the ACLs, applies the
 // least-privilege policies and tokens, and checks what is refused.
 func TestConsulServersSecured(t *testing.T) {
-	bin := binary(t, "consul", cluster.DefaultConsulVersion)
+	bin := hashitest.Binary(t, "consul", cluster.DefaultConsulVersion)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 
-	st, err := cluster.OpenState(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The default topology, of which only the servers run.
 	spec := cluster.DefaultSpec()
-	cc := startConsulServers(ctx, t, bin, spec, st, []string{"127.0.0.111", "127.0.0.112", "127.0.0.113"})
+	c := hashitest.New(t, spec, hashitest.Addrs(len(spec.MachineList())))
+	st := c.State
 	fail := func(format string, args ...any) {
 		t.Helper()
-		t.Fatalf("%s\n%s", fmt.Sprintf(format, args...), logTails(cc.procs))
+		t.Fatalf("%s\n%s", fmt.Sprintf(format, args...), c.Logs("consul"))
+	}
+	// READY=1, which Consul sends once it has joined the LAN pool.
+	if err := c.StartAll(ctx, c.ServerMachines(), map[string]string{cluster.ConsulProduct: bin}, "consul"); err != nil {
+		fail("%v", err)
 	}
 
-	anon := cc.client(t, 0, "")
-	leader, err := WaitConsulLeader(ctx, anon)
+	anon := c.ConsulClient(c.Machines[0], "")
+	leader, err := hashi.WaitConsulLeader(ctx, anon)
 	if err != nil {
 		fail("%v", err)
 	}
 	t.Logf("leader %s", leader)
 
-	mgmt, err := BootstrapConsulACL(ctx, anon, st)
+	mgmt, err := hashi.BootstrapConsulACL(ctx, anon, st)
 	if err != nil {
 		fail("bootstrap: %v", err)
 	}
-	if again, err := BootstrapConsulACL(ctx, cc.client(t, 2, ""), st); err != nil || again != mgmt {
+	if again, err := hashi.BootstrapConsulACL(ctx, c.ConsulClient(c.Machines[2], ""), st); err != nil || again != mgmt {
 		fail("second bootstrap: %v (same token: %v)", err, again == mgmt)
 	}
 	// A state directory without the token cannot take over a bootstrapped
 	// Consul, and says why.
-	if _, err := BootstrapConsulACL(ctx, anon, memStore{}); err == nil || !strings.Contains(err.Error(), "bootstrapped outside steppe") {
+	if _, err := hashi.BootstrapConsulACL(ctx, anon, memStore{}); err == nil || !strings.Contains(err.Error(), "bootstrapped outside steppe") {
 		fail("bootstrap from another state dir: %v", err)
 	}
-	admin := cc.client(t, 1, mgmt)
+	admin := c.ConsulClient(c.Machines[1], mgmt)
 
-	plan, err := cluster.ConsulACL(spec, st, cc.servers)
+	plan, err := cluster.ConsulACL(spec, st, c.Servers)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ApplyConsulACL(ctx, admin, plan); err != nil {
+	if err := hashi.ApplyConsulACL(ctx, admin, plan); err != nil {
 		fail("apply acl: %v", err)
 	}
 	before, _, err := admin.ACL().TokenList(nil)
 	if err != nil {
 		fail("token list: %v", err)
 	}
-	if err := ApplyConsulACL(ctx, admin, plan); err != nil {
+	if err := hashi.ApplyConsulACL(ctx, admin, plan); err != nil {
 		fail("apply acl again: %v", err)
 	}
 	after, _, err := admin.ACL().TokenList(nil)
@@ -135,7 +93,7 @@ func TestConsulServersSecured(t *testing.T) {
 
 	// The agents' tokens from the machines' secrets work: each node
 	// registers itself in the catalog (blocked by ACLs until then).
-	err = poll(ctx, "3 nodes in the catalog", func() (bool, error) {
+	err = hashi.Poll(ctx, "3 nodes in the catalog", func() (bool, error) {
 		nodes, _, err := admin.Catalog().Nodes(nil)
 		if err != nil {
 			return false, err
@@ -149,7 +107,7 @@ func TestConsulServersSecured(t *testing.T) {
 		fail("%v", err)
 	}
 
-	members, err := ConsulMembers(admin)
+	members, err := hashi.ConsulMembers(admin)
 	if err != nil {
 		fail("%v", err)
 	}
@@ -162,7 +120,7 @@ func TestConsulServersSecured(t *testing.T) {
 	if alive != 3 {
 		fail("members %+v", members)
 	}
-	if _, err := WaitConsulHealthy(ctx, admin, 3); err != nil {
+	if _, err := hashi.WaitConsulHealthy(ctx, admin, 3); err != nil {
 		fail("%v", err)
 	}
 
@@ -181,10 +139,10 @@ func TestConsulServersSecured(t *testing.T) {
 	}
 
 	// Refused: no token.
-	if _, err := anon.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); statusCode(err) != http.StatusForbidden {
+	if _, err := anon.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); hashi.StatusCode(err) != http.StatusForbidden {
 		fail("KV put without a token: %v, want 403", err)
 	}
-	if _, _, err := anon.ACL().TokenList(nil); statusCode(err) != http.StatusForbidden {
+	if _, _, err := anon.ACL().TokenList(nil); hashi.StatusCode(err) != http.StatusForbidden {
 		fail("token list without a token: %v, want 403", err)
 	}
 	// Reads are filtered to nothing rather than refused.
@@ -193,7 +151,7 @@ func TestConsulServersSecured(t *testing.T) {
 	}
 
 	// Refused: plaintext HTTP, on the HTTPS port and on the default one.
-	addr := cc.servers[0].Address
+	addr := c.Servers[0].Address
 	if resp, err := http.Get(fmt.Sprintf("http://%s:%d/v1/status/leader", addr, cluster.ConsulHTTPSPort)); err == nil {
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
@@ -216,16 +174,16 @@ func TestConsulServersSecured(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name, files := range map[string]TLSFiles{
+	for name, files := range map[string]hashi.TLSFiles{
 		"other CA":    {CAFile: st.CAFile(), CertFile: oc.CertFile, KeyFile: oc.KeyFile},
 		"no cert":     {CAFile: st.CAFile()},
-		"other trust": {CAFile: other.CAFile(), CertFile: cc.op.CertFile, KeyFile: cc.op.KeyFile},
+		"other trust": {CAFile: other.CAFile(), CertFile: c.Op.CertFile, KeyFile: c.Op.KeyFile},
 	} {
-		c, err := ConsulClient(addr+":8501", files, mgmt)
+		refused, err := hashi.ConsulClient(addr+":8501", files, mgmt)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.Status().Leader(); err == nil {
+		if _, err := refused.Status().Leader(); err == nil {
 			fail("%s: the request succeeded", name)
 		} else {
 			t.Logf("%s: refused: %v", name, err)
@@ -236,9 +194,9 @@ func TestConsulServersSecured(t *testing.T) {
 
 	// Least privilege: a Nomad client's token registers services, and
 	// nothing else.
-	nomadTok, _ := st.LookupToken(cluster.TokenNomadConsul(cc.servers[0].Name))
-	srv := cc.client(t, 0, nomadTok)
-	if _, err := srv.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); statusCode(err) != http.StatusForbidden {
+	nomadTok, _ := st.LookupToken(cluster.TokenNomadConsul(c.Servers[0].Name))
+	srv := c.ConsulClient(c.Machines[0], nomadTok)
+	if _, err := srv.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); hashi.StatusCode(err) != http.StatusForbidden {
 		fail("KV put with the Nomad server token: %v, want 403", err)
 	}
 	clientPlan := &cluster.ConsulACLPlan{}
@@ -251,36 +209,41 @@ func TestConsulServersSecured(t *testing.T) {
 			break
 		}
 	}
-	if err := ApplyConsulACL(ctx, admin, clientPlan); err != nil {
+	if err := hashi.ApplyConsulACL(ctx, admin, clientPlan); err != nil {
 		fail("%v", err)
 	}
-	cl := cc.client(t, 0, clientPlan.Tokens[0].SecretID)
+	cl := c.ConsulClient(c.Machines[0], clientPlan.Tokens[0].SecretID)
 	// The token was created through another server: wait for it here.
-	err = poll(ctx, "register a service with a Nomad client token", func() (bool, error) {
+	err = hashi.Poll(ctx, "register a service with a Nomad client token", func() (bool, error) {
 		err := cl.Agent().ServiceRegister(&consulapi.AgentServiceRegistration{Name: "web", Port: 8080})
 		return err == nil, err
 	})
 	if err != nil {
 		fail("%v", err)
 	}
-	if _, _, err := cl.ACL().TokenList(nil); statusCode(err) != http.StatusForbidden {
+	if _, _, err := cl.ACL().TokenList(nil); hashi.StatusCode(err) != http.StatusForbidden {
 		fail("token list with a Nomad client token: %v, want 403", err)
 	}
-	if _, err := cl.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); statusCode(err) != http.StatusForbidden {
+	if _, err := cl.KV().Put(&consulapi.KVPair{Key: "x", Value: []byte("y")}, nil); hashi.StatusCode(err) != http.StatusForbidden {
 		fail("KV put with a Nomad client token: %v, want 403", err)
 	}
 
 	// Nothing secret in the logs of the daemons either.
-	for _, p := range cc.procs {
-		b, _ := os.ReadFile(p.log)
-		for _, n := range st.TokenNames() {
-			s, _ := st.LookupToken(n)
-			if strings.Contains(string(b), s.Reveal()) {
-				t.Fatalf("%s's log holds token %s", p.name, n)
+	for _, m := range c.ServerMachines() {
+		for _, log := range m.LogFiles("consul") {
+			b, err := os.ReadFile(log)
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-		if strings.Contains(string(b), st.ConsulGossipKey().Reveal()) {
-			t.Fatalf("%s's log holds the gossip key", p.name)
+			for _, n := range st.TokenNames() {
+				s, _ := st.LookupToken(n)
+				if strings.Contains(string(b), s.Reveal()) {
+					t.Fatalf("%s/consul's log holds token %s", m.Name, n)
+				}
+			}
+			if strings.Contains(string(b), st.ConsulGossipKey().Reveal()) {
+				t.Fatalf("%s/consul's log holds the gossip key", m.Name)
+			}
 		}
 	}
 }

@@ -239,6 +239,23 @@ func (c *Cluster) Start(ctx context.Context, m *Machine, binaries map[string]str
 	return nil
 }
 
+// StartAll starts the named services on the machines ms at once (as
+// Start does for one), since Consul's servers are ready only once they
+// found each other, and waits until all are ready.
+func (c *Cluster) StartAll(ctx context.Context, ms []*Machine, binaries map[string]string, services ...string) error {
+	errs := make(chan error, len(ms))
+	for _, m := range ms {
+		go func() { errs <- c.Start(ctx, m, binaries, services...) }()
+	}
+	var first error
+	for range ms {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
 // SetBinary swaps product's binary on m: the supervisor restarts the
 // service with the new command (a real restart on the real binary, as an
 // agent's new bundle would cause), and SetBinary waits until the new
@@ -291,9 +308,25 @@ func (m *Machine) status(svc string) supervise.Status {
 	return supervise.Status{}
 }
 
+// Plan is the role plan m was rendered from.
+func (m *Machine) Plan() cluster.RolePlan { return m.plan }
+
+// LogFiles are the files holding all a service of m wrote (its
+// supervisor's log and the copies rotated from it), for checks of a
+// daemon's whole output.
+func (m *Machine) LogFiles(service string) []string {
+	log := filepath.Join(m.Dir, "sv", service, "log")
+	rotated, _ := filepath.Glob(log + ".*")
+	return append([]string{log}, rotated...)
+}
+
 // Logs is the tail of the named services' logs on m, for failure messages.
 func (m *Machine) Logs(services ...string) string {
 	var b strings.Builder
+	if m.sup == nil {
+		fmt.Fprintf(&b, "--- %s: nothing started ---\n", m.Name)
+		return b.String()
+	}
 	for _, s := range services {
 		lines, err := m.sup.Logs(s, 30)
 		fmt.Fprintf(&b, "--- %s/%s log (tail) ---\n", m.Name, s)
@@ -303,6 +336,18 @@ func (m *Machine) Logs(services ...string) string {
 		for _, l := range lines {
 			b.WriteString(l)
 			b.WriteByte('\n')
+		}
+	}
+	return b.String()
+}
+
+// Logs is the tail of the named services' logs on every machine that
+// runs any, for failure messages.
+func (c *Cluster) Logs(services ...string) string {
+	var b strings.Builder
+	for _, m := range c.Machines {
+		if m.sup != nil {
+			b.WriteString(m.Logs(services...))
 		}
 	}
 	return b.String()
@@ -337,14 +382,8 @@ func (c *Cluster) StartConsul(ctx context.Context, bin string, ms []*Machine) (c
 	if ms == nil {
 		ms = c.Machines
 	}
-	errs := make(chan error, len(ms))
-	for _, m := range ms {
-		go func() { errs <- c.Start(ctx, m, map[string]string{cluster.ConsulProduct: bin}, "consul") }()
-	}
-	for range ms {
-		if err := <-errs; err != nil {
-			return "", err
-		}
+	if err := c.StartAll(ctx, ms, map[string]string{cluster.ConsulProduct: bin}, "consul"); err != nil {
+		return "", err
 	}
 	anon := c.ConsulClient(c.Machines[0], "")
 	if _, err := hashi.WaitConsulLeader(ctx, anon); err != nil {
@@ -379,14 +418,8 @@ func (c *Cluster) StartConsul(ctx context.Context, bin string, ms []*Machine) (c
 // StartNomad starts Nomad on the given machines (after Consul is up on
 // them) with bin, bootstraps its ACLs and returns the management token.
 func (c *Cluster) StartNomad(ctx context.Context, bin string, ms []*Machine) (cluster.Secret, error) {
-	errs := make(chan error, len(ms))
-	for _, m := range ms {
-		go func() { errs <- c.Start(ctx, m, map[string]string{cluster.NomadProduct: bin}, "nomad") }()
-	}
-	for range ms {
-		if err := <-errs; err != nil {
-			return "", err
-		}
+	if err := c.StartAll(ctx, ms, map[string]string{cluster.NomadProduct: bin}, "nomad"); err != nil {
+		return "", err
 	}
 	anon := c.NomadClient(c.Machines[0], "")
 	if _, err := hashi.WaitNomadLeader(ctx, anon); err != nil {
@@ -412,6 +445,17 @@ func (c *Cluster) StartNomad(ctx context.Context, bin string, ms []*Machine) (cl
 func (c *Cluster) cleanup() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	// Nomad first, everywhere, while Consul still has its quorum: a Nomad
+	// agent deregisters its services from its local Consul on the way
+	// out, and the last Consul server, once alone, can take its whole
+	// stop timeout to go.
+	for _, m := range slices.Backward(c.Machines) {
+		if m.sup != nil && slices.Contains(m.running, "nomad") {
+			if err := m.sup.Stop(ctx, "nomad"); err != nil {
+				c.t.Logf("stop nomad on %s: %v", m.Name, err)
+			}
+		}
+	}
 	for _, m := range slices.Backward(c.Machines) {
 		if m.sup == nil {
 			continue
