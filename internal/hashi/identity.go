@@ -47,12 +47,30 @@ type jwk struct {
 
 // NomadJWKSPEM reads the public keys Nomad signs workload identities with
 // (/.well-known/jwks.json) and returns them as PEM.
+//
+// A Nomad leader makes its signing keys moments after it is elected: until
+// ctx ends, an answer with no key (or no answer) is asked again.
 func NomadJWKSPEM(ctx context.Context, c *nomadapi.Client) ([]string, error) {
+	var pems []string
+	err := poll(ctx, "nomad jwks", func() (bool, error) {
+		p, err := nomadJWKSOnce(ctx, c)
+		if err != nil {
+			return false, err
+		}
+		pems = p
+		return true, nil
+	})
+	return pems, err
+}
+
+// nomadJWKSOnce reads Nomad's public keys once; a key it cannot decode is
+// a permanent error.
+func nomadJWKSOnce(ctx context.Context, c *nomadapi.Client) ([]string, error) {
 	var set struct {
 		Keys []jwk `json:"keys"`
 	}
 	if _, err := c.Raw().Query("/.well-known/jwks.json", &set, (&nomadapi.QueryOptions{}).WithContext(ctx)); err != nil {
-		return nil, fmt.Errorf("nomad jwks: %w", err)
+		return nil, err
 	}
 	var pems []string
 	for _, k := range set.Keys {
@@ -61,11 +79,11 @@ func NomadJWKSPEM(ctx context.Context, c *nomadapi.Client) ([]string, error) {
 		case "RSA":
 			n, err := base64.RawURLEncoding.DecodeString(k.N)
 			if err != nil {
-				return nil, fmt.Errorf("nomad jwks key %s: n: %w", k.Kid, err)
+				return nil, permanent(fmt.Errorf("nomad jwks key %s: n: %w", k.Kid, err))
 			}
 			e, err := base64.RawURLEncoding.DecodeString(k.E)
 			if err != nil {
-				return nil, fmt.Errorf("nomad jwks key %s: e: %w", k.Kid, err)
+				return nil, permanent(fmt.Errorf("nomad jwks key %s: e: %w", k.Kid, err))
 			}
 			pub = &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
 		case "OKP":
@@ -74,7 +92,7 @@ func NomadJWKSPEM(ctx context.Context, c *nomadapi.Client) ([]string, error) {
 			}
 			x, err := base64.RawURLEncoding.DecodeString(k.X)
 			if err != nil || len(x) != ed25519.PublicKeySize {
-				return nil, fmt.Errorf("nomad jwks key %s: bad Ed25519 key", k.Kid)
+				return nil, permanent(fmt.Errorf("nomad jwks key %s: bad Ed25519 key", k.Kid))
 			}
 			pub = ed25519.PublicKey(x)
 		default:
@@ -82,7 +100,7 @@ func NomadJWKSPEM(ctx context.Context, c *nomadapi.Client) ([]string, error) {
 		}
 		der, err := x509.MarshalPKIXPublicKey(pub)
 		if err != nil {
-			return nil, fmt.Errorf("nomad jwks key %s: %w", k.Kid, err)
+			return nil, permanent(fmt.Errorf("nomad jwks key %s: %w", k.Kid, err))
 		}
 		pems = append(pems, string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})))
 	}

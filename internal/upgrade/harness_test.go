@@ -60,7 +60,7 @@ func newTestCluster(ctx context.Context, tb testing.TB, withNomad bool, clients,
 			tb.Fatal(err)
 		}
 	}
-	tc.machines = &swapMachines{tb: tb, c: c, calls: map[string]int{}}
+	tc.machines = &swapMachines{tb: tb, c: c, calls: map[string]int{}, products: map[string]int{}}
 	tc.started = len(started)
 	return tc
 }
@@ -133,10 +133,11 @@ func (tc *testCluster) Nomad(addr string) (*nomadapi.Client, error) {
 // binary, as it would when the agent applies a bundle with new artifact
 // versions. Nothing is faked: the new process is the new release.
 type swapMachines struct {
-	tb    testing.TB
-	c     *hashitest.Cluster
-	mu    sync.Mutex
-	calls map[string]int // machine → Upgrade calls that restarted something
+	tb       testing.TB
+	c        *hashitest.Cluster
+	mu       sync.Mutex
+	calls    map[string]int // machine → Upgrade calls that restarted something
+	products map[string]int // machine/product → restarts of that daemon
 }
 
 func (s *swapMachines) Upgrade(ctx context.Context, machine string, versions map[string]string) error {
@@ -161,6 +162,9 @@ func (s *swapMachines) Upgrade(ctx context.Context, machine string, versions map
 				return err
 			}
 			restarted = true
+			s.mu.Lock()
+			s.products[machine+"/"+product]++
+			s.mu.Unlock()
 		}
 		if restarted {
 			s.mu.Lock()
@@ -176,6 +180,13 @@ func (s *swapMachines) restarts(machine string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.calls[machine]
+}
+
+// productRestarts counts the restarts of one daemon of a machine.
+func (s *swapMachines) productRestarts(machine, product string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.products[machine+"/"+product]
 }
 
 // cacheArtifacts finds target versions in the artifact cache, where

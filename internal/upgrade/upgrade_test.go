@@ -153,8 +153,10 @@ func TestRollingUpgradeConsulNomad(t *testing.T) {
 	if s := stepByID(st, killedIn); s.Status != StatusDone || !s.Resumed || !strings.Contains(s.Note, "verified, not restarted") {
 		t.Errorf("the interrupted step after run 2: %+v", s)
 	}
-	if n := tc.machines.restarts(killedMachine); n != 1 { // consul; nomad's comes later
-		t.Errorf("%s was restarted %d times, want once (an interrupted step is verified, not redone)", killedMachine, n)
+	// Its Consul was restarted once; its Nomad may have been too in run 2
+	// (which Nomad server goes first depends on who leads).
+	if n := tc.machines.productRestarts(killedMachine, Consul); n != 1 {
+		t.Errorf("%s's consul was restarted %d times, want once (an interrupted step is verified, not redone)", killedMachine, n)
 	}
 
 	// Run 3: to the end.
