@@ -191,6 +191,8 @@ func (a *testAgent) cleanup() {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
+	// The shared parent goes with the last test that used it.
+	_ = os.Remove(filepath.Dir(root))
 }
 
 func cgroup2Mount(t testing.TB) string {
