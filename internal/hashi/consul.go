@@ -277,14 +277,21 @@ func ConsulMembers(c *consulapi.Client) ([]ConsulMember, error) {
 // WaitConsulHealthy waits until autopilot reports every one of servers
 // servers healthy and voting, the state in which one can be lost (or
 // upgraded) without losing quorum.
-func WaitConsulHealthy(ctx context.Context, c *consulapi.Client, servers int) (*consulapi.OperatorHealthReply, error) {
-	var reply *consulapi.OperatorHealthReply
-	err := poll(ctx, "wait for Consul autopilot health", func() (bool, error) {
-		h, err := c.Operator().AutopilotServerHealth((&consulapi.QueryOptions{}).WithContext(ctx))
-		if err != nil {
+func WaitConsulHealthy(ctx context.Context, c *consulapi.Client, servers int) (ClusterHealth, error) {
+	return waitHealthy(ctx, "wait for Consul autopilot health", servers, func() (ClusterHealth, error) {
+		return ConsulAutopilotHealth(ctx, c)
+	})
+}
+
+// waitHealthy polls read until it reports a healthy cluster of servers
+// healthy voters.
+func waitHealthy(ctx context.Context, what string, servers int, read func() (ClusterHealth, error)) (ClusterHealth, error) {
+	var h ClusterHealth
+	err := poll(ctx, what, func() (bool, error) {
+		var err error
+		if h, err = read(); err != nil {
 			return false, err
 		}
-		reply = h
 		voters := 0
 		for _, s := range h.Servers {
 			if s.Healthy && s.Voter {
@@ -296,7 +303,7 @@ func WaitConsulHealthy(ctx context.Context, c *consulapi.Client, servers int) (*
 		}
 		return true, nil
 	})
-	return reply, err
+	return h, err
 }
 
 // serfAlive is serf's MemberStatus for a live member (api v1.18 has no

@@ -115,26 +115,10 @@ func NomadServers(ctx context.Context, c *nomadapi.Client) ([]NomadServer, error
 }
 
 // WaitNomadHealthy waits until autopilot reports servers healthy voters.
-func WaitNomadHealthy(ctx context.Context, c *nomadapi.Client, servers int) (*nomadapi.OperatorHealthReply, error) {
-	var reply *nomadapi.OperatorHealthReply
-	err := poll(ctx, "wait for Nomad autopilot health", func() (bool, error) {
-		h, _, err := c.Operator().AutopilotServerHealth((&nomadapi.QueryOptions{}).WithContext(ctx))
-		if err != nil {
-			return false, err
-		}
-		reply = h
-		voters := 0
-		for _, s := range h.Servers {
-			if s.Healthy && s.Voter {
-				voters++
-			}
-		}
-		if !h.Healthy || voters != servers {
-			return false, fmt.Errorf("%d of %d servers healthy voters", voters, servers)
-		}
-		return true, nil
+func WaitNomadHealthy(ctx context.Context, c *nomadapi.Client, servers int) (ClusterHealth, error) {
+	return waitHealthy(ctx, "wait for Nomad autopilot health", servers, func() (ClusterHealth, error) {
+		return NomadAutopilotHealth(ctx, c)
 	})
-	return reply, err
 }
 
 // WaitNomadClients waits until n client nodes are ready and eligible, and
