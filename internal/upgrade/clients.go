@@ -87,29 +87,8 @@ func (u *Upgrader) runClients(ctx context.Context) error {
 // eligible again. Resumed on a machine already on the target versions, it
 // only verifies and makes it eligible.
 func (u *Upgrader) client(ctx context.Context, i int) error {
-	var s Step
-	var prev StepStatus
-	u.update(i, func(st *Step) {
-		prev = st.Status
-		st.Resumed = st.Resumed || st.Status == StatusRunning
-		st.Status = StatusRunning
-		st.Attempts++
-		st.Error = ""
-		if st.Started.IsZero() {
-			st.Started = time.Now()
-		}
-		s = *st
-	})
-	err := u.clientSteps(ctx, i, s, prev)
-	if err != nil {
-		if ctx.Err() != nil {
-			return fmt.Errorf("upgrade interrupted in %s: %w", s.ID, err)
-		}
-		return u.fail(i, fmt.Errorf("%s: %w", s.ID, err))
-	}
-	return u.update(i, func(st *Step) {
-		st.Status = StatusDone
-		st.Finished = time.Now()
+	return u.runRecorded(ctx, i, func(s Step, prev StepStatus) error {
+		return u.clientSteps(ctx, i, s, prev)
 	})
 }
 

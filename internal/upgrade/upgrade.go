@@ -330,34 +330,38 @@ func (u *Upgrader) fail(i int, err error) error {
 }
 
 func (u *Upgrader) runStep(ctx context.Context, i int) error {
-	var prev StepStatus
-	if err := u.update(i, func(s *Step) {
-		// A step found running was interrupted: it is verified before
-		// anything is redone.
-		prev = s.Status
-		s.Resumed = s.Resumed || s.Status == StatusRunning
-		s.Status = StatusRunning
-		s.Attempts++
-		s.Error = ""
-		if s.Started.IsZero() {
-			s.Started = time.Now()
+	return u.runRecorded(ctx, i, func(s Step, prev StepStatus) error {
+		switch s.Kind {
+		case KindSnapshot:
+			return u.snapshot(ctx, i, s)
+		case KindServer:
+			return u.server(ctx, i, s, prev)
+		default:
+			return fmt.Errorf("step %s: unknown kind %q", s.ID, s.Kind)
 		}
+	})
+}
+
+// runRecorded runs step i through run, recording it as running, then done or
+// failed. run is told the status the step had: a step found running was
+// interrupted, and is verified before anything is redone.
+func (u *Upgrader) runRecorded(ctx context.Context, i int, run func(s Step, prev StepStatus) error) error {
+	var prev StepStatus
+	var s Step
+	if err := u.update(i, func(st *Step) {
+		prev = st.Status
+		st.Resumed = st.Resumed || st.Status == StatusRunning
+		st.Status = StatusRunning
+		st.Attempts++
+		st.Error = ""
+		if st.Started.IsZero() {
+			st.Started = time.Now()
+		}
+		s = *st
 	}); err != nil {
 		return err
 	}
-	u.mu.Lock()
-	s := u.st.Steps[i]
-	u.mu.Unlock()
-	var err error
-	switch s.Kind {
-	case KindSnapshot:
-		err = u.snapshot(ctx, i, s)
-	case KindServer:
-		err = u.server(ctx, i, s, prev)
-	default:
-		err = fmt.Errorf("step %s: unknown kind %q", s.ID, s.Kind)
-	}
-	if err != nil {
+	if err := run(s, prev); err != nil {
 		if ctx.Err() != nil {
 			// Interrupted: the step stays running, to be verified by the
 			// next run.
@@ -365,9 +369,9 @@ func (u *Upgrader) runStep(ctx context.Context, i int) error {
 		}
 		return u.fail(i, fmt.Errorf("%s: %w", s.ID, err))
 	}
-	return u.update(i, func(s *Step) {
-		s.Status = StatusDone
-		s.Finished = time.Now()
+	return u.update(i, func(st *Step) {
+		st.Status = StatusDone
+		st.Finished = time.Now()
 	})
 }
 
