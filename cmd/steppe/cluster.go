@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/steppe/steppe/internal/deploy"
+	"github.com/steppe/steppe/internal/upgrade"
 )
 
 // clusterFlags are the flags every cluster command shares.
@@ -32,6 +34,55 @@ func runUp(ctx context.Context, args []string) error {
 		return err
 	}
 	_, err := deploy.Up(ctx, deploy.UpOptions{Options: *o, Timeout: *timeout, MachineTimeout: *machineTimeout})
+	return err
+}
+
+func runUpgrade(ctx context.Context, args []string) error {
+	fs, o := clusterFlags("upgrade")
+	nomad := fs.String("nomad", "", "Nomad version to upgrade to")
+	consul := fs.String("consul", "", "Consul version to upgrade to")
+	vault := fs.String("vault", "", "Vault version to upgrade to")
+	force := fs.Bool("force", false, "allow a downgrade or a jump of more than one minor version (never an unhealthy cluster)")
+	surge := fs.Bool("surge", false, "replace client machines with new ones instead of upgrading them in place")
+	parallel := fs.Int("parallel", 1, "client machines of a pool upgraded at once")
+	drain := fs.Duration("drain-deadline", 5*time.Minute, "bound on each client's drain (jobs migrate as their migrate blocks say)")
+	stable := fs.Duration("stable", 10*time.Second, "how long each upgraded server must stay healthy before the next")
+	gateTimeout := fs.Duration("gate-timeout", 5*time.Minute, "how long a server may take to pass its gate")
+	machineTimeout := fs.Duration("machine-timeout", 5*time.Minute, "how long a machine may take to run its new release")
+	if _, err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	target := map[string]string{}
+	for p, v := range map[string]string{"nomad": *nomad, "consul": *consul, "vault": *vault} {
+		if v != "" {
+			target[p] = v
+		}
+	}
+	_, err := deploy.Upgrade(ctx, deploy.UpgradeOptions{
+		Options: *o, Target: target, Force: *force,
+		Clients:        upgrade.ClientStrategy{Parallelism: *parallel, DrainDeadline: *drain, Surge: *surge},
+		Gate:           upgrade.Gate{Stable: *stable, Timeout: *gateTimeout},
+		MachineTimeout: *machineTimeout,
+	})
+	return err
+}
+
+func runScale(ctx context.Context, args []string) error {
+	fs, o := clusterFlags("scale")
+	drain := fs.Duration("drain-deadline", 5*time.Minute, "bound on each removed machine's drain (jobs migrate as their migrate blocks say)")
+	machineTimeout := fs.Duration("machine-timeout", 5*time.Minute, "how long a new machine may take to become healthy")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if len(pos) != 2 {
+		return fmt.Errorf("%w: steppe scale POOL COUNT", errUsage)
+	}
+	n, err := strconv.Atoi(pos[1])
+	if err != nil || n < 0 {
+		return fmt.Errorf("%w: steppe scale POOL COUNT: count %q is not a number of machines", errUsage, pos[1])
+	}
+	_, err = deploy.Scale(ctx, deploy.ScaleOptions{Options: *o, Pool: pos[0], Count: n, DrainDeadline: *drain, MachineTimeout: *machineTimeout})
 	return err
 }
 
@@ -131,7 +182,7 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	fmt.Fprintln(tw, "MACHINE\tADDRESS\tROLE\tAGENT\tRELEASE\tSERVICES")
+	fmt.Fprintln(tw, "MACHINE\tADDRESS\tROLE\tAGENT\tRELEASE\tVERSIONS\tSERVICES")
 	for _, a := range st.Agents {
 		agentCol := "stopped"
 		if a.Running {
@@ -145,7 +196,7 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 			}
 			svcs = append(svcs, fmt.Sprintf("%s %s%s (pid %d, %d restarts)", s.Name, s.State, r, s.PID, s.Restarts))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", a.Machine, a.Address, a.Role, agentCol, a.Release, strings.Join(svcs, "; "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", a.Machine, a.Address, a.Role, agentCol, a.Release, machineVersions(a), strings.Join(svcs, "; "))
 	}
 	tw.Flush()
 	if len(st.Problems) > 0 {
@@ -154,4 +205,25 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 			fmt.Fprintf(w, "  - %s\n", p)
 		}
 	}
+}
+
+// machineVersions is "consul 1.14.11, nomad 1.10.5", with what a daemon
+// runs when it is not yet what the machine is set to run
+// ("nomad 1.10.5 (runs 1.9.3)").
+func machineVersions(a deploy.AgentStatus) string {
+	var parts []string
+	for _, p := range []string{"consul", "nomad"} {
+		want, runs := a.Versions[p], a.Runs[p]
+		switch {
+		case want == "" && runs == "":
+			continue
+		case want == "":
+			parts = append(parts, p+" "+runs)
+		case runs != "" && runs != want:
+			parts = append(parts, fmt.Sprintf("%s %s (runs %s)", p, want, runs))
+		default:
+			parts = append(parts, p+" "+want)
+		}
+	}
+	return dash(strings.Join(parts, ", "))
 }

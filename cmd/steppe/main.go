@@ -31,8 +31,8 @@ Operator:
   steppe status [-json]                the whole cluster at a glance
   steppe env                           exports for the nomad and consul CLIs
   steppe down                          remove everything up made
-  steppe upgrade [-nomad V] [-consul V] [-vault V]   (not built yet)
-  steppe scale POOL COUNT                            (not built yet)
+  steppe upgrade [-nomad V] [-consul V] [-vault V]   rolling, health-gated, resumable
+  steppe scale POOL COUNT              grow a client pool, or drain and shrink it
 `
 
 // errUsage marks errors caused by how steppe was invoked; they exit with 2.
@@ -84,8 +84,10 @@ func run(ctx context.Context, args []string) error {
 		return runEnv(ctx, rest)
 	case "down":
 		return runDown(ctx, rest)
-	case "upgrade", "scale":
-		return fmt.Errorf("%q is not built yet (see the open issues)", cmd)
+	case "upgrade":
+		return runUpgrade(ctx, rest)
+	case "scale":
+		return runScale(ctx, rest)
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("%w: unknown command %q", errUsage, cmd)

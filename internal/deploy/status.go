@@ -80,6 +80,12 @@ type AgentStatus struct {
 	Release  uint64          `json:"release"`
 	Error    string          `json:"error,omitempty"`
 	Services []ServiceStatus `json:"services"`
+	// Versions are what the machine is set to run (product → version):
+	// its bundle's artifacts. Runs is what its daemons report running,
+	// as Consul and Nomad see them; the two differ while an upgrade or a
+	// new release is on its way.
+	Versions map[string]string `json:"versions,omitempty"`
+	Runs     map[string]string `json:"runs,omitempty"`
 }
 
 // ServiceStatus is one service an agent supervises.
@@ -155,6 +161,18 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 		s.Problems = append(s.Problems, "consul: "+err.Error())
 	}
 	want := e.spec.Machines() - e.spec.Servers.Count
+	if f, err := loadFleet(e.stateDir); err == nil && f != nil {
+		want = len(f.machines(cluster.RoleClient, ""))
+		for i := range s.Agents {
+			if m := f.machine(s.Agents[i].Machine); m != nil {
+				s.Agents[i].Versions = m.Versions
+			}
+		}
+	}
+	s.fillRuns()
+	if st, err := pendingUpgrade(e.stateDir); err == nil && st != nil {
+		s.Problems = append(s.Problems, fmt.Sprintf("an upgrade to %s is unfinished: run steppe upgrade to finish it", describeVersions(st.Target)))
+	}
 	ready := 0
 	for _, c := range s.Clients {
 		if c.Status == "ready" && c.Eligible && !c.Drain {
@@ -170,6 +188,32 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 	s.Healthy = len(s.Problems) == 0
 	s.Took = time.Since(start)
 	return s, nil
+}
+
+// fillRuns sets each agent's Runs from the daemons' own reports.
+func (s *Status) fillRuns() {
+	for i := range s.Agents {
+		a := &s.Agents[i]
+		runs := map[string]string{}
+		for _, m := range s.Consul {
+			if m.Name == a.Machine && m.Status == "alive" {
+				runs[cluster.ConsulProduct] = m.Version
+			}
+		}
+		for _, sv := range s.Servers {
+			if sv.Name == a.Machine && sv.Status == "alive" {
+				runs[cluster.NomadProduct] = sv.Version
+			}
+		}
+		for _, c := range s.Clients {
+			if c.Name == a.Machine && c.Status == "ready" {
+				runs[cluster.NomadProduct] = c.Version
+			}
+		}
+		if len(runs) > 0 {
+			a.Runs = runs
+		}
+	}
 }
 
 func serverAddrs(ms []provider.Machine) []string {

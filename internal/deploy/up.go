@@ -6,10 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -19,10 +17,10 @@ import (
 	nomadapi "github.com/hashicorp/nomad/api"
 
 	"github.com/steppe/steppe/internal/agent"
-	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/hashi"
 	"github.com/steppe/steppe/internal/provider"
+	"github.com/steppe/steppe/internal/upgrade"
 )
 
 // UpOptions are Options plus the deadlines of `up`.
@@ -71,17 +69,45 @@ func Up(ctx context.Context, opts UpOptions) (*UpResult, error) {
 	if opts.MachineTimeout == 0 {
 		opts.MachineTimeout = 5 * time.Minute
 	}
-	u := &upRun{env: e, opts: opts, res: &UpResult{Cluster: e.spec.Name, StateDir: e.stateDir}}
+	release, err := lockState(e.stateDir, "up")
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	if st, err := pendingUpgrade(e.stateDir); err != nil {
+		return nil, err
+	} else if st != nil {
+		return nil, fmt.Errorf("an upgrade to %s is in progress: run steppe upgrade to finish it first (%s)", describeVersions(st.Target), filepath.Join(e.stateDir, upgrade.StateFile))
+	}
+	f, err := loadFleet(e.stateDir)
+	if err != nil {
+		return nil, err
+	}
+	var drift []string
+	if f == nil || !f.Established {
+		// Until the cluster has come up once, the spec alone says what it is.
+		f = newFleet(e.spec)
+	} else {
+		drift = f.reconcile(e.spec)
+	}
+	u := &upRun{
+		fleetOps: &fleetOps{env: e, machineTimeout: opts.MachineTimeout, fleet: f},
+		opts:     opts,
+		res:      &UpResult{Cluster: e.spec.Name, StateDir: e.stateDir},
+	}
 	start := time.Now()
 	for _, w := range e.spec.Warnings {
 		e.printf("warning: %s", w)
 	}
 	e.printf("steppe up: cluster %s (%d servers, %d clients, nomad %s, consul %s) in %s",
-		e.spec.Name, e.spec.Servers.Count, e.spec.Machines()-e.spec.Servers.Count, e.spec.Versions.Nomad, e.spec.Versions.Consul, e.stateDir)
+		e.spec.Name, len(f.machines(cluster.RoleServer, "")), len(f.machines(cluster.RoleClient, "")), f.Versions[cluster.NomadProduct], f.Versions[cluster.ConsulProduct], e.stateDir)
+	for _, w := range drift {
+		e.printf("note: %s", w)
+	}
 
 	// The binaries first, outside the deadline: a cold build takes minutes
 	// and reports its own progress.
-	if err := u.phase("artifacts", u.artifacts, ctx); err != nil {
+	if err := u.phase("artifacts", func(ctx context.Context) error { return u.ensureArtifacts(ctx, fleetVersions(f)) }, ctx); err != nil {
 		return u.res, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
@@ -104,6 +130,9 @@ func Up(ctx context.Context, opts UpOptions) (*UpResult, error) {
 			return u.res, err
 		}
 	}
+	if err := u.withFleet(func(f *fleet) { f.Established = true }); err != nil {
+		return u.res, err
+	}
 	u.res.Total = time.Since(start)
 	if ms, err := e.local.List(ctx); err == nil {
 		u.res.Machines = ms
@@ -114,17 +143,12 @@ func Up(ctx context.Context, opts UpOptions) (*UpResult, error) {
 
 // upRun is one run of Up.
 type upRun struct {
-	*env
+	*fleetOps
 	opts UpOptions
 	res  *UpResult
 
-	st          *cluster.State
-	opFiles     hashi.TLSFiles
-	bundlePub   string
-	storeURL    string
-	artifactKey string
-	machines    []provider.Machine // of the spec, in its order
-	versions    map[string]uint64  // role -> published version
+	machines []provider.Machine // of the fleet, servers first
+	versions map[string]uint64  // machine -> published bundle version
 
 	consul *consulapi.Client // management
 	nomad  *nomadapi.Client  // management
@@ -162,52 +186,10 @@ func (i indent) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (u *upRun) artifacts(ctx context.Context) error {
-	if u.spec.ArtifactStore != cluster.DefaultArtifactStore {
-		return fmt.Errorf("artifact_store %q: only the default is supported so far (leave it out: steppe builds the binaries from source)", u.spec.ArtifactStore)
-	}
-	// The release site is not reachable from these machines (DESIGN:
-	// facts), and its signing key is not pinned here: the versions are
-	// built from source into the cache and served from its store.
-	b := &artifact.Builder{CacheDir: u.cacheDir, Log: indent{u.out, "    "}}
-	want := []struct{ product, version string }{
-		{cluster.ConsulProduct, u.spec.Versions.Consul},
-		{cluster.NomadProduct, u.spec.Versions.Nomad},
-	}
-	for _, a := range want {
-		if _, err := b.Build(ctx, a.product, a.version); err != nil {
-			return fmt.Errorf("missing artifact %s %s, and building it failed: %w", a.product, a.version, err)
-		}
-	}
-	store := artifact.DefaultStoreDir(u.cacheDir)
-	u.storeURL = "file://" + store
-	u.artifactKey = filepath.Join(store, artifact.StoreKeyFile)
-	keyring, err := artifact.ReadKeyringFile(u.artifactKey)
-	if err != nil {
-		return fmt.Errorf("artifact store key: %w", err)
-	}
-	// Fetch once into the cache the local machines share, through the
-	// same verification their agents do: five agents then find the
-	// binaries in place instead of unpacking 100 MB each.
-	f := &artifact.Fetcher{CacheDir: filepath.Join(u.stateDir, artifactsCache), Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	if err := os.MkdirAll(u.stateDir, 0o700); err != nil {
-		return err
-	}
-	for _, a := range want {
-		if _, err := f.Fetch(ctx, u.storeURL, a.product, a.version, runtime.GOOS, runtime.GOARCH, keyring); err != nil {
-			return fmt.Errorf("artifact %s %s from %s: %w", a.product, a.version, u.storeURL, err)
-		}
-		u.printf("    %s %s: verified (store %s)", a.product, a.version, store)
-	}
-	return nil
-}
-
 func (u *upRun) secrets(ctx context.Context) error {
-	st, err := cluster.OpenState(u.stateDir)
-	if err != nil {
+	if _, err := cluster.OpenState(u.stateDir); err != nil {
 		return err
 	}
-	u.st = st
 	if err := os.WriteFile(filepath.Join(u.stateDir, markerFile), []byte("a steppe cluster's state directory; steppe down removes it\n"), 0o600); err != nil {
 		return err
 	}
@@ -216,12 +198,10 @@ func (u *upRun) secrets(ctx context.Context) error {
 			return err
 		}
 	}
-	op, err := st.OperatorCert()
-	if err != nil {
+	if err := u.loadSecrets(); err != nil {
 		return err
 	}
-	u.opFiles = hashi.TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}
-	if _, u.bundlePub, err = u.bundleKey(); err != nil {
+	if err := u.saveFleet(); err != nil {
 		return err
 	}
 	u.printf("    CA, gossip keys, tokens and bundle signing key in %s (0700)", u.stateDir)
@@ -229,67 +209,33 @@ func (u *upRun) secrets(ctx context.Context) error {
 }
 
 func (u *upRun) createMachines(ctx context.Context) error {
-	want, err := u.local.Assign(ctx, u.spec.MachineList())
-	if err != nil {
-		return err
-	}
-	if err := u.local.CheckFree(ctx, want); err != nil {
-		return err
-	}
+	u.mu.Lock()
+	want := u.fleet.list()
+	u.mu.Unlock()
 	existing, err := u.local.List(ctx)
 	if err != nil {
 		return err
 	}
 	for _, m := range existing {
 		if !slices.ContainsFunc(want, func(w cluster.Machine) bool { return w.Name == m.Name }) {
-			u.printf("    warning: machine %s is not in the spec and is left as it is (scaling down is not built yet)", m.Name)
+			u.printf("    warning: machine %s is not in the cluster's fleet and is left as it is", m.Name)
 		}
 	}
-	store, err := u.bundleStoreDir()
+	made, err := u.create(ctx, want)
 	if err != nil {
 		return err
 	}
-	u.machines = make([]provider.Machine, len(want))
-	errs := make([]error, len(want))
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	for i, m := range want {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			was := slices.ContainsFunc(existing, func(x provider.Machine) bool { return x.Name == m.Name && x.Running })
-			pm, err := u.local.Create(ctx, provider.CreateRequest{
-				Machine: m,
-				Agent: provider.AgentConfig{
-					Cluster: u.spec.Name, Region: u.spec.Region, Datacenter: u.spec.Datacenter,
-					BundleRole: cluster.RoleName(m), BundleStore: store,
-					BundleKeys: []string{u.bundlePub}, ArtifactKeys: []string{u.artifactKey},
-					HealthTimeout: u.opts.MachineTimeout,
-				},
-				Secrets: func(cm cluster.Machine, dir string) (map[string][]byte, error) {
-					return cluster.MachineSecrets(u.spec, u.st, cm, dir)
-				},
-			})
-			u.machines[i], errs[i] = pm, err
-			if err != nil {
-				return
-			}
-			how := "running"
-			if pm.SecretsChanged {
-				how = "running, new secrets"
-			}
-			if !was {
-				how = "started"
-				mu.Lock()
-				u.res.Started = append(u.res.Started, m.Name)
-				mu.Unlock()
-			}
-			u.printf("    %-24s %-15s %-16s agent pid %d (%s)", m.Name, pm.Address, cluster.RoleName(m), pm.PID, how)
-		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return err
+	u.machines = made
+	for _, pm := range made {
+		how := "running"
+		if pm.SecretsChanged {
+			how = "running, new secrets"
+		}
+		if !slices.ContainsFunc(existing, func(x provider.Machine) bool { return x.Name == pm.Name && x.Running }) {
+			how = "started"
+			u.res.Started = append(u.res.Started, pm.Name)
+		}
+		u.printf("    %-24s %-15s %-16s agent pid %d (%s)", pm.Name, pm.Address, cluster.RoleName(pm.Cluster()), pm.PID, how)
 	}
 	return u.restartForSecrets(ctx)
 }
@@ -339,78 +285,35 @@ func (u *upRun) servers() []cluster.Machine {
 }
 
 func (u *upRun) publishBundles(ctx context.Context) error {
-	plans, err := cluster.Plan(u.spec, u.servers())
-	if err != nil {
-		return err
-	}
-	key, _, err := u.bundleKey()
-	if err != nil {
-		return err
-	}
-	store, err := u.bundleStoreDir()
-	if err != nil {
-		return err
-	}
 	u.versions = map[string]uint64{}
-	for _, p := range plans {
-		pub, err := publishRole(ctx, store, u.spec.Name, p, u.storeURL, key)
+	for _, m := range u.machines {
+		pub, err := u.publish(ctx, m.Name, u.servers())
 		if err != nil {
 			return err
 		}
-		u.versions[p.Role] = pub.Version
+		u.versions[m.Name] = pub.Version
 		if pub.Changed {
-			u.res.Published = append(u.res.Published, p.Role)
-			u.printf("    %-16s version %d published (signed)", p.Role, pub.Version)
+			u.res.Published = append(u.res.Published, m.Name)
+			u.printf("    %-24s version %d published (signed)", m.Name, pub.Version)
 		} else {
-			u.printf("    %-16s version %d unchanged", p.Role, pub.Version)
+			u.printf("    %-24s version %d unchanged", m.Name, pub.Version)
 		}
 	}
 	return nil
 }
 
-// agentsHealthy waits until every machine runs its role's published
-// release with every service ready.
+// agentsHealthy waits until every machine runs its published release
+// with every service ready.
 func (u *upRun) agentsHealthy(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, u.opts.MachineTimeout)
 	defer cancel()
 	errs := make([]error, len(u.machines))
 	var wg sync.WaitGroup
 	for i, m := range u.machines {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = u.waitMachine(ctx, m, u.versions[cluster.RoleName(m.Cluster())])
-		}()
+		wg.Go(func() { errs[i] = u.waitMachine(ctx, m, u.versions[m.Name]) })
 	}
 	wg.Wait()
 	return errors.Join(errs...)
-}
-
-func (u *upRun) waitMachine(ctx context.Context, m provider.Machine, version uint64) error {
-	client := agent.NewClient(m.Socket)
-	var last agent.StatusReport
-	var lastErr error
-	for {
-		st, err := client.Status(ctx)
-		if err == nil {
-			last, lastErr = st, nil
-			if machineHealthy(st, version) {
-				var names []string
-				for _, s := range st.Services {
-					names = append(names, s.Name)
-				}
-				u.printf("    %-24s release %d healthy: %s", m.Name, version, strings.Join(names, ", "))
-				return nil
-			}
-		} else {
-			lastErr = err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("machine %s (%s) did not become healthy: %s\n%s", m.Name, m.Address, failingCheck(last, lastErr, version), u.machineLogs(m, last))
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 func machineHealthy(st agent.StatusReport, version uint64) bool {
@@ -463,7 +366,7 @@ func failingCheck(st agent.StatusReport, err error, version uint64) string {
 
 // machineLogs is the end of a machine's agent log and of the log of each
 // service that is not ready.
-func (u *upRun) machineLogs(m provider.Machine, st agent.StatusReport) string {
+func machineLogs(m provider.Machine, st agent.StatusReport) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "--- %s: agent log (%s), last lines ---\n%s\n", m.Name, m.Log, provider.TailFile(m.Log, 10))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -559,10 +462,10 @@ func (u *upRun) nomadACL(ctx context.Context) error {
 	if err := hashi.WaitNomadToken(ctx, u.nomad); err != nil {
 		return err
 	}
-	if _, err := hashi.WaitNomadHealthy(ctx, u.nomad, u.spec.Servers.Count); err != nil {
+	if _, err := hashi.WaitNomadHealthy(ctx, u.nomad, len(srv)); err != nil {
 		return fmt.Errorf("%w\n%s", err, serviceLogs(u.serverMachines(), "nomad", 10))
 	}
-	u.printf("    leader %s; %d healthy voting servers; ACLs bootstrapped", u.leader, u.spec.Servers.Count)
+	u.printf("    leader %s; %d healthy voting servers; ACLs bootstrapped", u.leader, len(srv))
 	return nil
 }
 
@@ -575,7 +478,7 @@ func (u *upRun) workloadIdentity(ctx context.Context) error {
 }
 
 func (u *upRun) clientsReady(ctx context.Context) error {
-	n := u.spec.Machines() - u.spec.Servers.Count
+	n := len(u.machines) - len(u.servers())
 	nodes, err := hashi.WaitNomadClients(ctx, u.nomad, n)
 	if err != nil {
 		var clients []provider.Machine
@@ -595,7 +498,7 @@ func (u *upRun) clientsReady(ctx context.Context) error {
 func (u *upRun) summary() {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "\ncluster %s is up in %s: %d Nomad servers (leader %s), %d Nomad clients ready, Consul on all %d machines, ACLs and TLS everywhere\n",
-		u.spec.Name, u.res.Total.Round(100*time.Millisecond), u.spec.Servers.Count, u.leader, u.spec.Machines()-u.spec.Servers.Count, len(u.machines))
+		u.spec.Name, u.res.Total.Round(100*time.Millisecond), len(u.servers()), u.leader, len(u.machines)-len(u.servers()), len(u.machines))
 	var phases []string
 	for _, p := range u.res.Phases {
 		phases = append(phases, fmt.Sprintf("%s %s", p.Name, p.Took.Round(10*time.Millisecond)))

@@ -309,3 +309,36 @@ func waitHealthy(ctx context.Context, what string, servers int, read func() (Clu
 // serfAlive is serf's MemberStatus for a live member (api v1.18 has no
 // constant for it).
 const serfAlive = 1
+
+// TokenDeleter forgets tokens; *cluster.State is one.
+type TokenDeleter interface {
+	LookupToken(name string) (cluster.Secret, bool)
+	DeleteToken(name string) error
+}
+
+// DeleteConsulTokens deletes the tokens named (as the state directory
+// names them) from Consul, then from the store: a removed machine's
+// tokens must not outlive it. A token Consul or the store does not know
+// is already deleted. c must carry a management token.
+func DeleteConsulTokens(ctx context.Context, c *consulapi.Client, store TokenDeleter, names []string) error {
+	acl := c.ACL()
+	for _, name := range names {
+		secret, ok := store.LookupToken(name)
+		if !ok {
+			continue
+		}
+		tok, _, err := acl.TokenReadSelf((&consulapi.QueryOptions{Token: secret.Reveal()}).WithContext(ctx))
+		switch {
+		case err != nil && !isACLNotFound(err):
+			return fmt.Errorf("consul token %s: %w", name, err)
+		case err == nil:
+			if _, err := acl.TokenDelete(tok.AccessorID, (&consulapi.WriteOptions{}).WithContext(ctx)); err != nil {
+				return fmt.Errorf("delete consul token %s: %w", name, err)
+			}
+		}
+		if err := store.DeleteToken(name); err != nil {
+			return fmt.Errorf("delete token %s: %w", name, err)
+		}
+	}
+	return nil
+}

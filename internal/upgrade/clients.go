@@ -199,7 +199,11 @@ func (u *Upgrader) surge(ctx context.Context, pool string, idx []int) error {
 	}
 	if len(need) > 0 {
 		start := time.Now()
-		created, err := u.cfg.Pools.Create(ctx, pool, len(need), u.cfg.Target)
+		old := make([]string, len(need))
+		for k, i := range need {
+			old[k] = u.step(i).Machine
+		}
+		created, err := u.cfg.Pools.Create(ctx, pool, old, u.cfg.Target)
 		if err == nil && len(created) != len(need) {
 			err = fmt.Errorf("asked for %d machines, got %d", len(need), len(created))
 		}

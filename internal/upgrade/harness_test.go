@@ -71,7 +71,7 @@ func newTestCluster(ctx context.Context, tb testing.TB, withNomad bool, clients,
 // provider does with an agent process.
 type surgePools struct{ tc *testCluster }
 
-func (p surgePools) Create(ctx context.Context, pool string, n int, versions map[string]string) ([]Client, error) {
+func (p surgePools) Create(ctx context.Context, pool string, replacing []string, versions map[string]string) ([]Client, error) {
 	cache, err := artifact.DefaultCacheDir()
 	if err != nil {
 		return nil, err
@@ -83,7 +83,7 @@ func (p surgePools) Create(ctx context.Context, pool string, n int, versions map
 		}
 	}
 	var out []Client
-	for range n {
+	for range replacing {
 		if p.tc.started >= len(p.tc.Machines) {
 			return out, fmt.Errorf("no spare machine left in pool %s", pool)
 		}

@@ -82,9 +82,12 @@ type ClientStrategy struct {
 // Pools creates and destroys client machines, for surge upgrades. The
 // provider implements it.
 type Pools interface {
-	// Create makes n new machines in pool running versions (product →
-	// version) and returns them once their daemons are started.
-	Create(ctx context.Context, pool string, n int, versions map[string]string) ([]Client, error)
+	// Create makes one new machine in pool for each machine of
+	// replacing, running versions (product → version), and returns them
+	// in that order once their daemons are started. Asked again for the
+	// same replacing machines (a resumed upgrade) it returns the machines
+	// it made the first time instead of making more.
+	Create(ctx context.Context, pool string, replacing []string, versions map[string]string) ([]Client, error)
 	// Destroy stops a machine's daemons and removes it; a machine that
 	// is already gone is not an error (a resumed upgrade may ask again).
 	Destroy(ctx context.Context, machine string) error
