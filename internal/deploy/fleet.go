@@ -144,20 +144,24 @@ func (f *fleet) reconcile(spec *cluster.Spec) (warnings []string) {
 }
 
 // add appends a new machine to pool (or a server when role is server)
-// with the lowest free number, and returns it.
+// numbered one past the highest number of its kind, and returns it. A
+// number is not used again while the pool grows: a removed machine's
+// name lingers for a while as a left Consul member and in reports, and a
+// new machine must not be taken for it.
 func (f *fleet) add(clusterName string, role cluster.Role, pool string, versions map[string]string, replaces string) fleetMachine {
 	prefix := clusterName + "-server-"
 	if role == cluster.RoleClient {
 		prefix = clusterName + "-" + pool + "-"
 	}
-	for i := 1; ; i++ {
-		name := prefix + strconv.Itoa(i)
-		if f.machine(name) == nil {
-			m := fleetMachine{Name: name, Role: role, Pool: pool, Versions: maps.Clone(versions), Replaces: replaces}
-			f.Machines = append(f.Machines, m)
-			return m
+	n := 0
+	for _, m := range f.Machines {
+		if strings.HasPrefix(m.Name, prefix) {
+			n = max(n, machineNumber(m.Name))
 		}
 	}
+	m := fleetMachine{Name: prefix + strconv.Itoa(n+1), Role: role, Pool: pool, Versions: maps.Clone(versions), Replaces: replaces}
+	f.Machines = append(f.Machines, m)
+	return m
 }
 
 func (f *fleet) machine(name string) *fleetMachine {

@@ -38,8 +38,8 @@ func TestFleetFromSpecAndDrift(t *testing.T) {
 
 func TestFleetNamesAndRemoval(t *testing.T) {
 	f := newFleet(cluster.DefaultSpec())
-	// Names are the lowest free numbers: a removed machine's number is
-	// used again, never two machines with one name.
+	// A new machine is numbered past the highest: a removed machine's
+	// name is not given to a new one while a higher one lives.
 	a := f.add("steppe", cluster.RoleClient, "default", f.Versions, "steppe-default-1")
 	if a.Name != "steppe-default-3" {
 		t.Fatalf("new machine %s, want steppe-default-3", a.Name)
@@ -48,15 +48,15 @@ func TestFleetNamesAndRemoval(t *testing.T) {
 	if m := f.machine("steppe-default-3"); m == nil || m.Replaces != "" {
 		t.Fatalf("the replacement still replaces a removed machine: %+v", m)
 	}
-	if b := f.add("steppe", cluster.RoleClient, "default", f.Versions, ""); b.Name != "steppe-default-1" {
-		t.Fatalf("new machine %s, want steppe-default-1", b.Name)
+	if b := f.add("steppe", cluster.RoleClient, "default", f.Versions, ""); b.Name != "steppe-default-4" {
+		t.Fatalf("new machine %s, want steppe-default-4", b.Name)
 	}
 	var names []string
 	for _, m := range f.machines(cluster.RoleClient, "default") {
 		names = append(names, m.Name)
 	}
 	// Ordered by number, not as strings: scale removes the highest.
-	if got := strings.Join(names, " "); got != "steppe-default-1 steppe-default-2 steppe-default-3" {
+	if got := strings.Join(names, " "); got != "steppe-default-2 steppe-default-3 steppe-default-4" {
 		t.Fatalf("pool order %q", got)
 	}
 	dir := t.TempDir()

@@ -390,13 +390,16 @@ func anyServer[C any](ctx context.Context, o *fleetOps, client func(string) (C, 
 func (o *fleetOps) Create(ctx context.Context, pool string, replacing []string, versions map[string]string) ([]upgrade.Client, error) {
 	var names []string
 	err := o.withFleet(func(f *fleet) {
+		// Products not being upgraded stay on the cluster's versions.
+		want := maps.Clone(f.Versions)
+		maps.Copy(want, versions)
 		for _, old := range replacing {
 			i := slices.IndexFunc(f.Machines, func(m fleetMachine) bool { return m.Replaces == old })
 			if i < 0 {
-				names = append(names, f.add(o.spec.Name, cluster.RoleClient, pool, versions, old).Name)
+				names = append(names, f.add(o.spec.Name, cluster.RoleClient, pool, want, old).Name)
 				continue
 			}
-			maps.Copy(f.Machines[i].Versions, versions)
+			maps.Copy(f.Machines[i].Versions, want)
 			names = append(names, f.Machines[i].Name)
 		}
 	})
@@ -460,6 +463,12 @@ func (o *fleetOps) Destroy(ctx context.Context, machine string) error {
 	})
 	if err != nil {
 		return fmt.Errorf("machine %s: %w", machine, err)
+	}
+	// Its bundles go too: nothing pulls them any more.
+	if store, err := o.bundleStoreDir(); err == nil && bundle.CheckName("machine", machine) == nil {
+		if err := os.RemoveAll(filepath.Join(store, o.spec.Name, machine)); err != nil {
+			return fmt.Errorf("machine %s: bundles: %w", machine, err)
+		}
 	}
 	return o.withFleet(func(f *fleet) { f.remove(machine) })
 }
