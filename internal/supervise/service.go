@@ -247,6 +247,16 @@ func (a *service) members() []int {
 	return pids
 }
 
+// processCount is len(a.members()), without building the list where the
+// cgroup can be counted in place (status polls ask for it every time).
+func (a *service) processCount() int {
+	if a.cg != "" {
+		n, _ := cgCount(a.cg)
+		return n
+	}
+	return len(a.members())
+}
+
 // configure derives what follows from the spec. Actor-owned (or before run).
 func (a *service) configure() {
 	a.memcg = ""

@@ -497,7 +497,7 @@ func (s *Supervisor) Status() []Status {
 			continue
 		}
 		st := svc.snapshot()
-		st.Processes = len(svc.members())
+		st.Processes = svc.processCount()
 		out = append(out, st)
 	}
 	slices.SortFunc(out, func(a, b Status) int {
