@@ -110,11 +110,12 @@ provider "local" {
 }
 
 // agentVersions is an agent's status with the versions its machine is set
-// to run (product → version), read from `status -json` whether or not
-// deploy.AgentStatus declares them.
+// to run and those its daemons report running (product → version), read
+// from `status -json` whether or not deploy.AgentStatus declares them.
 type agentVersions struct {
 	deploy.AgentStatus
 	Versions map[string]string `json:"versions"`
+	Runs     map[string]string `json:"runs"`
 }
 
 type statusVersions struct {
@@ -842,6 +843,9 @@ func TestUpgradeScale(t *testing.T) {
 		if a.Versions["nomad"] != upgNomadTo || a.Versions["consul"] != upgConsulTo {
 			t.Errorf("agent of %s is set to run %v, want nomad %s and consul %s", a.Machine, a.Versions, upgNomadTo, upgConsulTo)
 		}
+		if a.Runs["nomad"] != upgNomadTo || a.Runs["consul"] != upgConsulTo {
+			t.Errorf("the daemons of %s run %v, want nomad %s and consul %s", a.Machine, a.Runs, upgNomadTo, upgConsulTo)
+		}
 	}
 	if len(stUp.Servers) != 3 || len(stUp.Consul) != 6 || len(stUp.Agents) != 6 {
 		t.Errorf("after the upgrade: %d nomad servers, %d consul members, %d agents; want 3, 6, 6", len(stUp.Servers), len(stUp.Consul), len(stUp.Agents))
@@ -866,6 +870,11 @@ func TestUpgradeScale(t *testing.T) {
 			t.Errorf("the upgrade state is not done after run 2 succeeded")
 		}
 		phases = phaseTotals(st)
+		// The kill came while a server step was running: the next run
+		// found it so and verified it before going on.
+		if run1.killed && !slices.ContainsFunc(st.Steps, func(s upgrade.Step) bool { return s.Resumed }) {
+			t.Errorf("run 1 was killed inside a server step, but no step of the upgrade says it was resumed")
+		}
 		for _, s := range st.Steps {
 			t.Logf("step %-36s %-7s %8v attempts %d resumed %-5v drained %d phases %v %s",
 				s.ID, s.Status, s.Duration().Round(time.Millisecond), s.Attempts, s.Resumed, s.Drained, s.Phases, s.Note)
@@ -923,6 +932,11 @@ func TestUpgradeScale(t *testing.T) {
 		}
 	}
 	sort.Strings(removed)
+	var nodes []string
+	for _, cl := range st2.Clients {
+		nodes = append(nodes, cl.Name+" "+cl.Status)
+	}
+	t.Logf("nomad clients after scaling to 2: %v", nodes)
 	if len(removed) != 3 {
 		t.Errorf("scaling 5 → 2 removed %v, want 3 machines", removed)
 	}
