@@ -206,14 +206,19 @@ func (s *Supervisor) ticker() {
 	defer s.wg.Done()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	var svcs []*service // reused: an idle agent should not allocate every second
 	for {
 		select {
 		case <-s.stop:
 			return
 		case <-t.C:
 		}
+		clear(svcs)
+		svcs = svcs[:0]
 		s.mu.Lock()
-		svcs := slices.Collect(maps.Values(s.svcs))
+		for _, svc := range s.svcs {
+			svcs = append(svcs, svc)
+		}
 		s.mu.Unlock()
 		for _, svc := range svcs {
 			if err := svc.log.tick(); err != nil {
