@@ -109,22 +109,8 @@ provider "local" {
 	return c
 }
 
-// agentVersions is an agent's status with the versions its machine is set
-// to run and those its daemons report running (product → version), read
-// from `status -json` whether or not deploy.AgentStatus declares them.
-type agentVersions struct {
-	deploy.AgentStatus
-	Versions map[string]string `json:"versions"`
-	Runs     map[string]string `json:"runs"`
-}
-
-type statusVersions struct {
-	deploy.Status
-	Agents []agentVersions `json:"agents"`
-}
-
 // statusJSON runs `steppe status -json`, without judging: for polling.
-func (c *upCluster) statusJSON() (*statusVersions, error) {
+func (c *upCluster) statusJSON() (*deploy.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, c.bin, "status", "-json", "-state", c.state)
@@ -132,7 +118,7 @@ func (c *upCluster) statusJSON() (*statusVersions, error) {
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
-	var st statusVersions
+	var st deploy.Status
 	if jerr := json.Unmarshal(out, &st); jerr != nil {
 		return nil, fmt.Errorf("steppe status -json: %v %v\n%s%s", err, jerr, out, stderr.String())
 	}
@@ -140,9 +126,9 @@ func (c *upCluster) statusJSON() (*statusVersions, error) {
 }
 
 // waitHealthy polls status until it says healthy and cond (if any) holds.
-func (c *upCluster) waitHealthy(what string, timeout time.Duration, cond func(*statusVersions) bool) *statusVersions {
+func (c *upCluster) waitHealthy(what string, timeout time.Duration, cond func(*deploy.Status) bool) *deploy.Status {
 	c.t.Helper()
-	var last *statusVersions
+	var last *deploy.Status
 	var lastErr error
 	deadline := time.Now().Add(timeout)
 	for {
@@ -162,7 +148,7 @@ func (c *upCluster) waitHealthy(what string, timeout time.Duration, cond func(*s
 	}
 }
 
-func readyClients(st *statusVersions) int {
+func readyClients(st *deploy.Status) int {
 	n := 0
 	for _, cl := range st.Clients {
 		if cl.Status == "ready" && cl.Eligible && !cl.Drain {
@@ -730,7 +716,7 @@ func TestUpgradeScale(t *testing.T) {
 	c := newUpgradeCluster(t, "e2eupg", 11)
 	out, took := c.up()
 	t.Logf("steppe up (3 servers, 3 clients, nomad %s, consul %s) took %v", upgNomadFrom, upgConsulFrom, took.Round(time.Millisecond))
-	st0 := c.waitHealthy("the new cluster healthy, 3 ready clients", 3*time.Minute, func(st *statusVersions) bool {
+	st0 := c.waitHealthy("the new cluster healthy, 3 ready clients", 3*time.Minute, func(st *deploy.Status) bool {
 		return len(st.Servers) == 3 && readyClients(st) == 3
 	})
 	var servers, serverMachines []string
@@ -780,7 +766,7 @@ func TestUpgradeScale(t *testing.T) {
 	if out, err := c.steppe(time.Minute, "agent", "start", "consul", "-socket", c.machineSocket(victim)); err != nil {
 		t.Fatalf("steppe agent start consul on %s: %v\n%s", victim, err, out)
 	}
-	stRef := c.waitHealthy("the cluster healthy again after consul restarted on "+victim, 5*time.Minute, func(st *statusVersions) bool {
+	stRef := c.waitHealthy("the cluster healthy again after consul restarted on "+victim, 5*time.Minute, func(st *deploy.Status) bool {
 		return readyClients(st) == 3
 	})
 	for _, m := range stRef.Consul {
@@ -821,7 +807,7 @@ func TestUpgradeScale(t *testing.T) {
 	}
 	upgWindow := pr.counts().sub(before)
 
-	stUp := c.waitHealthy("the upgraded cluster healthy", 3*time.Minute, func(st *statusVersions) bool {
+	stUp := c.waitHealthy("the upgraded cluster healthy", 3*time.Minute, func(st *deploy.Status) bool {
 		return readyClients(st) == 3
 	})
 	for _, s := range stUp.Servers {
@@ -901,7 +887,7 @@ func TestUpgradeScale(t *testing.T) {
 	if err != nil {
 		t.Fatalf("steppe scale default 5: %v", err)
 	}
-	st5 := c.waitHealthy("5 ready clients", 5*time.Minute, func(st *statusVersions) bool { return readyClients(st) == 5 })
+	st5 := c.waitHealthy("5 ready clients", 5*time.Minute, func(st *deploy.Status) bool { return readyClients(st) == 5 })
 	for _, cl := range st5.Clients {
 		if cl.Version != upgNomadTo {
 			t.Errorf("scaled up: client %s runs nomad %s, want the cluster's %s", cl.Name, cl.Version, upgNomadTo)
@@ -923,7 +909,7 @@ func TestUpgradeScale(t *testing.T) {
 	if err != nil {
 		t.Fatalf("steppe scale default 2: %v", err)
 	}
-	st2 := c.waitHealthy("2 ready clients", 5*time.Minute, func(st *statusVersions) bool { return readyClients(st) == 2 })
+	st2 := c.waitHealthy("2 ready clients", 5*time.Minute, func(st *deploy.Status) bool { return readyClients(st) == 2 })
 	scaleWindow := pr.counts().sub(before)
 	var removed []string
 	for name := range clients5 {
@@ -955,7 +941,7 @@ func TestUpgradeScale(t *testing.T) {
 		if len(left) > 0 {
 			t.Errorf("removed machine %s left:\n  %s", name, strings.Join(left, "\n  "))
 		}
-		if slices.ContainsFunc(st2.Agents, func(a agentVersions) bool { return a.Machine == name }) {
+		if slices.ContainsFunc(st2.Agents, func(a deploy.AgentStatus) bool { return a.Machine == name }) {
 			t.Errorf("removed machine %s still has an agent in status", name)
 		}
 	}
