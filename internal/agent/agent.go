@@ -92,7 +92,7 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	api := &apiServer{ctl: a.sup, status: a.Status, log: log}
-	srv := &http.Server{Handler: api.handler(), ReadHeaderTimeout: 5 * time.Second}
+	srv := newAPIServer(api)
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("local api", "err", err)

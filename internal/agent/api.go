@@ -106,6 +106,13 @@ func (s *apiServer) handler() http.Handler {
 	return mux
 }
 
+// newAPIServer serves api. An idle connection is closed after a while, so
+// that clients which keep connections open cannot pile up goroutines and
+// buffers in the agent.
+func newAPIServer(api *apiServer) *http.Server {
+	return &http.Server{Handler: api.handler(), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
+}
+
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
@@ -181,7 +188,11 @@ type Client struct {
 func NewClient(socket string) *Client {
 	return &Client{
 		Socket: socket,
+		// One connection per request: callers make a Client per call, and
+		// a kept-alive connection per Client would pin a goroutine and its
+		// buffers in the agent for as long as the caller lives.
 		http: &http.Client{Transport: &http.Transport{
+			DisableKeepAlives: true,
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				var d net.Dialer
 				return d.DialContext(ctx, "unix", socket)
