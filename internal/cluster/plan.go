@@ -233,8 +233,8 @@ func consulService() ServiceDef {
 			"-config-file=" + path.Join(factConfigDir, renderedName(RoleConsulConfig)),
 			"-config-file=" + path.Join(factSecretsDir, SecretConsulConfig),
 		},
-		// SIGTERM: a server stays a raft member (no leave on terminate),
-		// a client leaves gracefully (leave_on_terminate is its default).
+		// SIGTERM with leave_on_terminate off: a stop is not a departure,
+		// for servers (raft membership) and clients alike.
 		StopSignal:   syscall.SIGTERM,
 		StopTimeout:  defaultStopTimeout,
 		StopMode:     StopCgroup,
@@ -338,7 +338,11 @@ func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
 		c["leave_on_terminate"] = false
 	} else {
 		c["server"] = false
-		c["leave_on_terminate"] = true
+		// A restart is not a departure: without a leave the agent stops
+		// at once and rejoins as the same member (an in-place upgrade
+		// took 3.5 s longer per client with the leave). A machine that
+		// goes for good is force-left and pruned by whoever removes it.
+		c["leave_on_terminate"] = false
 	}
 	return c
 }

@@ -459,6 +459,9 @@ func (o *fleetOps) Destroy(ctx context.Context, machine string) error {
 	}
 	names := []string{cluster.TokenConsulAgent(machine), cluster.TokenNomadConsul(machine)}
 	err := anyServer(ctx, o, o.Consul, func(c *consulapi.Client) error {
+		if err := hashi.ConsulForceLeave(ctx, c, machine); err != nil {
+			return err
+		}
 		return hashi.DeleteConsulTokens(ctx, c, o.st, names)
 	})
 	if err != nil {

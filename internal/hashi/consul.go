@@ -342,3 +342,19 @@ func DeleteConsulTokens(ctx context.Context, c *consulapi.Client, store TokenDel
 	}
 	return nil
 }
+
+// ConsulForceLeave removes a node that is gone for good from the LAN
+// pool at once (force-leave with prune), rather than leaving it failed
+// for 72 hours. A node Consul does not know is already gone.
+func ConsulForceLeave(ctx context.Context, c *consulapi.Client, node string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// This version of the client takes no context for it; the request is
+	// one PUT answered at once.
+	err := c.Agent().ForceLeaveOpts(node, consulapi.ForceLeaveOpts{Prune: true})
+	if err != nil && !strings.Contains(err.Error(), "No node found") {
+		return fmt.Errorf("consul force-leave %s: %w", node, err)
+	}
+	return nil
+}
