@@ -566,7 +566,7 @@ service "s%d" {
 	a := newTestAgent(b, cfg.String())
 	a.start()
 	a.waitFor("10 services running", 60*time.Second, allRunning(10))
-	var rss, anon, file float64
+	var rss, anon, file, text, ro float64
 	for b.Loop() {
 		// Steady state, as an operator's monitoring would see it: the
 		// agent answers a status poll every 100 ms for 3 s, then its
@@ -579,12 +579,17 @@ service "s%d" {
 		}
 		rss = vmRSS(b, a.cmd.Process.Pid)
 		anon, file = rssSplit(b, a.cmd.Process.Pid)
+		text, ro = binaryRSS(b, a.cmd.Process.Pid)
 	}
 	b.ReportMetric(rss/(1<<20), "MiB-RSS")
 	// The split says what the figure is made of: private memory, and clean
-	// pages of the binary itself, which the kernel can drop at any time.
+	// pages of the binary itself, which the kernel can drop at any time:
+	// its code, and its read-only data (with the function tables the
+	// runtime reads to walk stacks).
 	b.ReportMetric(anon/(1<<20), "MiB-anon")
 	b.ReportMetric(file/(1<<20), "MiB-file")
+	b.ReportMetric(text/(1<<20), "MiB-text")
+	b.ReportMetric(ro/(1<<20), "MiB-rodata")
 	a.stop()
 }
 
@@ -609,6 +614,39 @@ func rssSplit(t testing.TB, pid int) (anon, file float64) {
 		}
 	}
 	return anon, file
+}
+
+// binaryRSS reads how much of the executable's code (r-x) and read-only
+// data (r--) mappings is resident.
+func binaryRSS(t testing.TB, pid int) (text, ro float64) {
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cur *float64
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":"):
+			cur = nil // a mapping's header line: the address range first
+			if len(f) == 6 && f[5] == exe {
+				switch f[1] {
+				case "r-xp":
+					cur = &text
+				case "r--p":
+					cur = &ro
+				}
+			}
+		case len(f) >= 2 && f[0] == "Rss:" && cur != nil:
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			*cur += kb * 1024
+		}
+	}
+	return text, ro
 }
 
 func vmRSS(t testing.TB, pid int) float64 {
