@@ -371,7 +371,9 @@ func newProbe(t *testing.T, env map[string]string, servers []string) *probe {
 		}
 	}
 	p := &probe{http: &http.Client{
-		Timeout: 3 * time.Second,
+		// Generous: the figure is availability, not latency, on a loaded
+		// 2-core machine.
+		Timeout: 10 * time.Second,
 		// A new connection per request, as a client that follows the
 		// catalog would; no keep-alive hides a dead instance.
 		Transport: &http.Transport{DisableKeepAlives: true},
@@ -400,7 +402,7 @@ func (p *probe) instances(ctx context.Context) ([]string, error) {
 	var errs []error
 	for i := range p.consul {
 		k := (pref + i) % len(p.consul)
-		qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		entries, _, err := p.consul[k].Health().Service("web", "", true, (&consulapi.QueryOptions{AllowStale: true}).WithContext(qctx))
 		cancel()
 		if err != nil {
