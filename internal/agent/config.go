@@ -17,10 +17,9 @@ import (
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
-	"github.com/zclconf/go-cty/cty/convert"
-	"github.com/zclconf/go-cty/cty/gocty"
 	"golang.org/x/sys/unix"
 
+	"github.com/steppe/steppe/internal/hcldecode"
 	"github.com/steppe/steppe/internal/supervise"
 )
 
@@ -241,34 +240,9 @@ func (p *parser) content(body hcl.Body, schema *hcl.BodySchema) *hcl.BodyContent
 }
 
 func (p *parser) decode(attr *hcl.Attribute, v any) bool {
-	diags := decodeExpr(attr.Expr, p.vars, v)
+	diags := hcldecode.Expr(attr.Expr, p.vars, v)
 	p.diags = append(p.diags, diags...)
 	return !diags.HasErrors()
-}
-
-// decodeExpr is gohcl.DecodeExpression, with the same diagnostics. gohcl
-// is not imported: it brings hclwrite and go-cmp into the binary, whose
-// package initializers every run of the agent pays for (about 200 KB of
-// heap and a dozen pages of the binary mapped before main).
-func decodeExpr(expr hcl.Expression, ctx *hcl.EvalContext, v any) hcl.Diagnostics {
-	val, diags := expr.Value(ctx)
-	ty, err := gocty.ImpliedType(v)
-	if err != nil {
-		panic(fmt.Sprintf("unsuitable decode target %T: %s", v, err))
-	}
-	if val, err = convert.Convert(val, ty); err == nil {
-		err = gocty.FromCtyValue(val, v)
-	}
-	if err != nil {
-		diags = append(diags, &hcl.Diagnostic{
-			Severity: hcl.DiagError,
-			Summary:  "Unsuitable value type",
-			Detail:   fmt.Sprintf("Unsuitable value: %s", err.Error()),
-			Subject:  expr.StartRange().Ptr(),
-			Context:  expr.Range().Ptr(),
-		})
-	}
-	return diags
 }
 
 func (p *parser) str(attrs hcl.Attributes, name string, dst *string) {

@@ -7,14 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"regexp"
 	"sort"
 	"strings"
 
 	"github.com/hashicorp/go-version"
 	"github.com/hashicorp/hcl/v2"
-	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"github.com/steppe/steppe/internal/hcldecode"
 	"github.com/zclconf/go-cty/cty"
 )
 
@@ -174,9 +173,22 @@ var (
 	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}}}
 )
 
-// nameRE is what cluster, pool, region and datacenter names may be: they
-// end up in node names, certificate names and directory names.
-var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+// validName is what cluster, pool, region and datacenter names may be
+// (they end up in node names, certificate names and directory names): a
+// DNS label, 1 to 63 of [a-z0-9-], no dash first or last. Checked by hand:
+// a package-level regexp would be compiled at the start of every steppe
+// process, the machine agent's included (44 KB of heap, a grown stack).
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
 
 func decodeSpec(body hcl.Body) (*Spec, hcl.Diagnostics) {
 	s := DefaultSpec()
@@ -188,7 +200,7 @@ func decodeSpec(body hcl.Body) (*Spec, hcl.Diagnostics) {
 			return
 		}
 		var v string
-		d := gohcl.DecodeExpression(a.Expr, nil, &v)
+		d := hcldecode.Expr(a.Expr, nil, &v)
 		diags = append(diags, d...)
 		if d.HasErrors() {
 			return
@@ -282,7 +294,7 @@ func errAt(r hcl.Range, summary, detail string) hcl.Diagnostics {
 
 func checkName(what string) func(string, hcl.Range) hcl.Diagnostics {
 	return func(v string, r hcl.Range) hcl.Diagnostics {
-		if !nameRE.MatchString(v) {
+		if !validName(v) {
 			return errAt(r, "Invalid "+what, fmt.Sprintf("%q: use 1 to 63 lower-case letters, digits and dashes, not starting or ending with a dash", v))
 		}
 		return nil
@@ -300,7 +312,7 @@ func checkNonEmpty(what string) func(string, hcl.Range) hcl.Diagnostics {
 
 func decodeCount(a *hcl.Attribute, what string) (int, hcl.Diagnostics) {
 	var n int
-	if d := gohcl.DecodeExpression(a.Expr, nil, &n); d.HasErrors() {
+	if d := hcldecode.Expr(a.Expr, nil, &n); d.HasErrors() {
 		return 0, d
 	}
 	if n < 1 {
@@ -321,7 +333,7 @@ func decodeVersions(body hcl.Body, v *Versions) hcl.Diagnostics {
 			continue
 		}
 		var s string
-		if d := gohcl.DecodeExpression(a.Expr, nil, &s); d.HasErrors() {
+		if d := hcldecode.Expr(a.Expr, nil, &s); d.HasErrors() {
 			diags = append(diags, d...)
 			continue
 		}
@@ -364,10 +376,10 @@ func decodePool(b *hcl.Block) (Pool, hcl.Diagnostics) {
 		p.Count = n
 	}
 	if a, ok := c.Attributes["node_class"]; ok {
-		diags = append(diags, gohcl.DecodeExpression(a.Expr, nil, &p.NodeClass)...)
+		diags = append(diags, hcldecode.Expr(a.Expr, nil, &p.NodeClass)...)
 	}
 	if a, ok := c.Attributes["meta"]; ok {
-		diags = append(diags, gohcl.DecodeExpression(a.Expr, nil, &p.Meta)...)
+		diags = append(diags, hcldecode.Expr(a.Expr, nil, &p.Meta)...)
 	}
 	return p, diags
 }

@@ -152,3 +152,14 @@ func TestLoadSpec(t *testing.T) {
 		t.Fatalf("missing file: %v", err)
 	}
 }
+
+func TestValidName(t *testing.T) {
+	for s, want := range map[string]bool{
+		"a": true, "dc1": true, "web-01": true, strings.Repeat("a", 63): true,
+		"": false, "-a": false, "a-": false, "A": false, "a_b": false, "a.b": false, strings.Repeat("a", 64): false, "é": false,
+	} {
+		if got := validName(s); got != want {
+			t.Errorf("validName(%q) = %v, want %v", s, got, want)
+		}
+	}
+}
