@@ -686,6 +686,53 @@ func (c *upCluster) leftovers(name string) []string {
 	return left
 }
 
+// probeControl shows the probe is not blind: one instance frozen
+// (SIGSTOP: it still accepts connections, and answers none) costs at
+// least one failed request before Consul's check takes it out of the
+// catalog. The instance is thawed and back in the catalog afterwards.
+func (c *upCluster) probeControl(pr *probe) {
+	t := c.t
+	t.Helper()
+	inst, err := pr.instances(context.Background())
+	if err != nil || len(inst) != 3 {
+		t.Fatalf("web instances %v: %v", inst, err)
+	}
+	pid := 0
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && strings.Contains(string(b), "artifact\x00serve\x00") && strings.Contains(string(b), "\x00"+inst[0]+"\x00") {
+			fmt.Sscan(filepath.Base(filepath.Dir(p)), &pid)
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("no process serves the web instance at %s", inst[0])
+	}
+	before := pr.counts()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	thawed := false
+	thaw := func() {
+		if !thawed {
+			thawed = true
+			syscall.Kill(pid, syscall.SIGCONT)
+		}
+	}
+	t.Cleanup(thaw)
+	waitUntil(t, "the probe to see the frozen instance at "+inst[0], 2*time.Minute, func() bool {
+		time.Sleep(100 * time.Millisecond)
+		return pr.counts().failed > before.failed
+	})
+	thaw()
+	waitUntil(t, "the thawed instance back among 3 passing", 2*time.Minute, func() bool {
+		time.Sleep(500 * time.Millisecond)
+		now, err := pr.instances(context.Background())
+		return err == nil && len(now) == 3
+	})
+	t.Logf("control: instance %s (pid %d) frozen, then thawed: the probe saw %s", inst[0], pid, pr.counts().sub(before))
+}
+
 // phaseTotals sums the seconds of each phase over the upgrade's steps.
 func phaseTotals(st *upgrade.State) string {
 	sums := map[string]float64{}
@@ -747,6 +794,7 @@ func TestUpgradeScale(t *testing.T) {
 	c.runUpgradeWebJob(nc, pr, true)
 	pr.start()
 	t.Cleanup(pr.stop) // before the cluster's down (cleanups run last first)
+	c.probeControl(pr)
 
 	// Refused: a Consul server is down. Nothing is touched.
 	victim := serverMachines[len(serverMachines)-1]
