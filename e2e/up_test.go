@@ -34,7 +34,7 @@ import (
 
 // upCluster is one cluster made by the real `steppe up` in a test.
 type upCluster struct {
-	t        *testing.T
+	t        testing.TB
 	bin      string
 	dir      string
 	spec     string
@@ -73,7 +73,7 @@ func daemonBinaries(t testing.TB) (consul, nomad string) {
 // newUpCluster writes a spec for a cluster of 3 servers and 2 clients on
 // the loopback addresses 127.0.1.first..first+4 (127.0.0.x are taken by
 // other packages' tests that may run at the same time), with its state in a temp dir.
-func newUpCluster(t *testing.T, name string, first int) *upCluster {
+func newUpCluster(t testing.TB, name string, first int) *upCluster {
 	t.Helper()
 	consul, nomad := daemonBinaries(t)
 	c := &upCluster{t: t, bin: steppeBinary(t), dir: t.TempDir(), consul: consul, nomad: nomad}

@@ -40,7 +40,7 @@ const (
 // upgradeBinaries checks that both versions of both daemons are in the
 // artifact cache: a skip with the reason outside CI, a failure in CI.
 // It returns the older ones.
-func upgradeBinaries(t *testing.T) (consul, nomad string) {
+func upgradeBinaries(t testing.TB) (consul, nomad string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("steppe up runs agents that need root for cgroups; run the tests as root (CI does)")
@@ -68,7 +68,7 @@ func upgradeBinaries(t *testing.T) (consul, nomad string) {
 // newUpgradeCluster writes a spec of 3 servers and 3 clients of pool
 // "default" on the old versions, from 127.0.2.first (the other e2e tests
 // use 127.0.1.x; scaling may take a few more addresses after these).
-func newUpgradeCluster(t *testing.T, name string, first int) *upCluster {
+func newUpgradeCluster(t testing.TB, name string, first int) *upCluster {
 	t.Helper()
 	consul, nomad := upgradeBinaries(t)
 	c := &upCluster{t: t, bin: steppeBinary(t), dir: t.TempDir(), consul: consul, nomad: nomad}
@@ -358,7 +358,7 @@ func (a probeCounts) failureLines() string {
 
 // newProbe makes Consul clients for every server, with the operator's
 // token and certificates from steppe env.
-func newProbe(t *testing.T, env map[string]string, servers []string) *probe {
+func newProbe(t testing.TB, env map[string]string, servers []string) *probe {
 	t.Helper()
 	u, err := url.Parse(env["CONSUL_HTTP_ADDR"])
 	if err != nil || u.Port() == "" {
