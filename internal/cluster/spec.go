@@ -6,7 +6,10 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
+	"path"
+	"slices"
 	"sort"
 	"strings"
 
@@ -43,6 +46,10 @@ type Spec struct {
 	Versions   Versions
 	Servers    Servers
 	Pools      []Pool // at least one; names unique
+	// ArtifactKeys are files of armored OpenPGP public keys trusted to
+	// sign a non-default ArtifactStore's SHA256SUMS (relative to the
+	// spec's directory).
+	ArtifactKeys []string
 	// ArtifactStore is where daemon binaries come from: the HashiCorp
 	// release site or a mirror of the same layout.
 	ArtifactStore string
@@ -159,7 +166,7 @@ var (
 	topSchema = &hcl.BodySchema{
 		Attributes: []hcl.AttributeSchema{
 			{Name: "name"}, {Name: "region"}, {Name: "datacenter"},
-			{Name: "artifact_store"}, {Name: "bundle_store"},
+			{Name: "artifact_store"}, {Name: "artifact_keys"}, {Name: "bundle_store"},
 		},
 		Blocks: []hcl.BlockHeaderSchema{
 			{Type: "versions"},
@@ -216,7 +223,22 @@ func decodeSpec(body hcl.Body) (*Spec, hcl.Diagnostics) {
 	str("name", &s.Name, checkName("cluster name"))
 	str("region", &s.Region, checkName("region"))
 	str("datacenter", &s.Datacenter, checkName("datacenter"))
-	str("artifact_store", &s.ArtifactStore, checkNonEmpty("artifact_store"))
+	str("artifact_store", &s.ArtifactStore, checkArtifactStore)
+	if a, ok := content.Attributes["artifact_keys"]; ok {
+		var keys []string
+		d := hcldecode.Expr(a.Expr, nil, &keys)
+		diags = append(diags, d...)
+		if !d.HasErrors() {
+			if len(keys) == 0 || slices.Contains(keys, "") {
+				diags = append(diags, errAt(a.Expr.Range(), "Invalid artifact_keys", "name one or more files of armored OpenPGP public keys")...)
+			}
+			s.ArtifactKeys = keys
+		}
+	}
+	if a, ok := content.Attributes["artifact_store"]; ok && s.ArtifactStore != DefaultArtifactStore && len(s.ArtifactKeys) == 0 && !diags.HasErrors() {
+		diags = append(diags, errAt(a.Expr.Range(), "Unverifiable artifact_store",
+			fmt.Sprintf("%q: give artifact_keys, the OpenPGP public keys trusted to sign its SHA256SUMS (for a store made by steppe artifact build: its steppe-store.asc)", s.ArtifactStore))...)
+	}
 	str("bundle_store", &s.BundleStore, checkNonEmpty("bundle_store"))
 
 	seen := map[string]*hcl.Block{}
@@ -299,6 +321,24 @@ func checkName(what string) func(string, hcl.Range) hcl.Diagnostics {
 		}
 		return nil
 	}
+}
+
+// checkArtifactStore accepts the default, an http(s) URL or a file://
+// URL of a store in the release layout.
+func checkArtifactStore(v string, r hcl.Range) hcl.Diagnostics {
+	if v == DefaultArtifactStore {
+		return nil
+	}
+	u, err := url.Parse(v)
+	switch {
+	case err != nil:
+		return errAt(r, "Invalid artifact_store", err.Error())
+	case (u.Scheme == "http" || u.Scheme == "https") && u.Host != "":
+		return nil
+	case u.Scheme == "file" && u.Host == "" && path.IsAbs(u.Path):
+		return nil
+	}
+	return errAt(r, "Invalid artifact_store", fmt.Sprintf("%q: want an http(s):// URL or a file:///absolute/path of a store in the release layout (leave it out for the default)", v))
 }
 
 func checkNonEmpty(what string) func(string, hcl.Range) hcl.Diagnostics {

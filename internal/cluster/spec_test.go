@@ -40,6 +40,7 @@ name       = "prod"
 region     = "eu"
 datacenter = "fra1"
 artifact_store = "http://127.0.0.1:9000/releases"
+artifact_keys  = ["keys/mirror.asc"]
 bundle_store   = "/srv/bundles"
 
 versions {
@@ -78,6 +79,7 @@ provider "local" {
 		Versions:      Versions{Nomad: "1.9.3", Consul: "1.14.8", Vault: "1.21.0"},
 		Servers:       Servers{Count: 5},
 		ArtifactStore: "http://127.0.0.1:9000/releases",
+		ArtifactKeys:  []string{"keys/mirror.asc"},
 		BundleStore:   "/srv/bundles",
 		Pools: []Pool{
 			{Name: "web", Count: 4, NodeClass: "web", Meta: map[string]string{"rack": "r1", "tier": "front"}},
@@ -105,6 +107,10 @@ func TestSpecErrorsNamePosition(t *testing.T) {
 		{"bad version", "versions {\n  nomad = \"latest\"\n}\n", "cluster.hcl:2:11: Invalid nomad version"},
 		{"inexact version", "versions {\n  consul = \"1.14\"\n}\n", "cluster.hcl:2:12: Invalid consul version"},
 		{"bad name", "name = \"My Cluster\"\n", "cluster.hcl:1:8: Invalid cluster name"},
+		{"store without keys", "artifact_store = \"http://127.0.0.1:1/\"\n", "cluster.hcl:1:18: Unverifiable artifact_store"},
+		{"store not a URL", "artifact_store = \"releases\"\n", "cluster.hcl:1:18: Invalid artifact_store"},
+		{"relative file store", "artifact_store = \"file://store\"\nartifact_keys = [\"k\"]\n", "cluster.hcl:1:18: Invalid artifact_store"},
+		{"empty keys", "artifact_store = \"file:///s\"\nartifact_keys = []\n", "cluster.hcl:2:17: Invalid artifact_keys"},
 		{"bad pool name", "pool \"Web_1\" {}\n", "cluster.hcl:1:6: Invalid pool name"},
 		{"provider option list", "provider \"ssh\" {\n  hosts = [\"a\"]\n}\n", "cluster.hcl:2:11: Invalid provider option hosts"},
 		{"provider without label", "provider {}\n", "cluster.hcl:1:10: Missing name for provider"},

@@ -55,6 +55,8 @@ const (
 	bundleKeyBase  = "bundle-signing"
 	machinesDir    = "machines"
 	artifactsCache = "artifacts"
+	// artifactKeysDir holds copies of the spec's artifact_keys.
+	artifactKeysDir = "artifact-keys"
 )
 
 // DefaultStateDir is $XDG_STATE_HOME/steppe/NAME, else

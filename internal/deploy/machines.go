@@ -20,6 +20,7 @@ import (
 
 	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/bundle"
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/hashi"
@@ -38,7 +39,7 @@ type fleetOps struct {
 	key            bundle.PrivateKey
 	bundlePub      string
 	storeURL       string
-	artifactKey    string
+	artifactKeys   []string // files of the keys trusted to sign the store's SHA256SUMS
 	keyring        *artifact.Keyring
 	machineTimeout time.Duration
 
@@ -62,16 +63,14 @@ func (o *fleetOps) loadSecrets() error {
 	return err
 }
 
-// ensureArtifacts builds what is missing of versions (product →
-// versions) into the artifact store, from source: the release site is
-// not reachable from these machines (DESIGN: facts) and its signing key
-// is not pinned here. Then it fetches each into the cache the local
-// machines share, through the same verification their agents do.
+// ensureArtifacts makes sure every version of versions (product →
+// versions) is in the artifact store, verified, and in the cache the
+// local machines share. With the default store, the versions are built
+// from source into steppe's own store: the release site is not reachable
+// from these machines (DESIGN: facts) and its signing key is not pinned
+// here. A store the spec names (a mirror in the release layout, over
+// HTTP(S) or file://) must hold them already, signed by its artifact_keys.
 func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]string) error {
-	if o.spec.ArtifactStore != cluster.DefaultArtifactStore {
-		return fmt.Errorf("artifact_store %q: only the default is supported so far (leave it out: steppe builds the binaries from source)", o.spec.ArtifactStore)
-	}
-	b := &artifact.Builder{CacheDir: o.cacheDir, Log: indent{o.out, "    "}}
 	type want struct{ product, version string }
 	var all []want
 	for _, p := range slices.Sorted(maps.Keys(versions)) {
@@ -81,28 +80,83 @@ func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]st
 			all = append(all, want{p, v})
 		}
 	}
-	for _, a := range all {
-		if _, err := b.Build(ctx, a.product, a.version); err != nil {
-			return fmt.Errorf("missing artifact %s %s, and building it failed: %w", a.product, a.version, err)
-		}
-	}
-	store := artifact.DefaultStoreDir(o.cacheDir)
-	o.storeURL = "file://" + store
-	o.artifactKey = filepath.Join(store, artifact.StoreKeyFile)
-	var err error
-	if o.keyring, err = artifact.ReadKeyringFile(o.artifactKey); err != nil {
-		return fmt.Errorf("artifact store key: %w", err)
-	}
 	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
 		return err
 	}
-	for _, a := range all {
-		if err := o.Check(ctx, a.product, a.version); err != nil {
+	mirror := o.spec.ArtifactStore != cluster.DefaultArtifactStore
+	if mirror {
+		o.storeURL = o.spec.ArtifactStore
+		keys, err := o.storeKeyFiles()
+		if err != nil {
 			return err
 		}
-		o.printf("    %s %s: verified (store %s)", a.product, a.version, store)
+		o.artifactKeys = keys
+	} else {
+		b := &artifact.Builder{CacheDir: o.cacheDir, Log: indent{o.out, "    "}}
+		for _, a := range all {
+			if _, err := b.Build(ctx, a.product, a.version); err != nil {
+				return fmt.Errorf("missing artifact %s %s, and building it failed: %w", a.product, a.version, err)
+			}
+		}
+		store := artifact.DefaultStoreDir(o.cacheDir)
+		o.storeURL = "file://" + store
+		o.artifactKeys = []string{filepath.Join(store, artifact.StoreKeyFile)}
+	}
+	var err error
+	if o.keyring, err = artifact.ReadKeyringFile(o.artifactKeys...); err != nil {
+		return fmt.Errorf("artifact store keys: %w", err)
+	}
+	for _, a := range all {
+		if err := o.Check(ctx, a.product, a.version); err != nil {
+			if mirror {
+				return fmt.Errorf("missing artifact: %w (publish it in that store, for example with steppe artifact build %s@%s, or leave artifact_store out to have steppe build it)", err, a.product, a.version)
+			}
+			return err
+		}
+		o.printf("    %s %s: verified (store %s)", a.product, a.version, o.storeURL)
 	}
 	return nil
+}
+
+// storeKeyFiles are the spec's artifact_keys as copies in the state
+// directory, made when the spec file is given (its keys are relative to
+// it), so that the machines and later commands do not depend on where
+// the operator kept them.
+func (o *fleetOps) storeKeyFiles() ([]string, error) {
+	dir := filepath.Join(o.stateDir, artifactKeysDir)
+	var out []string
+	if o.opts.SpecPath == "" {
+		for i := range o.spec.ArtifactKeys {
+			p := filepath.Join(dir, fmt.Sprintf("%d.asc", i))
+			if _, err := os.Stat(p); err != nil {
+				return nil, fmt.Errorf("artifact_keys: %w (run steppe up -spec with the spec and its keys)", err)
+			}
+			out = append(out, p)
+		}
+		return out, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	for i, k := range o.spec.ArtifactKeys {
+		src := k
+		if !filepath.IsAbs(src) {
+			src = filepath.Join(filepath.Dir(o.opts.SpecPath), k)
+		}
+		b, err := os.ReadFile(src)
+		if err != nil {
+			return nil, fmt.Errorf("artifact_keys: %w", err)
+		}
+		if _, err := artifact.ReadKeyring(b); err != nil {
+			return nil, fmt.Errorf("artifact_keys: %s: %w", src, err)
+		}
+		p := filepath.Join(dir, fmt.Sprintf("%d.asc", i))
+		if err := atomicfile.WriteFile(p, b, 0o600); err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }
 
 // Check implements upgrade.Artifacts: the version is in the store, its
@@ -214,7 +268,7 @@ func (o *fleetOps) create(ctx context.Context, ms []cluster.Machine) ([]provider
 				Agent: provider.AgentConfig{
 					Cluster: o.spec.Name, Region: o.spec.Region, Datacenter: o.spec.Datacenter,
 					BundleRole: m.Name, BundleStore: store,
-					BundleKeys: []string{o.bundlePub}, ArtifactKeys: []string{o.artifactKey},
+					BundleKeys: []string{o.bundlePub}, ArtifactKeys: o.artifactKeys,
 					HealthTimeout: o.machineTimeout,
 				},
 				Secrets: func(cm cluster.Machine, dir string) (map[string][]byte, error) {
