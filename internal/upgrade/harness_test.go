@@ -103,7 +103,17 @@ func (p surgePools) Destroy(ctx context.Context, machine string) error {
 			if err := p.tc.Stop(ctx, m, "nomad"); err != nil {
 				return err
 			}
-			return p.tc.Stop(ctx, m, "consul")
+			if err := p.tc.Stop(ctx, m, "consul"); err != nil {
+				return err
+			}
+			// A stop is not a departure (leave_on_terminate is off): a
+			// machine removed for good is force-left, as the local
+			// provider's removal does (deploy: fleetOps.Destroy).
+			c, err := p.tc.Consul(p.tc.Machines[0].Address)
+			if err != nil {
+				return err
+			}
+			return hashi.ConsulForceLeave(ctx, c, machine)
 		}
 	}
 	return fmt.Errorf("no machine %s", machine)
