@@ -68,8 +68,9 @@ func (o *fleetOps) loadSecrets() error {
 // local machines share. With the default store, the versions are built
 // from source into steppe's own store: the release site is not reachable
 // from these machines (DESIGN: facts) and its signing key is not pinned
-// here. A store the spec names (a mirror in the release layout, over
-// HTTP(S) or file://) must hold them already, signed by its artifact_keys.
+// here, so steppe never tries it on its own. A store the spec gives keys
+// for (the release site with HashiCorp's key, or a mirror in the release
+// layout over HTTP(S) or file://) must hold them, signed by those keys.
 func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]string) error {
 	type want struct{ product, version string }
 	var all []want
@@ -83,7 +84,9 @@ func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]st
 	if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
 		return err
 	}
-	mirror := o.spec.ArtifactStore != cluster.DefaultArtifactStore
+	// Keys name a store to fetch from, the release site included; without
+	// keys (only the default store may go without) the versions are built.
+	mirror := len(o.spec.ArtifactKeys) > 0
 	if mirror {
 		o.storeURL = o.spec.ArtifactStore
 		keys, err := o.storeKeyFiles()
