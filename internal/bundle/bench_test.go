@@ -341,6 +341,8 @@ func BenchmarkPublishToPullers(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		v := uint64(i + 2)
+		// Like a real update: one file of the dozen changes.
+		files["conf/00.hcl"] = strings.Repeat(fmt.Sprintf("key_0 = \"value %d\"\n", v), 300)
 		bundle := buildBundle(b, &key, baseManifest(v), files)
 		time.Sleep(500 * time.Millisecond) // all back in their long polls
 		start := time.Now()
