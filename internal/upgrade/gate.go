@@ -20,7 +20,8 @@ type Gate struct {
 	Stable time.Duration
 	// Timeout bounds the whole gate of one server (default 5m).
 	Timeout time.Duration
-	// Interval is the time between checks (default 500ms).
+	// Interval is the time between checks (default 250ms; each is a
+	// few API calls to the servers).
 	Interval time.Duration
 }
 
@@ -35,7 +36,7 @@ func (g Gate) withDefaults() Gate {
 		g.Timeout = 5 * time.Minute
 	}
 	if g.Interval == 0 {
-		g.Interval = 500 * time.Millisecond
+		g.Interval = 250 * time.Millisecond
 	}
 	return g
 }
@@ -85,8 +86,6 @@ func (g Gate) server(parent context.Context, u *Upgrader, i int, p product, s St
 	ctx, cancel := context.WithTimeout(parent, g.Timeout)
 	defer cancel()
 	start := time.Now()
-	tick := time.NewTicker(g.Interval)
-	defer tick.Stop()
 	var (
 		last       string
 		backAt     time.Time
@@ -127,9 +126,16 @@ func (g Gate) server(parent context.Context, u *Upgrader, i int, p product, s St
 			}
 			return nil
 		}
+		// Check again after Interval, or right when the stable period
+		// ends if that comes first: the wall time of an upgrade is mostly
+		// these periods, and a tick past their end is waste.
+		wait := g.Interval
+		if !healthyAt.IsZero() {
+			wait = min(wait, g.Stable-time.Since(healthyAt))
+		}
 		select {
 		case <-ctx.Done():
-		case <-tick.C:
+		case <-time.After(max(wait, 0)):
 			continue
 		}
 		break
