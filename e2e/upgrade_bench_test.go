@@ -81,6 +81,9 @@ func BenchmarkUpgradeCluster(b *testing.B) {
 		b.ReportMetric(wall.Seconds()/(serverWaits+migrateWaits).Seconds(), "x-required")
 		b.ReportMetric(wall.Seconds()/serverWaits.Seconds(), "x-server-waits")
 		b.ReportMetric(100*win.rate(), "%-probe")
+		if testing.Verbose() {
+			b.Logf("steppe upgrade's output:\n%s", run.out.String())
+		}
 		b.Logf("upgrade %v: %d server steps × %v, %d allocations migrated × %v; phases: %s; probe %s",
 			wall.Round(100*time.Millisecond), serverSteps, stable, drained, perAlloc, phaseTotals(st), win)
 	}

@@ -45,6 +45,10 @@ type fleetOps struct {
 
 	mu    sync.Mutex // fleet and its file
 	fleet *fleet
+
+	apiMu      sync.Mutex
+	consulAPIs map[string]*consulapi.Client
+	nomadAPIs  map[string]*nomadapi.Client
 }
 
 // loadSecrets opens the state directory's secrets and the bundle key.
@@ -401,22 +405,51 @@ func (o *fleetOps) Upgrade(ctx context.Context, machine string, versions map[str
 	return o.publishAndWait(ctx, []provider.Machine{m})
 }
 
-// Consul implements upgrade.APIs with the management token.
+// Consul implements upgrade.APIs with the management token: one client
+// per address, so that polling reuses its connections (Consul and Nomad
+// refuse an address that holds too many).
 func (o *fleetOps) Consul(addr string) (*consulapi.Client, error) {
+	o.apiMu.Lock()
+	defer o.apiMu.Unlock()
+	if c, ok := o.consulAPIs[addr]; ok {
+		return c, nil
+	}
 	tok, err := o.st.Token(cluster.TokenConsulBootstrap)
 	if err != nil {
 		return nil, err
 	}
-	return hashi.ConsulClient(fmt.Sprintf("%s:%d", addr, cluster.ConsulHTTPSPort), o.opFiles, tok)
+	c, err := hashi.ConsulClient(fmt.Sprintf("%s:%d", addr, cluster.ConsulHTTPSPort), o.opFiles, tok)
+	if err != nil {
+		return nil, err
+	}
+	if o.consulAPIs == nil {
+		o.consulAPIs = map[string]*consulapi.Client{}
+	}
+	o.consulAPIs[addr] = c
+	return c, nil
 }
 
-// Nomad implements upgrade.APIs with the management token.
+// Nomad implements upgrade.APIs with the management token, one client per
+// address.
 func (o *fleetOps) Nomad(addr string) (*nomadapi.Client, error) {
+	o.apiMu.Lock()
+	defer o.apiMu.Unlock()
+	if c, ok := o.nomadAPIs[addr]; ok {
+		return c, nil
+	}
 	tok, err := o.st.Token(cluster.TokenNomadBootstrap)
 	if err != nil {
 		return nil, err
 	}
-	return hashi.NomadClient(fmt.Sprintf("%s:%d", addr, cluster.NomadHTTPPort), o.opFiles, tok)
+	c, err := hashi.NomadClient(fmt.Sprintf("%s:%d", addr, cluster.NomadHTTPPort), o.opFiles, tok)
+	if err != nil {
+		return nil, err
+	}
+	if o.nomadAPIs == nil {
+		o.nomadAPIs = map[string]*nomadapi.Client{}
+	}
+	o.nomadAPIs[addr] = c
+	return c, nil
 }
 
 // anyServer runs f against the first server whose API answers.

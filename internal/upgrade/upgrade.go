@@ -169,6 +169,11 @@ func New(cfg Config) (*Upgrader, error) {
 		cfg.DrainDeadline = 5 * time.Minute
 	}
 	cfg.Gate = cfg.Gate.withDefaults()
+	// The gates ask the servers several times a second: one client per
+	// address, so its connections are reused. A client made per call
+	// leaves its idle connections open, and Nomad answers 429 once an
+	// address holds 100 of them (limits.http_max_conns_per_client).
+	cfg.APIs = &cachedAPIs{apis: cfg.APIs, consul: map[string]*consulapi.Client{}, nomad: map[string]*nomadapi.Client{}}
 	u := &Upgrader{cfg: cfg, log: cfg.Log}
 	u.prods = map[string]product{
 		Consul: &consulProduct{u: u},
@@ -538,4 +543,38 @@ func sortedKeys(m map[string]string) []string {
 	}
 	slices.Sort(ks)
 	return ks
+}
+
+// cachedAPIs makes one client per address and product.
+type cachedAPIs struct {
+	apis   APIs
+	mu     sync.Mutex
+	consul map[string]*consulapi.Client
+	nomad  map[string]*nomadapi.Client
+}
+
+func (c *cachedAPIs) Consul(addr string) (*consulapi.Client, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cl, ok := c.consul[addr]; ok {
+		return cl, nil
+	}
+	cl, err := c.apis.Consul(addr)
+	if err == nil {
+		c.consul[addr] = cl
+	}
+	return cl, err
+}
+
+func (c *cachedAPIs) Nomad(addr string) (*nomadapi.Client, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cl, ok := c.nomad[addr]; ok {
+		return cl, nil
+	}
+	cl, err := c.apis.Nomad(addr)
+	if err == nil {
+		c.nomad[addr] = cl
+	}
+	return cl, err
 }
