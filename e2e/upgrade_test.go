@@ -953,6 +953,37 @@ func TestUpgradeScale(t *testing.T) {
 		clients5[cl.Name] = true
 	}
 
+	// Refused: a machine that would stay cannot take work (made
+	// ineligible here; a node that is down is refused the same way), so
+	// what the drains move would have one place less to go. Nothing is
+	// drained or removed.
+	keeper := "e2eupg-default-1"
+	setEligible := func(on bool) {
+		t.Helper()
+		nodes, _, err := nc.Nodes().List(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range nodes {
+			if n.Name == keeper {
+				if _, err := nc.Nodes().ToggleEligibility(n.ID, on, nil); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+		}
+		t.Fatalf("no nomad node %s", keeper)
+	}
+	setEligible(false)
+	out, err = c.steppe(5*time.Minute, "scale", "-state", c.state, "default", "2")
+	if err == nil || !strings.Contains(out, keeper) {
+		t.Errorf("scale default 2 with %s ineligible: %v, want a refusal naming it:\n%s", keeper, err, out)
+	}
+	if st, err := c.statusJSON(); err == nil && len(st.Agents) != 8 {
+		t.Errorf("a refused scale changed the machines: %d agents, want 8", len(st.Agents))
+	}
+	setEligible(true)
+
 	shrinkStart := time.Now()
 	out, err = c.steppe(15*time.Minute, "scale", "-state", c.state, "-drain-deadline", "3m", "default", "2")
 	t.Logf("steppe scale default 2 (%v, %v):\n%s", err, time.Since(shrinkStart).Round(time.Millisecond), out)

@@ -79,6 +79,19 @@ func Scale(ctx context.Context, opts ScaleOptions) (*ScaleResult, error) {
 	if err := o.ensureArtifacts(ctx, fleetVersions(o.fleet)); err != nil {
 		return nil, err
 	}
+	if len(members) > opts.Count {
+		var keep, gone []string
+		for i, m := range members {
+			if i < opts.Count {
+				keep = append(keep, m.Name)
+			} else {
+				gone = append(gone, m.Name)
+			}
+		}
+		if err := o.readyToTakeOver(ctx, keep); err != nil {
+			return res, fmt.Errorf("scale: not draining %s: %w", strings.Join(gone, ", "), err)
+		}
+	}
 	var names []string
 	err = o.withFleet(func(f *fleet) {
 		f.Pools[opts.Pool] = opts.Count
@@ -116,6 +129,33 @@ func Scale(ctx context.Context, opts ScaleOptions) (*ScaleResult, error) {
 	res.Took = time.Since(start)
 	o.printf("pool %s: %d machines (%s)", opts.Pool, opts.Count, res.Took.Round(100*time.Millisecond))
 	return res, nil
+}
+
+// readyToTakeOver checks that the machines that stay are ready, eligible
+// Nomad clients: what the drains move must have somewhere to go.
+func (o *fleetOps) readyToTakeOver(ctx context.Context, keep []string) error {
+	var nodes []hashi.NomadNode
+	err := anyServer(ctx, o, o.Nomad, func(c *nomadapi.Client) (err error) {
+		nodes, err = hashi.NomadNodes(ctx, c)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	var bad []string
+	for _, n := range keep {
+		i := slices.IndexFunc(nodes, func(nd hashi.NomadNode) bool { return nd.Name == n })
+		switch {
+		case i < 0:
+			bad = append(bad, n+" is not a Nomad node")
+		case nodes[i].Status != nomadapi.NodeStatusReady || !nodes[i].Eligible:
+			bad = append(bad, fmt.Sprintf("%s is %s, eligible %v", n, nodes[i].Status, nodes[i].Eligible))
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("the machines that stay must be ready to take their work: %s", strings.Join(bad, "; "))
+	}
+	return nil
 }
 
 // waitNodesReady waits until the machines named are ready, eligible
