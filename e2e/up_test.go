@@ -76,13 +76,21 @@ func daemonBinaries(t testing.TB) (consul, nomad string) {
 func newUpCluster(t testing.TB, name string, first int) *upCluster {
 	t.Helper()
 	consul, nomad := daemonBinaries(t)
+	return newSpecCluster(t, consul, nomad, fmt.Sprintf("name = %q\n", name), "127.0.1", first, 5)
+}
+
+// newSpecCluster is a cluster of the spec body (without its provider
+// block) on n addresses from prefix.first; steppe down removes it at the
+// end of the test.
+func newSpecCluster(t testing.TB, consul, nomad, body, prefix string, first, n int) *upCluster {
+	t.Helper()
 	c := &upCluster{t: t, bin: steppeBinary(t), dir: t.TempDir(), consul: consul, nomad: nomad}
 	c.spec = filepath.Join(c.dir, "cluster.hcl")
 	c.state = filepath.Join(c.dir, "state")
-	for i := range 5 {
-		c.addrs = append(c.addrs, fmt.Sprintf("127.0.1.%d", first+i))
+	for i := range n {
+		c.addrs = append(c.addrs, fmt.Sprintf("%s.%d", prefix, first+i))
 	}
-	spec := fmt.Sprintf("name = %q\n\nprovider \"local\" {\n  first_address = %q\n}\n", name, c.addrs[0])
+	spec := fmt.Sprintf("%s\nprovider \"local\" {\n  first_address = %q\n}\n", body, c.addrs[0])
 	if err := os.WriteFile(c.spec, []byte(spec), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -156,21 +164,32 @@ func (c *upCluster) envMap() map[string]string {
 	return m
 }
 
-func (c *upCluster) status() deploy.Status {
-	c.t.Helper()
+// runStatus runs `steppe status -json`: the status, the command's exit
+// error (it fails when the cluster is not healthy), its stderr, and an
+// error when its output is not a status.
+func (c *upCluster) runStatus() (deploy.Status, error, string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, c.bin, "status", "-json", "-state", c.state)
 	cmd.Env = c.baseEnv()
-	var stderr bytes.Buffer
+	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	var st deploy.Status
 	if jerr := json.Unmarshal(out, &st); jerr != nil {
-		c.t.Fatalf("steppe status -json: %v %v\n%s%s", err, jerr, out, stderr.Bytes())
+		return st, err, stderr.String(), fmt.Errorf("steppe status -json: %v %v\n%s%s", err, jerr, out, stderr.String())
+	}
+	return st, err, stderr.String(), nil
+}
+
+func (c *upCluster) status() deploy.Status {
+	c.t.Helper()
+	st, err, stderr, jerr := c.runStatus()
+	if jerr != nil {
+		c.t.Fatal(jerr)
 	}
 	if (err != nil) == st.Healthy {
-		c.t.Errorf("steppe status: exit %v with healthy=%v: %s", err, st.Healthy, stderr.Bytes())
+		c.t.Errorf("steppe status: exit %v with healthy=%v: %s", err, st.Healthy, stderr)
 	}
 	if !st.Healthy {
 		c.t.Logf("status problems: %q", st.Problems)

@@ -71,13 +71,7 @@ func upgradeBinaries(t testing.TB) (consul, nomad string) {
 func newUpgradeCluster(t testing.TB, name string, first int) *upCluster {
 	t.Helper()
 	consul, nomad := upgradeBinaries(t)
-	c := &upCluster{t: t, bin: steppeBinary(t), dir: t.TempDir(), consul: consul, nomad: nomad}
-	c.spec = filepath.Join(c.dir, "cluster.hcl")
-	c.state = filepath.Join(c.dir, "state")
-	for i := range 8 {
-		c.addrs = append(c.addrs, fmt.Sprintf("127.0.2.%d", first+i))
-	}
-	spec := fmt.Sprintf(`name = %q
+	body := fmt.Sprintf(`name = %q
 
 versions {
   nomad  = %q
@@ -91,36 +85,15 @@ servers {
 pool "default" {
   count = 3
 }
-
-provider "local" {
-  first_address = %q
-}
-`, name, upgNomadFrom, upgConsulFrom, c.addrs[0])
-	if err := os.WriteFile(c.spec, []byte(spec), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if !c.downDone {
-			if out, err := c.steppe(5*time.Minute, "down", "-state", c.state); err != nil {
-				t.Errorf("cleanup: steppe down: %v\n%s", err, out)
-			}
-		}
-	})
-	return c
+`, name, upgNomadFrom, upgConsulFrom)
+	return newSpecCluster(t, consul, nomad, body, "127.0.2", first, 8)
 }
 
 // statusJSON runs `steppe status -json`, without judging: for polling.
 func (c *upCluster) statusJSON() (*deploy.Status, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, c.bin, "status", "-json", "-state", c.state)
-	cmd.Env = c.baseEnv()
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	var st deploy.Status
-	if jerr := json.Unmarshal(out, &st); jerr != nil {
-		return nil, fmt.Errorf("steppe status -json: %v %v\n%s%s", err, jerr, out, stderr.String())
+	st, _, _, err := c.runStatus()
+	if err != nil {
+		return nil, err
 	}
 	return &st, nil
 }

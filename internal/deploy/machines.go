@@ -46,9 +46,8 @@ type fleetOps struct {
 	mu    sync.Mutex // fleet and its file
 	fleet *fleet
 
-	apiMu      sync.Mutex
-	consulAPIs map[string]*consulapi.Client
-	nomadAPIs  map[string]*nomadapi.Client
+	apiOnce sync.Once
+	apis    upgrade.APIs // management clients, one per address
 }
 
 // loadSecrets opens the state directory's secrets and the bundle key.
@@ -405,51 +404,41 @@ func (o *fleetOps) Upgrade(ctx context.Context, machine string, versions map[str
 	return o.publishAndWait(ctx, []provider.Machine{m})
 }
 
-// Consul implements upgrade.APIs with the management token: one client
-// per address, so that polling reuses its connections (Consul and Nomad
-// refuse an address that holds too many).
+// Consul implements upgrade.APIs with the management token, one client
+// per address (polling must reuse connections: Consul and Nomad refuse an
+// address that holds too many).
 func (o *fleetOps) Consul(addr string) (*consulapi.Client, error) {
-	o.apiMu.Lock()
-	defer o.apiMu.Unlock()
-	if c, ok := o.consulAPIs[addr]; ok {
-		return c, nil
-	}
-	tok, err := o.st.Token(cluster.TokenConsulBootstrap)
-	if err != nil {
-		return nil, err
-	}
-	c, err := hashi.ConsulClient(fmt.Sprintf("%s:%d", addr, cluster.ConsulHTTPSPort), o.opFiles, tok)
-	if err != nil {
-		return nil, err
-	}
-	if o.consulAPIs == nil {
-		o.consulAPIs = map[string]*consulapi.Client{}
-	}
-	o.consulAPIs[addr] = c
-	return c, nil
+	return o.clients().Consul(addr)
 }
 
 // Nomad implements upgrade.APIs with the management token, one client per
 // address.
 func (o *fleetOps) Nomad(addr string) (*nomadapi.Client, error) {
-	o.apiMu.Lock()
-	defer o.apiMu.Unlock()
-	if c, ok := o.nomadAPIs[addr]; ok {
-		return c, nil
-	}
-	tok, err := o.st.Token(cluster.TokenNomadBootstrap)
+	return o.clients().Nomad(addr)
+}
+
+func (o *fleetOps) clients() upgrade.APIs {
+	o.apiOnce.Do(func() { o.apis = upgrade.CacheClients(mgmtAPIs{o}) })
+	return o.apis
+}
+
+// mgmtAPIs makes a new management client per call.
+type mgmtAPIs struct{ o *fleetOps }
+
+func (m mgmtAPIs) Consul(addr string) (*consulapi.Client, error) {
+	tok, err := m.o.st.Token(cluster.TokenConsulBootstrap)
 	if err != nil {
 		return nil, err
 	}
-	c, err := hashi.NomadClient(fmt.Sprintf("%s:%d", addr, cluster.NomadHTTPPort), o.opFiles, tok)
+	return hashi.ConsulClient(fmt.Sprintf("%s:%d", addr, cluster.ConsulHTTPSPort), m.o.opFiles, tok)
+}
+
+func (m mgmtAPIs) Nomad(addr string) (*nomadapi.Client, error) {
+	tok, err := m.o.st.Token(cluster.TokenNomadBootstrap)
 	if err != nil {
 		return nil, err
 	}
-	if o.nomadAPIs == nil {
-		o.nomadAPIs = map[string]*nomadapi.Client{}
-	}
-	o.nomadAPIs[addr] = c
-	return c, nil
+	return hashi.NomadClient(fmt.Sprintf("%s:%d", addr, cluster.NomadHTTPPort), m.o.opFiles, tok)
 }
 
 // anyServer runs f against the first server whose API answers.

@@ -131,19 +131,19 @@ func Scale(ctx context.Context, opts ScaleOptions) (*ScaleResult, error) {
 	return res, nil
 }
 
-// readyToTakeOver checks that the machines that stay are ready, eligible
-// Nomad clients: what the drains move must have somewhere to go.
-func (o *fleetOps) readyToTakeOver(ctx context.Context, keep []string) error {
+// notReady says, of the machines named, which are not ready, eligible
+// Nomad clients and why; empty when all are.
+func (o *fleetOps) notReady(ctx context.Context, names []string) (string, error) {
 	var nodes []hashi.NomadNode
 	err := anyServer(ctx, o, o.Nomad, func(c *nomadapi.Client) (err error) {
 		nodes, err = hashi.NomadNodes(ctx, c)
 		return err
 	})
 	if err != nil {
-		return err
+		return "", err
 	}
 	var bad []string
-	for _, n := range keep {
+	for _, n := range names {
 		i := slices.IndexFunc(nodes, func(nd hashi.NomadNode) bool { return nd.Name == n })
 		switch {
 		case i < 0:
@@ -152,8 +152,18 @@ func (o *fleetOps) readyToTakeOver(ctx context.Context, keep []string) error {
 			bad = append(bad, fmt.Sprintf("%s is %s, eligible %v", n, nodes[i].Status, nodes[i].Eligible))
 		}
 	}
-	if len(bad) > 0 {
-		return fmt.Errorf("the machines that stay must be ready to take their work: %s", strings.Join(bad, "; "))
+	return strings.Join(bad, "; "), nil
+}
+
+// readyToTakeOver checks that the machines that stay are ready, eligible
+// Nomad clients: what the drains move must have somewhere to go.
+func (o *fleetOps) readyToTakeOver(ctx context.Context, keep []string) error {
+	problem, err := o.notReady(ctx, keep)
+	if err != nil {
+		return err
+	}
+	if problem != "" {
+		return fmt.Errorf("the machines that stay must be ready to take their work: %s", problem)
 	}
 	return nil
 }
@@ -163,26 +173,8 @@ func (o *fleetOps) readyToTakeOver(ctx context.Context, keep []string) error {
 func (o *fleetOps) waitNodesReady(ctx context.Context, names []string) error {
 	ctx, cancel := context.WithTimeout(ctx, o.machineTimeout)
 	defer cancel()
-	var problem string
 	for {
-		err := anyServer(ctx, o, o.Nomad, func(c *nomadapi.Client) error {
-			nodes, err := hashi.NomadNodes(ctx, c)
-			if err != nil {
-				return err
-			}
-			var missing []string
-			for _, n := range names {
-				i := slices.IndexFunc(nodes, func(nd hashi.NomadNode) bool { return nd.Name == n })
-				switch {
-				case i < 0:
-					missing = append(missing, n+" is not a node yet")
-				case nodes[i].Status != nomadapi.NodeStatusReady || !nodes[i].Eligible:
-					missing = append(missing, fmt.Sprintf("%s is %s, eligible %v", n, nodes[i].Status, nodes[i].Eligible))
-				}
-			}
-			problem = strings.Join(missing, "; ")
-			return nil
-		})
+		problem, err := o.notReady(ctx, names)
 		if err == nil && problem == "" {
 			for _, n := range names {
 				o.printf("    %-24s ready, eligible", n)

@@ -173,7 +173,7 @@ func New(cfg Config) (*Upgrader, error) {
 	// address, so its connections are reused. A client made per call
 	// leaves its idle connections open, and Nomad answers 429 once an
 	// address holds 100 of them (limits.http_max_conns_per_client).
-	cfg.APIs = &cachedAPIs{apis: cfg.APIs, consul: map[string]*consulapi.Client{}, nomad: map[string]*nomadapi.Client{}}
+	cfg.APIs = CacheClients(cfg.APIs)
 	u := &Upgrader{cfg: cfg, log: cfg.Log}
 	u.prods = map[string]product{
 		Consul: &consulProduct{u: u},
@@ -543,6 +543,16 @@ func sortedKeys(m map[string]string) []string {
 	}
 	slices.Sort(ks)
 	return ks
+}
+
+// CacheClients returns APIs that make one client per address and
+// product through apis and then reuse it, with its connections. Caching
+// what is cached already changes nothing.
+func CacheClients(apis APIs) APIs {
+	if c, ok := apis.(*cachedAPIs); ok {
+		return c
+	}
+	return &cachedAPIs{apis: apis, consul: map[string]*consulapi.Client{}, nomad: map[string]*nomadapi.Client{}}
 }
 
 // cachedAPIs makes one client per address and product.
