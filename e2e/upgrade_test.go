@@ -829,6 +829,22 @@ func TestUpgradeScale(t *testing.T) {
 		t.Fatalf("the resumed upgrade failed: %v\n%s", run2.err, logs.String())
 	}
 	upgWindow := pr.counts().sub(before)
+	// The final report: a row per step, each machine's from → to, and
+	// the time by phase.
+	report := run2.out.String()
+	if i := strings.LastIndex(report, "upgrade report"); i < 0 {
+		t.Errorf("the upgrade printed no report:\n%s", report)
+	} else {
+		report = report[i:]
+		for _, m := range append(slices.Clone(serverMachines), "e2eupg-default-1", "e2eupg-default-2", "e2eupg-default-3") {
+			if !regexp.MustCompile(`(?m)^\S*` + regexp.QuoteMeta(m) + `\s+done\s+\S`).MatchString(report) {
+				t.Errorf("the report has no finished row for %s:\n%s", m, report)
+			}
+		}
+		if !strings.Contains(report, "time by phase:") {
+			t.Errorf("the report has no time by phase:\n%s", report)
+		}
+	}
 
 	stUp := c.waitHealthy("the upgraded cluster healthy", 3*time.Minute, func(st *deploy.Status) bool {
 		return readyClients(st) == 3
