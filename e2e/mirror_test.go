@@ -115,6 +115,13 @@ provider "local" {
 	if ms, _ := os.ReadDir(filepath.Join(c.state, "machines")); len(ms) > 0 {
 		t.Errorf("a refused up made %d machines", len(ms))
 	}
+	// What the refused up left, down removes.
+	if out, err := c.steppe(time.Minute, "down", "-state", c.state); err != nil {
+		t.Errorf("steppe down after a refused up: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(c.state); err == nil {
+		t.Errorf("steppe down after a refused up left %s", c.state)
+	}
 
 	writeSpec(cluster.DefaultNomadVersion)
 	out, took := c.up()

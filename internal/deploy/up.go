@@ -69,11 +69,22 @@ func Up(ctx context.Context, opts UpOptions) (*UpResult, error) {
 	if opts.MachineTimeout == 0 {
 		opts.MachineTimeout = 5 * time.Minute
 	}
+	// The state directory is marked as a cluster's before anything goes
+	// in it, so that down may remove whatever an up cut short left; a
+	// directory that holds something else is not taken over.
+	if !e.exists() {
+		if ents, err := os.ReadDir(e.stateDir); err == nil && len(ents) > 0 {
+			return nil, fmt.Errorf("state directory %s is not empty and is not a steppe cluster's (no %s): give another with -state", e.stateDir, markerFile)
+		}
+	}
 	release, err := lockState(e.stateDir, "up")
 	if err != nil {
 		return nil, err
 	}
 	defer release()
+	if err := os.WriteFile(filepath.Join(e.stateDir, markerFile), []byte("a steppe cluster's state directory; steppe down removes it\n"), 0o600); err != nil {
+		return nil, err
+	}
 	if st, err := pendingUpgrade(e.stateDir); err != nil {
 		return nil, err
 	} else if st != nil {
@@ -188,9 +199,6 @@ func (i indent) Write(p []byte) (int, error) {
 
 func (u *upRun) secrets(ctx context.Context) error {
 	if _, err := cluster.OpenState(u.stateDir); err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(u.stateDir, markerFile), []byte("a steppe cluster's state directory; steppe down removes it\n"), 0o600); err != nil {
 		return err
 	}
 	if u.opts.SpecPath != "" {
