@@ -35,7 +35,7 @@ func runAgent(ctx context.Context, args []string) error {
 	state := fs.String("state", "", "state directory (overrides agent.state_dir; default "+agent.DefaultStateDir+")")
 	socket := fs.String("socket", "", "local API socket (overrides agent.socket; default "+agent.DefaultSocket+")")
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if *config == "" || fs.NArg() > 0 {
 		fs.Usage()
@@ -69,7 +69,7 @@ func agentStatus(ctx context.Context, args []string) error {
 	fs, socket := clientFlags("steppe agent status")
 	asJSON := fs.Bool("json", false, "print JSON")
 	if _, err := parseInterspersed(fs, args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	st, err := agent.NewClient(*socket).Status(ctx)
 	if err != nil {

@@ -83,7 +83,7 @@ func artifactBuild(ctx context.Context, args []string) error {
 	out := fs.String("out", "", "publish into this store directory (default CACHE/store)")
 	refs, err := parseInterspersed(fs, args)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if len(refs) == 0 {
 		fmt.Fprint(os.Stderr, artifactUsage)
@@ -94,7 +94,7 @@ func artifactBuild(ctx context.Context, args []string) error {
 	for _, r := range refs {
 		p, v, err := artifact.ParseRef(r)
 		if err != nil {
-			return fmt.Errorf("%w: %v", errUsage, err)
+			return fmt.Errorf("%w: %w", errUsage, err)
 		}
 		jobs = append(jobs, job{p, v})
 	}
@@ -122,14 +122,14 @@ func artifactPath(args []string) error {
 	fs, cacheFlag := artifactFlags("path")
 	refs, err := parseInterspersed(fs, args)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if len(refs) != 1 {
 		return fmt.Errorf("%w: artifact path: want one PRODUCT@VERSION", errUsage)
 	}
 	p, v, err := artifact.ParseRef(refs[0])
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	cache, err := cacheDirFlag(*cacheFlag)
 	if err != nil {
@@ -149,7 +149,7 @@ func artifactServe(ctx context.Context, args []string) error {
 	addr := fs.String("addr", "127.0.0.1:8480", "listen address")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if len(pos) != 1 {
 		return fmt.Errorf("%w: artifact serve: want one store directory", errUsage)

@@ -73,7 +73,7 @@ func runScale(ctx context.Context, args []string) error {
 	machineTimeout := fs.Duration("machine-timeout", 5*time.Minute, "how long a new machine may take to become healthy")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if len(pos) != 2 {
 		return fmt.Errorf("%w: steppe scale POOL COUNT", errUsage)
@@ -146,7 +146,7 @@ func runStatus(ctx context.Context, args []string) error {
 func parseNoArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errUsage, err)
+		return nil, fmt.Errorf("%w: %w", errUsage, err)
 	}
 	if len(pos) > 0 {
 		return nil, fmt.Errorf("%w: %s takes no arguments, got %q", errUsage, fs.Name(), pos)
