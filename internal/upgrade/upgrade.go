@@ -369,6 +369,16 @@ func (u *Upgrader) runRecorded(ctx context.Context, i int, run func(s Step, prev
 	}); err != nil {
 		return err
 	}
+	// Said at the start too: a step's gate waits for tens of seconds
+	// with nothing else to say.
+	what := fmt.Sprintf("%s: %s → %s", s.ID, s.From, s.To)
+	if s.To == "" {
+		what = s.ID + ": started"
+	}
+	if prev == StatusRunning {
+		what += " (resumed: verified before anything is redone)"
+	}
+	u.progress(&s, "start", what)
 	if err := run(s, prev); err != nil {
 		if ctx.Err() != nil {
 			// Interrupted: the step stays running, to be verified by the
@@ -377,10 +387,15 @@ func (u *Upgrader) runRecorded(ctx context.Context, i int, run func(s Step, prev
 		}
 		return u.fail(i, fmt.Errorf("%s: %w", s.ID, err))
 	}
-	return u.update(i, func(st *Step) {
+	if err := u.update(i, func(st *Step) {
 		st.Status = StatusDone
 		st.Finished = time.Now()
-	})
+		s = *st
+	}); err != nil {
+		return err
+	}
+	u.progress(&s, "done", fmt.Sprintf("%s: done in %v", s.ID, s.Duration().Round(100*time.Millisecond)))
+	return nil
 }
 
 func (u *Upgrader) snapshot(ctx context.Context, i int, s Step) error {
