@@ -236,15 +236,6 @@ func lockState(stateDir, what string) (release func(), err error) {
 	return func() { f.Close() }, nil
 }
 
-// describeVersions is "consul 1.14.11, nomad 1.10.5".
-func describeVersions(m map[string]string) string {
-	var parts []string
-	for _, p := range slices.Sorted(maps.Keys(m)) {
-		parts = append(parts, p+" "+m[p])
-	}
-	return strings.Join(parts, ", ")
-}
-
 // older says whether version a is older than b; unparsable versions are
 // not.
 func older(a, b string) bool {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/hashi"
+	"github.com/steppe/steppe/internal/upgrade"
 )
 
 // ScaleOptions are Options plus what `steppe scale POOL COUNT` asks.
@@ -62,7 +63,7 @@ func Scale(ctx context.Context, opts ScaleOptions) (*ScaleResult, error) {
 	if st, err := pendingUpgrade(o.stateDir); err != nil {
 		return nil, err
 	} else if st != nil {
-		return nil, fmt.Errorf("scale: an upgrade to %s is in progress: run steppe upgrade to finish it first", describeVersions(st.Target))
+		return nil, fmt.Errorf("scale: an upgrade to %s is in progress: run steppe upgrade to finish it first", upgrade.DescribeVersions(st.Target))
 	}
 	o.mu.Lock()
 	_, ok := o.fleet.Pools[opts.Pool]

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/upgrade"
 
 	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/cluster"
@@ -171,7 +172,7 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 	}
 	s.fillRuns()
 	if st, err := pendingUpgrade(e.stateDir); err == nil && st != nil {
-		s.Problems = append(s.Problems, fmt.Sprintf("an upgrade to %s is unfinished: run steppe upgrade to finish it", describeVersions(st.Target)))
+		s.Problems = append(s.Problems, fmt.Sprintf("an upgrade to %s is unfinished: run steppe upgrade to finish it", upgrade.DescribeVersions(st.Target)))
 	}
 	ready := 0
 	for _, c := range s.Clients {

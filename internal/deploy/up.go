@@ -88,7 +88,7 @@ func Up(ctx context.Context, opts UpOptions) (*UpResult, error) {
 	if st, err := pendingUpgrade(e.stateDir); err != nil {
 		return nil, err
 	} else if st != nil {
-		return nil, fmt.Errorf("an upgrade to %s is in progress: run steppe upgrade to finish it first (%s)", describeVersions(st.Target), filepath.Join(e.stateDir, upgrade.StateFile))
+		return nil, fmt.Errorf("an upgrade to %s is in progress: run steppe upgrade to finish it first (%s)", upgrade.DescribeVersions(st.Target), filepath.Join(e.stateDir, upgrade.StateFile))
 	}
 	f, err := loadFleet(e.stateDir)
 	if err != nil {

@@ -49,7 +49,7 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 	if err != nil {
 		return nil, err
 	}
-	o.printf("steppe upgrade: cluster %s to %s (state %s)", o.spec.Name, describeVersions(target), o.stateDir)
+	o.printf("steppe upgrade: cluster %s to %s (state %s)", o.spec.Name, upgrade.DescribeVersions(target), o.stateDir)
 	o.printf("==> artifacts")
 	need := map[string][]string{}
 	for p, v := range target {
@@ -92,7 +92,7 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 	if err := o.withFleet(func(f *fleet) { maps.Copy(f.Versions, target) }); err != nil {
 		return st, err
 	}
-	o.printf("cluster %s runs %s (%s)", o.spec.Name, describeVersions(target), time.Since(start).Round(100*time.Millisecond))
+	o.printf("cluster %s runs %s (%s)", o.spec.Name, upgrade.DescribeVersions(target), time.Since(start).Round(100*time.Millisecond))
 	return st, nil
 }
 
@@ -150,7 +150,7 @@ func (o *fleetOps) upgradeTarget(asked map[string]string) (map[string]string, er
 		return nil, err
 	}
 	if prev != nil && !prev.Done {
-		o.printf("resuming the interrupted upgrade to %s", describeVersions(prev.Target))
+		o.printf("resuming the interrupted upgrade to %s", upgrade.DescribeVersions(prev.Target))
 		return maps.Clone(prev.Target), nil
 	}
 	target := map[string]string{}
@@ -160,7 +160,7 @@ func (o *fleetOps) upgradeTarget(asked map[string]string) (map[string]string, er
 		}
 	}
 	if len(target) == 0 {
-		return nil, fmt.Errorf("nothing to upgrade: cluster %s runs %s, as its spec says (give -nomad V and/or -consul V, or change the spec's versions)", o.spec.Name, describeVersions(o.fleet.Versions))
+		return nil, fmt.Errorf("nothing to upgrade: cluster %s runs %s, as its spec says (give -nomad V and/or -consul V, or change the spec's versions)", o.spec.Name, upgrade.DescribeVersions(o.fleet.Versions))
 	}
 	return target, nil
 }
@@ -208,7 +208,7 @@ func (o *fleetOps) upgradeMachines(ctx context.Context) ([]upgrade.Server, []upg
 // writeUpgradeReport prints, per step, what it did: from → to, how long,
 // allocations drained, and its phases.
 func writeUpgradeReport(w io.Writer, st *upgrade.State, total time.Duration) {
-	fmt.Fprintf(w, "\nupgrade report (%s → %s), %s so far:\n", describeVersions(st.From), describeVersions(st.Target), total.Round(100*time.Millisecond))
+	fmt.Fprintf(w, "\nupgrade report (%s → %s), %s so far:\n", upgrade.DescribeVersions(st.From), upgrade.DescribeVersions(st.Target), total.Round(100*time.Millisecond))
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "STEP\tSTATUS\tFROM\tTO\tTOOK\tDRAINED\tPHASES")
 	byPhase := map[string]float64{}

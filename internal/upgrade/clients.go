@@ -163,7 +163,7 @@ func (u *Upgrader) waitClient(ctx context.Context, machine, addr string) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%s not on %s within %v: %s", machine, describe(want), u.cfg.Gate.Timeout, problem)
+			return fmt.Errorf("%s not on %s within %v: %s", machine, DescribeVersions(want), u.cfg.Gate.Timeout, problem)
 		case <-tick.C:
 		}
 	}

@@ -202,9 +202,9 @@ func (u *Upgrader) Run(ctx context.Context) (*State, error) {
 	}
 	if st != nil && !st.Done {
 		if !maps.Equal(st.Target, u.cfg.Target) {
-			return st, fmt.Errorf("an upgrade to %s is in progress (%s): run it to the end first", describe(st.Target), filepath.Join(u.cfg.StateDir, StateFile))
+			return st, fmt.Errorf("an upgrade to %s is in progress (%s): run it to the end first", DescribeVersions(st.Target), filepath.Join(u.cfg.StateDir, StateFile))
 		}
-		u.log.Info("resuming the upgrade", "target", describe(st.Target))
+		u.log.Info("resuming the upgrade", "target", DescribeVersions(st.Target))
 	} else {
 		pre, err := u.Preflight(ctx)
 		if err != nil {
@@ -540,12 +540,11 @@ func joinNote(a, b string) string {
 	return a + "; " + b
 }
 
-func describe(m map[string]string) string {
+// DescribeVersions is "consul 1.14.11, nomad 1.10.5".
+func DescribeVersions(m map[string]string) string {
 	var parts []string
-	for _, p := range []string{Consul, Nomad} {
-		if v, ok := m[p]; ok {
-			parts = append(parts, p+" "+v)
-		}
+	for _, p := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, p+" "+m[p])
 	}
 	return strings.Join(parts, ", ")
 }
