@@ -49,6 +49,16 @@ type upCluster struct {
 // skip with the reason outside CI, a failure in CI.
 func daemonBinaries(t testing.TB) (consul, nomad string) {
 	t.Helper()
+	bins := cachedBinaries(t, "the default daemon versions are not built (make artifacts)",
+		"consul@"+cluster.DefaultConsulVersion, "nomad@"+cluster.DefaultNomadVersion)
+	return bins[0], bins[1]
+}
+
+// cachedBinaries finds PRODUCT@VERSION binaries in the artifact cache, in
+// order. The tests need root (agents use cgroups) and the binaries: a
+// skip with the reason outside CI, a failure in CI.
+func cachedBinaries(t testing.TB, missing string, want ...string) []string {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("steppe up runs agents that need root for cgroups; run the tests as root (CI does)")
 	}
@@ -56,18 +66,21 @@ func daemonBinaries(t testing.TB) (consul, nomad string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var paths []string
 	var errs []error
-	consul, err = artifact.BinaryPath(cache, "consul", cluster.DefaultConsulVersion)
-	errs = append(errs, err)
-	nomad, err = artifact.BinaryPath(cache, "nomad", cluster.DefaultNomadVersion)
-	errs = append(errs, err)
+	for _, pv := range want {
+		product, version, _ := strings.Cut(pv, "@")
+		p, err := artifact.BinaryPath(cache, product, version)
+		errs = append(errs, err)
+		paths = append(paths, p)
+	}
 	if err := errors.Join(errs...); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal(err)
 		}
-		t.Skipf("the default daemon versions are not built (make artifacts): %v", err)
+		t.Skipf("%s: %v", missing, err)
 	}
-	return consul, nomad
+	return paths
 }
 
 // newUpCluster writes a spec for a cluster of 3 servers and 2 clients on

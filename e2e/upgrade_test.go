@@ -26,7 +26,6 @@ import (
 	consulapi "github.com/hashicorp/consul/api"
 	nomadapi "github.com/hashicorp/nomad/api"
 
-	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/deploy"
 	"github.com/steppe/steppe/internal/upgrade"
 )
@@ -42,27 +41,9 @@ const (
 // It returns the older ones.
 func upgradeBinaries(t testing.TB) (consul, nomad string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("steppe up runs agents that need root for cgroups; run the tests as root (CI does)")
-	}
-	cache, err := artifact.DefaultCacheDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	paths := map[string]string{}
-	var errs []error
-	for _, pv := range [][2]string{{"consul", upgConsulFrom}, {"consul", upgConsulTo}, {"nomad", upgNomadFrom}, {"nomad", upgNomadTo}} {
-		p, err := artifact.BinaryPath(cache, pv[0], pv[1])
-		errs = append(errs, err)
-		paths[pv[0]+"@"+pv[1]] = p
-	}
-	if err := errors.Join(errs...); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal(err)
-		}
-		t.Skipf("the upgrade test needs both versions of nomad and consul built (make artifacts): %v", err)
-	}
-	return paths["consul@"+upgConsulFrom], paths["nomad@"+upgNomadFrom]
+	bins := cachedBinaries(t, "the upgrade test needs both versions of nomad and consul built (make artifacts)",
+		"consul@"+upgConsulFrom, "nomad@"+upgNomadFrom, "consul@"+upgConsulTo, "nomad@"+upgNomadTo)
+	return bins[0], bins[1]
 }
 
 // newUpgradeCluster writes a spec of 3 servers and 3 clients of pool
@@ -87,6 +68,30 @@ pool "default" {
 }
 `, name, upgNomadFrom, upgConsulFrom)
 	return newSpecCluster(t, consul, nomad, body, "127.0.2", first, 8)
+}
+
+// checkDaemonVersions checks what the daemons report running: every
+// Consul member and Nomad server, and the Nomad clients too when clients.
+func checkDaemonVersions(t *testing.T, when string, st *deploy.Status, consul, nomad string, clients bool) {
+	t.Helper()
+	for _, m := range st.Consul {
+		if m.Version != consul {
+			t.Errorf("%s: consul member %s runs %s, want %s", when, m.Name, m.Version, consul)
+		}
+	}
+	for _, s := range st.Servers {
+		if s.Version != nomad {
+			t.Errorf("%s: nomad server %s runs %s, want %s", when, s.Name, s.Version, nomad)
+		}
+	}
+	if !clients {
+		return
+	}
+	for _, cl := range st.Clients {
+		if cl.Version != nomad {
+			t.Errorf("%s: nomad client %s runs %s, want %s", when, cl.Name, cl.Version, nomad)
+		}
+	}
 }
 
 // statusJSON runs `steppe status -json`, without judging: for polling.
@@ -792,16 +797,7 @@ func TestUpgradeScale(t *testing.T) {
 	stRef := c.waitHealthy("the cluster healthy again after consul restarted on "+victim, 5*time.Minute, func(st *deploy.Status) bool {
 		return readyClients(st) == 3
 	})
-	for _, m := range stRef.Consul {
-		if m.Version != upgConsulFrom {
-			t.Errorf("after the refusal: consul member %s runs %s, want %s untouched", m.Name, m.Version, upgConsulFrom)
-		}
-	}
-	for _, s := range stRef.Servers {
-		if s.Version != upgNomadFrom {
-			t.Errorf("after the refusal: nomad server %s runs %s, want %s untouched", s.Name, s.Version, upgNomadFrom)
-		}
-	}
+	checkDaemonVersions(t, "after the refusal (untouched)", stRef, upgConsulFrom, upgNomadFrom, false)
 	// The refusal window is not the upgrade's: the probe may have seen
 	// what a stopped Consul server does to its own catalog queries.
 	t.Logf("probe before the upgrade: %s", pr.counts())
@@ -849,21 +845,7 @@ func TestUpgradeScale(t *testing.T) {
 	stUp := c.waitHealthy("the upgraded cluster healthy", 3*time.Minute, func(st *deploy.Status) bool {
 		return readyClients(st) == 3
 	})
-	for _, s := range stUp.Servers {
-		if s.Version != upgNomadTo {
-			t.Errorf("nomad server %s runs %s, want %s", s.Name, s.Version, upgNomadTo)
-		}
-	}
-	for _, m := range stUp.Consul {
-		if m.Version != upgConsulTo {
-			t.Errorf("consul member %s runs %s, want %s", m.Name, m.Version, upgConsulTo)
-		}
-	}
-	for _, cl := range stUp.Clients {
-		if cl.Version != upgNomadTo {
-			t.Errorf("nomad client %s runs %s, want %s", cl.Name, cl.Version, upgNomadTo)
-		}
-	}
+	checkDaemonVersions(t, "after the upgrade", stUp, upgConsulTo, upgNomadTo, true)
 	for _, a := range stUp.Agents {
 		if a.Versions["nomad"] != upgNomadTo || a.Versions["consul"] != upgConsulTo {
 			t.Errorf("agent of %s is set to run %v, want nomad %s and consul %s", a.Machine, a.Versions, upgNomadTo, upgConsulTo)
