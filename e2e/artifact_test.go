@@ -214,31 +214,7 @@ func TestArtifactServeAndFetch(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	cmd := exec.CommandContext(ctx, steppe, "artifact", "serve", store, "-addr", "127.0.0.1:0")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
-	})
-	sc := bufio.NewScanner(stderr)
-	addrRE := regexp.MustCompile(`on (http://127\.0\.0\.1:\d+)/`)
-	var url string
-	for sc.Scan() {
-		if m := addrRE.FindStringSubmatch(sc.Text()); m != nil {
-			url = m[1]
-			break
-		}
-	}
-	if url == "" {
-		t.Fatalf("steppe artifact serve printed no address (%v)", sc.Err())
-	}
-	go io.Copy(io.Discard, stderr)
+	url := serveStore(t, steppe, store, "127.0.0.1")
 
 	keyring, err := artifact.ReadKeyringFile(filepath.Join(store, artifact.StoreKeyFile))
 	if err != nil {
@@ -273,4 +249,36 @@ func artifactGPGVerify(t *testing.T, ctx context.Context, store, product, versio
 	if err != nil || !strings.Contains(string(out), "Good signature") {
 		t.Errorf("gpg --verify %s: %v\n%s", sums, err, out)
 	}
+}
+
+// serveStore runs `steppe artifact serve store` on a free port of host
+// until the test ends and returns its URL, as the command prints it.
+func serveStore(t *testing.T, steppe, store, host string) string {
+	t.Helper()
+	cmd := exec.Command(steppe, "artifact", "serve", store, "-addr", host+":0")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+	})
+	sc := bufio.NewScanner(stderr)
+	addrRE := regexp.MustCompile(`on (http://` + regexp.QuoteMeta(host) + `:\d+)/`)
+	var url string
+	for sc.Scan() {
+		if m := addrRE.FindStringSubmatch(sc.Text()); m != nil {
+			url = m[1]
+			break
+		}
+	}
+	if url == "" {
+		t.Fatalf("steppe artifact serve printed no address (%v)", sc.Err())
+	}
+	go io.Copy(io.Discard, stderr)
+	return url
 }

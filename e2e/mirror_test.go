@@ -1,13 +1,10 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -32,32 +29,7 @@ func TestUpFromArtifactMirror(t *testing.T) {
 	store := artifact.DefaultStoreDir(cache)
 	bin := steppeBinary(t)
 
-	ctx, cancel := context.WithCancel(context.Background())
-	srv := exec.CommandContext(ctx, bin, "artifact", "serve", store, "-addr", "127.0.1.70:0")
-	stderr, err := srv.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cancel(); srv.Wait() })
-	var storeURL string
-	sc := bufio.NewScanner(stderr)
-	re := regexp.MustCompile(`on (http://127\.0\.1\.70:\d+)/`)
-	for sc.Scan() {
-		if m := re.FindStringSubmatch(sc.Text()); m != nil {
-			storeURL = m[1]
-			break
-		}
-	}
-	if storeURL == "" {
-		t.Fatalf("steppe artifact serve did not say where it listens")
-	}
-	go func() {
-		for sc.Scan() {
-		}
-	}()
+	storeURL := serveStore(t, bin, store, "127.0.1.70")
 
 	c := &upCluster{t: t, bin: bin, dir: t.TempDir()}
 	c.spec = filepath.Join(c.dir, "cluster.hcl")
