@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -44,6 +46,20 @@ func runAgent(ctx context.Context, args []string) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("find own executable for the exec trampoline: %w", err)
+	}
+	if os.Getenv("GOGC") == "" {
+		// The agent's live heap is well under 1 MiB. With the default
+		// GOGC of 100 the runtime lets garbage (status polls, restarts)
+		// pile up to its 4 MiB minimum heap goal before it collects; at
+		// 25 the goal is 1 MiB: a collection every few seconds under
+		// continuous polling, each a fraction of a millisecond of CPU.
+		debug.SetGCPercent(25)
+	}
+	if os.Getenv("GOMAXPROCS") == "" {
+		// A supervisor gains nothing from running Go code in parallel:
+		// it waits on processes, pipes and a socket. Each extra P keeps
+		// its own cache of spans and stacks (about 0.5 MiB resident here).
+		runtime.GOMAXPROCS(1)
 	}
 	return agent.Run(ctx, agent.Options{
 		ConfigPath: *config,

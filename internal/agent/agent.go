@@ -246,11 +246,24 @@ func (a *Agent) applyLocked(ctx context.Context, own []supervise.Spec, rel *plan
 			specs = append(specs, d.Spec)
 		}
 	}
+	// Whatever the outcome, the one-off work that led here (config parsing,
+	// a release's verification and unpacking, or the start-up itself) is
+	// over: its pages of the binary need not stay mapped.
+	defer a.releasePages()
 	if err := a.sup.Apply(ctx, specs); err != nil {
 		return err
 	}
 	a.release = rel
 	return nil
+}
+
+func (a *Agent) releasePages() {
+	n, err := releaseExecutablePages()
+	if err != nil {
+		a.log.Warn("releasing the binary's startup pages", "err", err)
+		return
+	}
+	a.log.Debug("released the mappings of the binary's read-only pages", "bytes", n)
 }
 
 func (a *Agent) runningRelease() *plan {
