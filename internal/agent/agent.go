@@ -3,10 +3,8 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -92,9 +90,8 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	api := &apiServer{ctl: a.sup, status: a.Status, log: log}
-	srv := newAPIServer(api)
 	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := api.serve(ctx, ln); err != nil {
 			log.Error("local api", "err", err)
 		}
 	}()
@@ -104,7 +101,7 @@ func Run(ctx context.Context, opts Options) error {
 	if cfg.Bundle != nil {
 		if pull, err = a.newPuller(cfg); err != nil {
 			a.sup.Close()
-			srv.Close()
+			ln.Close()
 			return err
 		}
 	}
@@ -157,7 +154,7 @@ func Run(ctx context.Context, opts Options) error {
 	stopCtx, cancel := context.WithTimeout(context.Background(), a.shutdownBudget())
 	defer cancel()
 	shutdownErr := a.sup.Shutdown(stopCtx)
-	_ = srv.Close()
+	_ = ln.Close()
 	_ = os.Remove(cfg.Socket)
 	a.sup.Close()
 	if shutdownErr != nil {

@@ -8,11 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -50,6 +47,28 @@ type control interface {
 	Logs(name string, n int) ([]string, error)
 }
 
+// The local API is one JSON object per connection each way, on the agent's
+// Unix socket: the client writes a request line, the agent answers with a
+// response line and closes. Its only clients are steppe's own commands, and
+// the agent must stay small: net/http's server, with the stack growth of its
+// connection goroutines, made the first request of an agent's life map 3.7
+// MiB of the binary again (see BENCHMARKS.md). By hand:
+//
+//	echo '{"op":"status"}' | socat - UNIX-CONNECT:/run/steppe/agent.sock
+type request struct {
+	Op      string `json:"op"` // status, logs, start, stop, restart or reload
+	Service string `json:"service,omitempty"`
+	Lines   int    `json:"lines,omitempty"` // logs: how many of the last lines
+}
+
+type response struct {
+	Error  string `json:"error,omitempty"`
+	Result any    `json:"result,omitempty"`
+}
+
+// maxRequest bounds what the agent reads from a client.
+const maxRequest = 64 << 10
+
 // apiServer answers the local API. Only root (or the agent's own user) may
 // connect: the socket is 0600 and every connection's peer credentials are
 // checked as well.
@@ -59,76 +78,81 @@ type apiServer struct {
 	log    *slog.Logger
 }
 
-func (s *apiServer) handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, s.status())
-	})
-	mux.HandleFunc("GET /v1/services/{name}/logs", func(w http.ResponseWriter, r *http.Request) {
-		n := 100
-		if v := r.URL.Query().Get("n"); v != "" {
-			var err error
-			if n, err = strconv.Atoi(v); err != nil || n < 0 {
-				writeError(w, http.StatusBadRequest, fmt.Errorf("n = %q: want a number of lines", v))
-				return
-			}
-		}
-		lines, err := s.ctl.Logs(r.PathValue("name"), n)
+// serve answers connections from ln until ln is closed. A request's context
+// is ctx, cancelled early when its client hangs up.
+func (s *apiServer) serve(ctx context.Context, ln net.Listener) error {
+	for {
+		c, err := ln.Accept()
 		if err != nil {
-			writeError(w, http.StatusNotFound, err)
-			return
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return err
 		}
-		writeJSON(w, http.StatusOK, map[string][]string{"lines": lines})
-	})
-	mux.HandleFunc("POST /v1/services/{name}/{action}", func(w http.ResponseWriter, r *http.Request) {
-		name, action := r.PathValue("name"), r.PathValue("action")
-		var op func(context.Context, string) error
-		switch action {
-		case "start":
-			op = s.ctl.Start
-		case "stop":
-			op = s.ctl.Stop
-		case "restart":
-			op = s.ctl.Restart
-		case "reload":
-			op = s.ctl.Reload
-		default:
-			writeError(w, http.StatusNotFound, fmt.Errorf("unknown action %q (want start, stop, restart or reload)", action))
-			return
-		}
-		s.log.Info("control", "service", name, "action", action)
-		if err := op(r.Context(), name); err != nil {
-			writeError(w, http.StatusConflict, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, map[string]string{"service": name, "done": action})
-	})
-	return mux
-}
-
-// newAPIServer serves api. An idle connection is closed after a while, so
-// that clients which keep connections open cannot pile up goroutines and
-// buffers in the agent.
-func newAPIServer(api *apiServer) *http.Server {
-	return &http.Server{Handler: api.handler(), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		code, b = http.StatusInternalServerError, []byte(`{"error":"encode response"}`)
+		go s.handle(ctx, c)
 	}
-	b = append(b, '\n')
-	h := w.Header()
-	h["Content-Type"] = []string{"application/json"}
-	h["Content-Length"] = []string{strconv.Itoa(len(b))}
-	h["Date"] = nil // nobody reads it on a local socket; spares formatting a time per request
-	w.WriteHeader(code)
-	_, _ = w.Write(b)
 }
 
-func writeError(w http.ResponseWriter, code int, err error) {
-	writeJSON(w, code, map[string]string{"error": err.Error()})
+func (s *apiServer) handle(ctx context.Context, c net.Conn) {
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var req request
+	if err := json.NewDecoder(io.LimitReader(c, maxRequest)).Decode(&req); err != nil {
+		s.reply(c, nil, fmt.Errorf("read request: %w", err))
+		return
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		// The client sends nothing after its request: a read that returns
+		// means it hung up (or the reply is written and c closed).
+		var b [1]byte
+		_, _ = c.Read(b[:])
+		cancel()
+	}()
+	result, err := s.call(ctx, req)
+	s.reply(c, result, err)
+}
+
+func (s *apiServer) call(ctx context.Context, req request) (any, error) {
+	var op func(context.Context, string) error
+	switch req.Op {
+	case "status":
+		return s.status(), nil
+	case "logs":
+		if req.Lines < 0 {
+			return nil, fmt.Errorf("lines = %d: want a number of lines", req.Lines)
+		}
+		return s.ctl.Logs(req.Service, req.Lines)
+	case "start":
+		op = s.ctl.Start
+	case "stop":
+		op = s.ctl.Stop
+	case "restart":
+		op = s.ctl.Restart
+	case "reload":
+		op = s.ctl.Reload
+	default:
+		return nil, fmt.Errorf("unknown op %q (want status, logs, start, stop, restart or reload)", req.Op)
+	}
+	s.log.Info("control", "service", req.Service, "action", req.Op)
+	return nil, op(ctx, req.Service)
+}
+
+func (s *apiServer) reply(c net.Conn, result any, err error) {
+	resp := response{Result: result}
+	if err != nil {
+		resp = response{Error: err.Error()}
+	}
+	b, mErr := json.Marshal(resp)
+	if mErr != nil {
+		b, _ = json.Marshal(response{Error: "encode response: " + mErr.Error()})
+	}
+	_ = c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		s.log.Debug("local api: write reply", "err", err)
+	}
 }
 
 // listenUnix binds the API socket, replacing a stale one (the caller holds
@@ -189,82 +213,80 @@ func (l *peerCheckListener) Accept() (net.Conn, error) {
 // Client talks to a running agent's local API.
 type Client struct {
 	Socket string
-	http   *http.Client
 }
 
 // NewClient returns a client for the agent listening on socket.
 func NewClient(socket string) *Client {
-	return &Client{
-		Socket: socket,
-		// One connection per request: callers make a Client per call, and
-		// a kept-alive connection per Client would pin a goroutine and its
-		// buffers in the agent for as long as the caller lives.
-		http: &http.Client{Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				var d net.Dialer
-				return d.DialContext(ctx, "unix", socket)
-			},
-		}},
-	}
+	return &Client{Socket: socket}
 }
 
 // Status fetches the agent's status.
 func (c *Client) Status(ctx context.Context) (StatusReport, error) {
 	var st StatusReport
-	err := c.do(ctx, http.MethodGet, "/v1/status", &st)
+	err := c.call(ctx, request{Op: "status"}, &st)
 	return st, err
 }
 
 // Logs fetches the last n lines of a service's log.
 func (c *Client) Logs(ctx context.Context, service string, n int) ([]string, error) {
-	var out struct {
-		Lines []string `json:"lines"`
-	}
-	err := c.do(ctx, http.MethodGet, "/v1/services/"+url.PathEscape(service)+"/logs?n="+strconv.Itoa(n), &out)
-	return out.Lines, err
+	var lines []string
+	err := c.call(ctx, request{Op: "logs", Service: service, Lines: n}, &lines)
+	return lines, err
 }
 
 // Control runs start, stop, restart or reload on a service and returns
 // when the agent has done it.
 func (c *Client) Control(ctx context.Context, service, action string) error {
-	return c.do(ctx, http.MethodPost, "/v1/services/"+url.PathEscape(service)+"/"+url.PathEscape(action), nil)
+	return c.call(ctx, request{Op: action, Service: service}, nil)
 }
 
-func (c *Client) do(ctx context.Context, method, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, "http://agent"+path, nil)
+// call makes one request on its own connection: nothing stays open in the
+// agent between calls.
+func (c *Client) call(ctx context.Context, req request, out any) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.Socket)
 	if err != nil {
-		return err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
+		switch {
+		case errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED):
 			return fmt.Errorf("no agent answers on %s (is `steppe agent` running? -socket or STEPPE_AGENT_SOCKET name another): %w", c.Socket, err)
-		}
-		if errors.Is(err, os.ErrPermission) {
+		case errors.Is(err, os.ErrPermission):
 			return fmt.Errorf("agent socket %s: permission denied (the local API is root-only)", c.Socket)
 		}
 		return fmt.Errorf("agent api %s: %w", c.Socket, err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	defer conn.Close()
+	// Cancelling ctx unblocks the read and the write below.
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	b, err := json.Marshal(req)
 	if err != nil {
-		return fmt.Errorf("agent api %s: %w", path, err)
+		return fmt.Errorf("agent api %s: encode %s: %w", c.Socket, req.Op, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
-		}
-		return fmt.Errorf("agent api %s: %s", path, resp.Status)
+	if _, err := conn.Write(append(b, '\n')); err != nil {
+		return c.callErr(ctx, req, err)
 	}
-	if out == nil {
+	var resp struct {
+		Error  string          `json:"error"`
+		Result json.RawMessage `json:"result"`
+	}
+	if err := json.NewDecoder(io.LimitReader(conn, 64<<20)).Decode(&resp); err != nil {
+		return c.callErr(ctx, req, err)
+	}
+	if resp.Error != "" {
+		return errors.New(resp.Error)
+	}
+	if out == nil || len(resp.Result) == 0 {
 		return nil
 	}
-	if err := json.Unmarshal(body, out); err != nil {
-		return fmt.Errorf("agent api %s: decode: %w", path, err)
+	if err := json.Unmarshal(resp.Result, out); err != nil {
+		return fmt.Errorf("agent api %s: %s: decode: %w", c.Socket, req.Op, err)
 	}
 	return nil
+}
+
+func (c *Client) callErr(ctx context.Context, req request, err error) error {
+	if ctx.Err() != nil {
+		err = ctx.Err()
+	}
+	return fmt.Errorf("agent api %s: %s: %w", c.Socket, req.Op, err)
 }

@@ -1,52 +1,101 @@
 package agent
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// Callers make a Client per call (the CLI, steppe status polling every
-// machine). Each call must leave nothing behind in the agent: a kept-alive
-// connection per Client would hold a goroutine and buffers there for as long
-// as the caller runs. The server is the agent's own, on a real socket; its
-// status comes from a function, since only connections are under test.
-func TestClientLeavesNoConnectionInTheAgent(t *testing.T) {
+// countingListener counts the connections the server has not closed yet.
+type countingListener struct {
+	net.Listener
+	open *atomic.Int64
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.open.Add(1)
+	return &countedConn{Conn: c, open: l.open}, nil
+}
+
+type countedConn struct {
+	net.Conn
+	open   *atomic.Int64
+	closed atomic.Bool
+}
+
+func (c *countedConn) Close() error {
+	if c.closed.CompareAndSwap(false, true) {
+		c.open.Add(-1)
+	}
+	return c.Conn.Close()
+}
+
+// blockingControl is a supervisor whose Restart waits until its context is
+// cancelled, and reports that it was.
+type blockingControl struct {
+	started   chan struct{}
+	cancelled chan error
+}
+
+func (b *blockingControl) Restart(ctx context.Context, name string) error {
+	close(b.started)
+	<-ctx.Done()
+	b.cancelled <- ctx.Err()
+	return ctx.Err()
+}
+func (b *blockingControl) Start(context.Context, string) error  { return nil }
+func (b *blockingControl) Stop(context.Context, string) error   { return nil }
+func (b *blockingControl) Reload(context.Context, string) error { return nil }
+func (b *blockingControl) Logs(name string, n int) ([]string, error) {
+	if name != "web" {
+		return nil, fmt.Errorf("no service %q", name)
+	}
+	return []string{fmt.Sprintf("%d lines of web", n)}, nil
+}
+
+// startAPI serves api on a real socket in a temp dir and returns the socket
+// and the count of connections still open in the server.
+func startAPI(t *testing.T, api *apiServer) (string, *atomic.Int64) {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "agent.sock")
 	ln, err := listenUnix(sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	api := &apiServer{
-		status: func() StatusReport { return StatusReport{Agent: AgentInfo{PID: os.Getpid()}} },
-		log:    slog.New(slog.DiscardHandler),
-	}
-	srv := newAPIServer(api)
-	var open atomic.Int64
-	srv.ConnState = func(_ net.Conn, s http.ConnState) {
-		switch s {
-		case http.StateNew:
-			open.Add(1)
-		case http.StateClosed, http.StateHijacked:
-			open.Add(-1)
-		}
-	}
+	open := new(atomic.Int64)
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	defer func() {
-		srv.Close()
-		if err := <-served; !errors.Is(err, http.ErrServerClosed) {
+	go func() { served <- api.serve(context.Background(), countingListener{Listener: ln, open: open}) }()
+	t.Cleanup(func() {
+		ln.Close()
+		if err := <-served; err != nil {
 			t.Errorf("serve: %v", err)
 		}
-	}()
+	})
+	return sock, open
+}
 
+// Callers make a Client per call (the CLI, steppe status polling every
+// machine). Each call must leave nothing behind in the agent. Only the
+// supervisor is replaced here, since connections are under test.
+func TestClientLeavesNoConnectionInTheAgent(t *testing.T) {
+	sock, open := startAPI(t, &apiServer{
+		ctl:    &blockingControl{},
+		status: func() StatusReport { return StatusReport{Agent: AgentInfo{PID: os.Getpid()}} },
+		log:    slog.New(slog.DiscardHandler),
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for range 20 {
@@ -57,12 +106,76 @@ func TestClientLeavesNoConnectionInTheAgent(t *testing.T) {
 		if st.Agent.PID != os.Getpid() {
 			t.Fatalf("status: %+v", st)
 		}
+		lines, err := NewClient(sock).Logs(ctx, "web", 7)
+		if err != nil || len(lines) != 1 || lines[0] != "7 lines of web" {
+			t.Fatalf("logs: %q, %v", lines, err)
+		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for open.Load() != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d connections still open in the agent after 20 status calls", open.Load())
+			t.Fatalf("%d connections still open in the agent after 40 calls", open.Load())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Errors reach the client as the agent wrote them; a malformed or unknown
+// request gets an answer that says what was wrong, not a dropped connection.
+func TestAPIErrors(t *testing.T) {
+	sock, _ := startAPI(t, &apiServer{
+		ctl:    &blockingControl{},
+		status: func() StatusReport { return StatusReport{} },
+		log:    slog.New(slog.DiscardHandler),
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := NewClient(sock).Logs(ctx, "nope", 3); err == nil || err.Error() != `no service "nope"` {
+		t.Errorf("logs of an unknown service: %v", err)
+	}
+	if err := NewClient(sock).Control(ctx, "web", "explode"); err == nil || !strings.Contains(err.Error(), `unknown op "explode"`) {
+		t.Errorf("unknown action: %v", err)
+	}
+	for _, raw := range []string{"not json\n", `{"op":"logs","service":"web","lines":-1}` + "\n"} {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprint(c, raw)
+		line, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if err != nil || !strings.HasPrefix(line, `{"error":`) {
+			t.Errorf("request %q: answer %q, %v", raw, line, err)
+		}
+	}
+	if _, err := NewClient(filepath.Join(t.TempDir(), "none.sock")).Status(ctx); err == nil || !strings.Contains(err.Error(), "no agent answers") {
+		t.Errorf("no agent: %v", err)
+	}
+}
+
+// A client that gives up (its context ends, the CLI is interrupted) cancels
+// the control operation it asked for in the agent.
+func TestAPIClientHangupCancels(t *testing.T) {
+	ctl := &blockingControl{started: make(chan struct{}), cancelled: make(chan error, 1)}
+	sock, _ := startAPI(t, &apiServer{ctl: ctl, status: func() StatusReport { return StatusReport{} }, log: slog.New(slog.DiscardHandler)})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- NewClient(sock).Control(ctx, "web", "restart") }()
+	select {
+	case <-ctl.started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("restart never reached the supervisor")
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("client: %v, want context.Canceled", err)
+	}
+	select {
+	case err := <-ctl.cancelled:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("agent side: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent's restart was not cancelled when its client hung up")
 	}
 }
