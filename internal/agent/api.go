@@ -78,8 +78,8 @@ type apiServer struct {
 	log    *slog.Logger
 }
 
-// serve answers connections from ln until ln is closed. A request's context
-// is ctx, cancelled early when its client hangs up.
+// serve answers connections from ln until ln is closed. Requests run with
+// ctx: the agent's, which ends when it stops.
 func (s *apiServer) serve(ctx context.Context, ln net.Listener) error {
 	for {
 		c, err := ln.Accept()
@@ -101,16 +101,10 @@ func (s *apiServer) handle(ctx context.Context, c net.Conn) {
 		s.reply(c, nil, fmt.Errorf("read request: %w", err))
 		return
 	}
-	_ = c.SetReadDeadline(time.Time{})
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		// The client sends nothing after its request: a read that returns
-		// means it hung up (or the reply is written and c closed).
-		var b [1]byte
-		_, _ = c.Read(b[:])
-		cancel()
-	}()
+	// A client that goes away does not cancel what it asked for: once a
+	// control operation reaches the supervisor it runs to its end anyway,
+	// and a client that only closes its writing side (socat does) must not
+	// lose its request.
 	result, err := s.call(ctx, req)
 	s.reply(c, result, err)
 }
