@@ -32,6 +32,12 @@ func releaseExecutablePages() (int, error) {
 	if err := unix.Stat("/proc/self/exe", &exe); err != nil {
 		return 0, fmt.Errorf("stat own executable: %w", err)
 	}
+	// On overlayfs the mappings name the underlying file's device and
+	// inode, not the ones stat sees: the path is compared as well.
+	exePath, err := os.Readlink("/proc/self/exe")
+	if err != nil {
+		return 0, fmt.Errorf("own executable: %w", err)
+	}
 	maps, err := os.ReadFile("/proc/self/maps")
 	if err != nil {
 		return 0, fmt.Errorf("read own mappings: %w", err)
@@ -40,7 +46,10 @@ func releaseExecutablePages() (int, error) {
 	sc := bufio.NewScanner(bytes.NewReader(maps))
 	for sc.Scan() {
 		m, ok := parseMapping(sc.Bytes())
-		if !ok || m.writable || !m.private || m.dev != exe.Dev || m.inode != exe.Ino {
+		if !ok || m.writable || !m.private {
+			continue
+		}
+		if (m.dev != exe.Dev || m.inode != exe.Ino) && m.path != exePath {
 			continue
 		}
 		if _, _, errno := unix.Syscall(unix.SYS_MADVISE, m.start, m.end-m.start, unix.MADV_DONTNEED); errno != 0 {
@@ -55,6 +64,7 @@ type mapping struct {
 	start, end        uintptr
 	writable, private bool
 	dev, inode        uint64
+	path              string
 }
 
 // parseMapping reads one line of /proc/PID/maps:
@@ -88,5 +98,6 @@ func parseMapping(line []byte) (mapping, bool) {
 		private:  f[1][3] == 'p',
 		dev:      unix.Mkdev(uint32(maj), uint32(mnr)),
 		inode:    inode,
+		path:     string(bytes.Join(f[5:], []byte(" "))),
 	}, true
 }

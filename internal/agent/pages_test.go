@@ -19,13 +19,13 @@ func TestParseMapping(t *testing.T) {
 		ok   bool
 	}{
 		{"00400000-00bee000 r-xp 00000000 fd:01 1234    /usr/local/bin/steppe",
-			mapping{start: 0x400000, end: 0xbee000, private: true, dev: unix.Mkdev(0xfd, 1), inode: 1234}, true},
+			mapping{start: 0x400000, end: 0xbee000, private: true, dev: unix.Mkdev(0xfd, 1), inode: 1234, path: "/usr/local/bin/steppe"}, true},
 		{"013dd000-0147a000 rw-p 00fdd000 08:10 99 /bin/x (deleted)",
-			mapping{start: 0x13dd000, end: 0x147a000, writable: true, private: true, dev: unix.Mkdev(8, 0x10), inode: 99}, true},
+			mapping{start: 0x13dd000, end: 0x147a000, writable: true, private: true, dev: unix.Mkdev(8, 0x10), inode: 99, path: "/bin/x (deleted)"}, true},
 		{"7f81c2432000-7f81c2458000 r--s 00000000 00:05 7 /dev/shm/y",
-			mapping{start: 0x7f81c2432000, end: 0x7f81c2458000, dev: unix.Mkdev(0, 5), inode: 7}, true},
+			mapping{start: 0x7f81c2432000, end: 0x7f81c2458000, dev: unix.Mkdev(0, 5), inode: 7, path: "/dev/shm/y"}, true},
 		{"7ffec8081000-7ffec80a2000 rw-p 00000000 00:00 0                          [stack]",
-			mapping{start: 0x7ffec8081000, end: 0x7ffec80a2000, writable: true, private: true}, true},
+			mapping{start: 0x7ffec8081000, end: 0x7ffec80a2000, writable: true, private: true, path: "[stack]"}, true},
 		{"garbage", mapping{}, false},
 		{"00400000-00300000 r-xp 00000000 fd:01 1234 /x", mapping{}, false},
 		{"00400000-00bee000 r-xp 00000000 fd01 1234 /x", mapping{}, false},
