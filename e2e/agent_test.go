@@ -556,7 +556,8 @@ func TestAgentSecondCopyRefused(t *testing.T) {
 // monitoring would see it: the agent answers a status poll every 100 ms.
 // It reports the figure after 3 s of polls (MiB-RSS-3s) and after 30 s
 // (MiB-RSS), by then with several garbage collections behind it; the split
-// is of the second.
+// is of the second. The crash-loop case adds an 11th service that exits
+// every 5 s, so the restart path runs too.
 func BenchmarkAgentRSS(b *testing.B) {
 	var cfg strings.Builder
 	for i := range 10 {
@@ -567,9 +568,21 @@ service "s%d" {
 }
 `, i)
 	}
-	a := newTestAgent(b, cfg.String())
+	b.Run("10-services", func(b *testing.B) { benchAgentRSS(b, cfg.String(), 10) })
+	b.Run("10-services+crash-loop", func(b *testing.B) {
+		benchAgentRSS(b, cfg.String()+`
+service "crash" {
+  command = "/bin/sh"
+  args    = ["-c", "sleep 5; exit 1"]
+}
+`, 11)
+	})
+}
+
+func benchAgentRSS(b *testing.B, config string, services int) {
+	a := newTestAgent(b, config)
 	a.start()
-	a.waitFor("10 services running", 60*time.Second, allRunning(10))
+	a.waitFor(fmt.Sprintf("%d services running", services), 60*time.Second, allRunning(services))
 	poll := func(n int) {
 		for range n {
 			if _, err := a.client().Status(context.Background()); err != nil {
