@@ -92,26 +92,7 @@ func TestBundleCLI(t *testing.T) {
 	mustFail("not greater than the published 10", "bundle", "publish", "v10.tgz", "-store", store)
 
 	// Serve the store; the server accepts PUTs signed by ops.
-	srv := exec.Command(bin, "bundle", "serve", store, "-addr", "127.0.0.1:0", "-key", "ops.pub")
-	srv.Dir = work
-	stdout, _ := srv.StdoutPipe()
-	srv.Stderr = os.Stderr
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		srv.Process.Signal(syscall.SIGTERM)
-		srv.Wait()
-	}()
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := strings.Index(line, "http://")
-	if i < 0 {
-		t.Fatalf("serve said %q", line)
-	}
-	base := strings.TrimSuffix(strings.TrimSpace(line[i:]), "/v1/bundles/")
+	base := serveBundles(t, bin, work, "http://", store, "-key", "ops.pub")
 
 	// Pull as an agent does.
 	keys, err := bundle.ReadPublicKeyFiles(filepath.Join(work, "ops.pub"))
@@ -243,26 +224,7 @@ func TestBundleServeTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	srv := exec.Command(bin, "bundle", "serve", store, "-addr", "127.0.0.1:0", "-tls-cert", "tls.crt", "-tls-key", "tls.key")
-	srv.Dir = work
-	stdout, _ := srv.StdoutPipe()
-	srv.Stderr = os.Stderr
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		srv.Process.Signal(syscall.SIGTERM)
-		srv.Wait()
-	}()
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := strings.Index(line, "https://")
-	if i < 0 {
-		t.Fatalf("serve said %q", line)
-	}
-	base := strings.TrimSuffix(strings.TrimSpace(line[i:]), "/v1/bundles/")
+	base := serveBundles(t, bin, work, "https://", store, "-tls-cert", "tls.crt", "-tls-key", "tls.key")
 	cert, _ := x509.ParseCertificate(der)
 	pool := x509.NewCertPool()
 	pool.AddCert(cert)
@@ -278,4 +240,34 @@ func TestBundleServeTLS(t *testing.T) {
 	if _, _, err := bundle.Verify(context.Background(), f.Body, bundle.Policy{Keys: []bundle.PublicKey{k.Public()}}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// serveBundles starts `steppe bundle serve STORE -addr 127.0.0.1:0 ARGS...`
+// in dir, stopped when the test ends, and returns the base URL it printed
+// (scheme is "http://" or "https://").
+func serveBundles(t *testing.T, bin, dir, scheme, store string, args ...string) string {
+	t.Helper()
+	srv := exec.Command(bin, append([]string{"bundle", "serve", store, "-addr", "127.0.0.1:0"}, args...)...)
+	srv.Dir = dir
+	stdout, err := srv.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Stderr = os.Stderr
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		srv.Process.Signal(syscall.SIGTERM)
+		srv.Wait()
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.Index(line, scheme)
+	if i < 0 {
+		t.Fatalf("serve said %q", line)
+	}
+	return strings.TrimSuffix(strings.TrimSpace(line[i:]), "/v1/bundles/")
 }
