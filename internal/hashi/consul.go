@@ -96,16 +96,21 @@ func statusCode(err error) int {
 // WaitConsulLeader waits until the Consul cluster has a leader and returns
 // its RPC address.
 func WaitConsulLeader(ctx context.Context, c *consulapi.Client) (string, error) {
-	var leader string
-	err := poll(ctx, "wait for a Consul leader", func() (bool, error) {
-		l, err := c.Status().Leader()
+	return waitLeader(ctx, "Consul", c.Status().Leader)
+}
+
+// waitLeader polls leader until it names one.
+func waitLeader(ctx context.Context, product string, leader func() (string, error)) (string, error) {
+	var addr string
+	err := poll(ctx, "wait for a "+product+" leader", func() (bool, error) {
+		l, err := leader()
 		if err != nil {
 			return false, err
 		}
-		leader = l
+		addr = l
 		return l != "", nil
 	})
-	return leader, err
+	return addr, err
 }
 
 // BootstrapConsulACL bootstraps Consul's ACL system and keeps the

@@ -80,16 +80,7 @@ func WaitNomadToken(ctx context.Context, c *nomadapi.Client) error {
 
 // WaitNomadLeader waits until Nomad has a leader and returns its address.
 func WaitNomadLeader(ctx context.Context, c *nomadapi.Client) (string, error) {
-	var leader string
-	err := poll(ctx, "wait for a Nomad leader", func() (bool, error) {
-		l, err := c.Status().Leader()
-		if err != nil {
-			return false, err
-		}
-		leader = l
-		return l != "", nil
-	})
-	return leader, err
+	return waitLeader(ctx, "Nomad", c.Status().Leader)
 }
 
 // NomadServer is one server of the raft configuration.
