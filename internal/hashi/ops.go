@@ -86,6 +86,10 @@ func (h ClusterHealth) Problems(want int) []string {
 	}
 	for _, s := range h.Servers {
 		switch {
+		case !s.Healthy && s.SerfStatus == "alive":
+			// Gossip notices a dead server seconds after raft does: "serf
+			// alive" alone would read as if the server were fine.
+			p = append(p, fmt.Sprintf("server %s (%s) is unhealthy: its raft contact, term or index lags the leader's (gossip still sees it alive)", s.Name, s.Address))
 		case !s.Healthy:
 			p = append(p, fmt.Sprintf("server %s (%s) is unhealthy (serf %s)", s.Name, s.Address, s.SerfStatus))
 		case !s.Voter:

@@ -165,3 +165,33 @@ func TestOpsConsulNomadServers(t *testing.T) {
 		t.Errorf("consul 1.14 transfer-leader: %v, want 404/405", err)
 	}
 }
+
+// Problems names every reason a cluster is not fit to lose a server, with
+// the server it is about.
+func TestClusterHealthProblems(t *testing.T) {
+	srv := func(name string, healthy, voter, leader bool, serf string) hashi.ServerHealth {
+		return hashi.ServerHealth{Name: name, Address: name + ":8300", Healthy: healthy, Voter: voter, Leader: leader, SerfStatus: serf}
+	}
+	fit := hashi.ClusterHealth{Healthy: true, Servers: []hashi.ServerHealth{
+		srv("s1", true, true, true, "alive"), srv("s2", true, true, false, "alive"), srv("s3", true, true, false, "alive"),
+	}}
+	if p := fit.Problems(3); len(p) != 0 {
+		t.Errorf("fit cluster: %q", p)
+	}
+	sick := hashi.ClusterHealth{Healthy: false, Servers: []hashi.ServerHealth{
+		srv("s1", true, true, false, "alive"), srv("s2", false, true, false, "alive"), srv("s3", false, true, false, "failed"), srv("s4", true, false, false, "alive"),
+	}}
+	got := strings.Join(sick.Problems(3), "\n")
+	for _, want := range []string{
+		"autopilot reports the cluster unhealthy",
+		"4 servers in the raft configuration, want 3",
+		"server s2 (s2:8300) is unhealthy: its raft contact, term or index lags the leader's (gossip still sees it alive)",
+		"server s3 (s3:8300) is unhealthy (serf failed)",
+		"server s4 (s4:8300) is not a voter",
+		"no leader",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("problems lack %q:\n%s", want, got)
+		}
+	}
+}
