@@ -90,11 +90,7 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	api := &apiServer{ctl: a.sup, status: a.Status, log: log}
-	go func() {
-		if err := api.serve(ctx, ln); err != nil {
-			log.Error("local api", "err", err)
-		}
-	}()
+	go api.serve(ctx, ln)
 	log.Info("agent started", "config", opts.ConfigPath, "state_dir", cfg.StateDir, "socket", cfg.Socket, "services", len(cfg.Services))
 
 	var pull *puller

@@ -80,15 +80,22 @@ type apiServer struct {
 
 // serve answers connections from ln until ln is closed. Requests run with
 // ctx: the agent's, which ends when it stops.
-func (s *apiServer) serve(ctx context.Context, ln net.Listener) error {
+func (s *apiServer) serve(ctx context.Context, ln net.Listener) {
+	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			return err
+		if errors.Is(err, net.ErrClosed) {
+			return
 		}
+		if err != nil {
+			// Out of descriptors, say: the API must come back once the
+			// pressure is gone, as net/http's server does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("local api: accept", "err", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
 		go s.handle(ctx, c)
 	}
 }

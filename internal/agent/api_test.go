@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -40,6 +41,23 @@ func (c *countedConn) Close() error {
 		c.open.Add(-1)
 	}
 	return c.Conn.Close()
+}
+
+// failingListener fails its first fail calls of Accept, as a listener out of
+// descriptors (EMFILE) does; the error is injected because running the test
+// process out of descriptors would break the test itself. The server must
+// go on accepting afterwards.
+type failingListener struct {
+	net.Listener
+	fail int
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	if l.fail > 0 {
+		l.fail--
+		return nil, fmt.Errorf("accept: %w", syscall.EMFILE)
+	}
+	return l.Listener.Accept()
 }
 
 // recordingControl stands in for the supervisor: it counts restarts and
@@ -78,13 +96,14 @@ func startAPI(t *testing.T, api *apiServer) (string, *atomic.Int64) {
 		t.Fatal(err)
 	}
 	open := new(atomic.Int64)
-	served := make(chan error, 1)
-	go func() { served <- api.serve(context.Background(), countingListener{Listener: ln, open: open}) }()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		api.serve(context.Background(), &failingListener{Listener: countingListener{Listener: ln, open: open}, fail: 2})
+	}()
 	t.Cleanup(func() {
 		ln.Close()
-		if err := <-served; err != nil {
-			t.Errorf("serve: %v", err)
-		}
+		<-served
 	})
 	return sock, open
 }
