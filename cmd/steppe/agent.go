@@ -43,10 +43,6 @@ func runAgent(ctx context.Context, args []string) error {
 		fs.Usage()
 		return fmt.Errorf("%w: steppe agent needs -config FILE and nothing else", errUsage)
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("find own executable for the exec trampoline: %w", err)
-	}
 	if os.Getenv("GOGC") == "" {
 		// The agent's live heap is well under 1 MiB. With the default
 		// GOGC of 100 the runtime lets garbage (status polls, restarts)
@@ -65,8 +61,12 @@ func runAgent(ctx context.Context, args []string) error {
 		ConfigPath: *config,
 		StateDir:   *state,
 		Socket:     *socket,
-		Exec:       []string{exe},
-		Logger:     slog.New(slog.NewTextHandler(os.Stderr, nil)),
+		// The trampoline is this very binary, reached through the kernel's
+		// link (the child resolves it after fork): it works when the file
+		// was deleted (`go run`) or replaced by a newer steppe, whose
+		// trampoline this agent may not speak.
+		Exec:   []string{"/proc/self/exe"},
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)),
 	})
 }
 
