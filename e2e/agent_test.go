@@ -180,25 +180,32 @@ func (a *testAgent) cleanup() {
 		_ = a.cmd.Process.Signal(syscall.SIGKILL)
 		<-a.done
 	}
-	root := filepath.Join(cgroup2Mount(a.t), a.cgroup)
-	var dirs []string
-	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			dirs = append(dirs, p)
-		}
-		return nil
-	})
-	for i := len(dirs) - 1; i >= 0; i-- {
-		_ = os.WriteFile(filepath.Join(dirs[i], "cgroup.kill"), []byte("1"), 0)
-		for j := 0; j < 100; j++ {
-			if os.Remove(dirs[i]) == nil {
-				break
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+	roots := []string{filepath.Join(cgroup2Mount(a.t), a.cgroup)}
+	// The agent, a child of the test, made its v1 memory cgroups below the
+	// one the test runs in.
+	if mem, err := supervise.MemoryV1Cgroup(os.Getpid()); err == nil && mem != "" {
+		roots = append(roots, filepath.Join(mem, a.cgroup))
 	}
-	// The shared parent goes with the last test that used it.
-	_ = os.Remove(filepath.Dir(root))
+	for _, root := range roots {
+		var dirs []string
+		filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			_ = os.WriteFile(filepath.Join(dirs[i], "cgroup.kill"), []byte("1"), 0)
+			for j := 0; j < 100; j++ {
+				if os.Remove(dirs[i]) == nil {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		// The shared parent goes with the last test that used it.
+		_ = os.Remove(filepath.Dir(root))
+	}
 }
 
 func cgroup2Mount(t testing.TB) string {

@@ -30,6 +30,7 @@ import (
 	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/deploy"
+	"github.com/steppe/steppe/internal/supervise"
 )
 
 // upCluster is one cluster made by the real `steppe up` in a test.
@@ -650,6 +651,13 @@ func (c *upCluster) checkNothingLeft(allocs []string) {
 	cgroups, _ := filepath.Glob("/sys/fs/cgroup/*/steppe-e2eup")
 	if more, _ := filepath.Glob("/sys/fs/cgroup/steppe-e2eup"); len(more) > 0 {
 		cgroups = append(cgroups, more...)
+	}
+	// The agents' v1 memory cgroups are below the one `up` ran in, which
+	// is this test's.
+	if mem, err := supervise.MemoryV1Cgroup(os.Getpid()); err == nil && mem != "" {
+		if _, err := os.Stat(filepath.Join(mem, "steppe-e2eup")); err == nil {
+			cgroups = append(cgroups, filepath.Join(mem, "steppe-e2eup"))
+		}
 	}
 	if len(cgroups) > 0 {
 		t.Errorf("cgroups left: %v", cgroups)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/steppe/steppe/internal/atomicfile"
+	"github.com/steppe/steppe/internal/supervise"
 )
 
 // hostRecord is what the host looked like before the first machine: the
@@ -24,6 +25,42 @@ import (
 // cluster made.
 type hostRecord struct {
 	NomadCgroups []string `json:"nomad_cgroups_before"`
+	// MemoryCgroup is the v1 memory cgroup the first `up` ran in, which its
+	// agents inherited and made their services' memory cgroups below.
+	MemoryCgroup string `json:"memory_cgroup,omitempty"`
+}
+
+// readHost reads the host record; false when there is none to trust.
+func (l *Local) readHost() (hostRecord, bool) {
+	var rec hostRecord
+	b, err := os.ReadFile(filepath.Join(l.opts.Dir, hostFile))
+	if err != nil || json.Unmarshal(b, &rec) != nil {
+		return hostRecord{}, false
+	}
+	return rec, true
+}
+
+// memoryV1Roots are the v1 memory cgroups below which an agent may have
+// made its services' cgroups (below the one it runs in): the one agent pid
+// runs in (0: none running), the one the first `up` ran in, and the one
+// this process runs in.
+func (l *Local) memoryV1Roots(pid int) []string {
+	var roots []string
+	add := func(dir string) {
+		if dir != "" && !slices.Contains(roots, dir) {
+			roots = append(roots, dir)
+		}
+	}
+	if pid > 0 {
+		dir, _ := supervise.MemoryV1Cgroup(pid)
+		add(dir)
+	}
+	if rec, ok := l.readHost(); ok {
+		add(rec.MemoryCgroup)
+	}
+	dir, _ := supervise.MemoryV1Cgroup(os.Getpid())
+	add(dir)
+	return roots
 }
 
 func (l *Local) recordHost() error {
@@ -34,7 +71,8 @@ func (l *Local) recordHost() error {
 	if err := os.MkdirAll(l.opts.Dir, 0o700); err != nil {
 		return fmt.Errorf("local provider: %w", err)
 	}
-	b, _ := json.MarshalIndent(hostRecord{NomadCgroups: nomadParents()}, "", "  ")
+	mem, _ := supervise.MemoryV1Cgroup(os.Getpid())
+	b, _ := json.MarshalIndent(hostRecord{NomadCgroups: nomadParents(), MemoryCgroup: mem}, "", "  ")
 	if err := atomicfile.WriteFile(p, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("local provider: %w", err)
 	}
@@ -71,13 +109,19 @@ func (l *Local) Destroy(ctx context.Context, name string) error {
 		return err
 	}
 	var errs []error
+	// Read where the agent keeps memory cgroups while it still runs.
+	agentPID := 0
+	if m.Running {
+		agentPID = m.PID
+	}
+	memRoots := l.memoryV1Roots(agentPID)
 	if m.Running {
 		if err := l.stopAgent(ctx, m); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	cg := l.CgroupParent() + "/" + name
-	v2, memV1 := cgroupMounts()
+	v2 := cgroupV2Mount()
 	if v2 != "" {
 		if err := killCgroupTree(ctx, filepath.Join(v2, cg)); err != nil {
 			errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
@@ -91,13 +135,18 @@ func (l *Local) Destroy(ctx context.Context, name string) error {
 		errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
 	}
 	removeAllocCgroups(filepath.Join(l.StateDir(name), "data", "nomad", "alloc"))
-	for _, root := range []string{v2, memV1} {
+	for _, root := range append([]string{v2}, memRoots...) {
 		if root == "" {
 			continue
 		}
 		if err := removeCgroupTree(filepath.Join(root, cg)); err != nil {
 			errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
 		}
+	}
+	for _, root := range memRoots {
+		// The cluster's parent goes with its last machine; while others
+		// remain it is not empty and stays.
+		_ = syscall.Rmdir(filepath.Join(root, l.CgroupParent()))
 	}
 	if err := os.RemoveAll(m.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
@@ -139,16 +188,14 @@ func (l *Local) Cleanup(ctx context.Context) error {
 		return fmt.Errorf("local provider: %d machines still exist", len(ms))
 	}
 	var errs []error
-	v2, memV1 := cgroupMounts()
-	for _, root := range []string{v2, memV1} {
+	for _, root := range append([]string{cgroupV2Mount()}, l.memoryV1Roots(0)...) {
 		if root != "" {
 			if err := removeCgroupTree(filepath.Join(root, l.CgroupParent())); err != nil {
 				errs = append(errs, err)
 			}
 		}
 	}
-	var rec hostRecord
-	if b, err := os.ReadFile(filepath.Join(l.opts.Dir, hostFile)); err == nil && json.Unmarshal(b, &rec) == nil {
+	if rec, ok := l.readHost(); ok {
 		made := slices.DeleteFunc(nomadParents(), func(p string) bool { return slices.Contains(rec.NomadCgroups, p) })
 		// Deepest first; a parent another Nomad still uses is not empty
 		// and stays.
@@ -163,30 +210,23 @@ func (l *Local) Cleanup(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// cgroupMounts finds the cgroup v2 mount and the v1 memory hierarchy
-// (DESIGN: cgroup v2 is not necessarily at /sys/fs/cgroup).
-func cgroupMounts() (v2, memV1 string) {
+// cgroupV2Mount finds the cgroup v2 mount (DESIGN: it is not necessarily
+// /sys/fs/cgroup).
+func cgroupV2Mount() string {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return "", ""
+		return ""
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		i := slices.Index(fields, "-")
-		if i < 0 || i+3 >= len(fields) || len(fields) < 5 {
-			continue
-		}
-		fstype, opts := fields[i+1], fields[i+3]
-		switch {
-		case fstype == "cgroup2" && v2 == "":
-			v2 = fields[4]
-		case fstype == "cgroup" && memV1 == "" && slices.Contains(strings.Split(opts, ","), "memory"):
-			memV1 = fields[4]
+		if i >= 0 && i+1 < len(fields) && len(fields) >= 5 && fields[i+1] == "cgroup2" {
+			return fields[4]
 		}
 	}
-	return v2, memV1
+	return ""
 }
 
 // cgroupDirs lists a cgroup and its descendants, deepest first.

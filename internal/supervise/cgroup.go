@@ -25,6 +25,19 @@ type mounts struct {
 // assume /sys/fs/cgroup is cgroup v2: on hybrid hosts v2 sits at
 // /sys/fs/cgroup/unified and the controllers on v1 hierarchies.
 func findMounts() (mounts, error) {
+	return findMountsOf("/proc/self/cgroup")
+}
+
+// MemoryV1Cgroup returns the directory of the v1 memory cgroup process pid
+// runs in, or "" when no v1 memory controller is mounted. An agent makes
+// its services' memory cgroups below the one it runs in, which it
+// inherited from whoever started it: that is where to clean up after it.
+func MemoryV1Cgroup(pid int) (string, error) {
+	m, err := findMountsOf(fmt.Sprintf("/proc/%d/cgroup", pid))
+	return m.memoryV1, err
+}
+
+func findMountsOf(cgroupFile string) (mounts, error) {
 	var m mounts
 	data, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
@@ -52,14 +65,15 @@ func findMounts() (mounts, error) {
 		}
 	}
 	if memMount != "" {
-		own, err := os.ReadFile("/proc/self/cgroup")
-		if err == nil {
-			for line := range strings.Lines(string(own)) {
-				parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
-				if len(parts) == 3 && hasOpt(parts[1], "memory") {
-					rel := strings.TrimPrefix(parts[2], memRoot)
-					m.memoryV1 = filepath.Join(memMount, rel)
-				}
+		own, err := os.ReadFile(cgroupFile)
+		if err != nil {
+			return m, fmt.Errorf("read %s: %w", cgroupFile, err)
+		}
+		for line := range strings.Lines(string(own)) {
+			parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
+			if len(parts) == 3 && hasOpt(parts[1], "memory") {
+				rel := strings.TrimPrefix(parts[2], memRoot)
+				m.memoryV1 = filepath.Join(memMount, rel)
 			}
 		}
 	}
