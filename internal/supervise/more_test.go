@@ -1,6 +1,8 @@
 package supervise
 
 import (
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -250,5 +252,66 @@ func TestRestartPolicies(t *testing.T) {
 	}
 	if st := statusOf(t, sup, "bad"); st.LastExit != "exit 2" {
 		t.Fatalf("bad: %+v", st)
+	}
+}
+
+// After a shutdown the supervisor leaves no empty cgroup behind, but keeps
+// the cgroup of a StopMain service whose children still run (a Nomad
+// client's tasks), and the parent above it.
+func TestShutdownRemovesEmptyCgroups(t *testing.T) {
+	opts := testOptions(t)
+	sup, err := New(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t)
+	script := "/bin/sleep 1000 & exec /bin/sleep 1001"
+	keeper := sh("keeper", script)
+	keeper.StopMode = StopMain
+	whole := sh("whole", script)
+	if err := sup.Apply(ctx, []Spec{keeper, whole}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "two processes each", func() bool {
+		st := sup.Status()
+		return st[0].Processes == 2 && st[1].Processes == 2
+	})
+	parent := filepath.Dir(statusOf(t, sup, "whole").Cgroup)
+	if err := sup.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := sup.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(parent, "whole")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the stopped service's empty cgroup is still there (%v)", err)
+	}
+	if pop, err := cgPopulated(filepath.Join(parent, "keeper")); err != nil || !pop {
+		t.Errorf("the StopMain service's cgroup with its child: populated %v, %v", pop, err)
+	}
+
+	// With the child gone and keeper dropped from the config, a second
+	// supervisor's shutdown removes everything, the parent included.
+	if err := cgKill(filepath.Join(parent, "keeper")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "keeper's child gone", func() bool {
+		pop, err := cgPopulated(filepath.Join(parent, "keeper"))
+		return err == nil && !pop
+	})
+	sup2, err := New(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sup2.Apply(ctx, []Spec{whole}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sup2.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	sup2.Close()
+	if _, err := os.Stat(parent); !errors.Is(err, os.ErrNotExist) {
+		ents, _ := os.ReadDir(parent)
+		t.Errorf("the services' parent cgroup is still there (%v): %v", err, ents)
 	}
 }

@@ -56,10 +56,11 @@ type Supervisor struct {
 
 	applyMu sync.Mutex // one Apply or Shutdown at a time
 
-	mu     sync.Mutex
-	svcs   map[string]*service
-	wds    map[int]*service // inotify watch → service
-	closed bool
+	mu       sync.Mutex
+	svcs     map[string]*service
+	wds      map[int]*service // inotify watch → service
+	closed   bool
+	shutDown bool // Shutdown stopped every service
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -560,7 +561,13 @@ func (s *Supervisor) Shutdown(ctx context.Context) error {
 		deps[n] = svc.currentSpec().After
 	}
 	s.mu.Unlock()
-	return errors.Join(s.inLevels(ctx, deps, true, ctlStop)...)
+	err := errors.Join(s.inLevels(ctx, deps, true, ctlStop)...)
+	if err == nil {
+		s.mu.Lock()
+		s.shutDown = true
+		s.mu.Unlock()
+	}
+	return err
 }
 
 // Close releases the supervisor without stopping any service: they keep
@@ -586,5 +593,36 @@ func (s *Supervisor) Close() error {
 		s.inotify.Close()
 	}
 	s.wg.Wait()
+	s.mu.Lock()
+	shutDown := s.shutDown
+	s.mu.Unlock()
+	if shutDown {
+		s.removeEmptyCgroups(svcs)
+	}
 	return nil
+}
+
+// removeEmptyCgroups removes, once every service is stopped and its actor
+// gone, the cgroups with no process left, then the services' parents if
+// they are empty. A cgroup that still holds processes (a Nomad client's
+// tasks, which its stop mode leaves running) stays, with its parents. The
+// next start makes them again.
+func (s *Supervisor) removeEmptyCgroups(svcs []*service) {
+	for _, svc := range svcs {
+		if svc.cg != "" {
+			if pop, err := cgPopulated(svc.cg); err == nil && !pop {
+				if err := cgRemove(svc.cg); err != nil {
+					s.log.Debug("leaving a stopped service's cgroup", "service", svc.name, "err", err)
+				}
+			}
+		}
+		if s.memV1 != "" {
+			_ = unix.Rmdir(filepath.Join(s.memV1, svc.name)) // fails while tasks remain
+		}
+	}
+	for _, dir := range []string{s.v2Parent, s.memV1} {
+		if dir != "" {
+			_ = unix.Rmdir(dir)
+		}
+	}
 }
