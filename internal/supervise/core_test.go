@@ -206,6 +206,12 @@ func TestStopModes(t *testing.T) {
 	if cg.Processes != 0 {
 		t.Fatalf("StopCgroup left %d processes", cg.Processes)
 	}
+	// The child the main process left got the stop signal once the main
+	// process was gone; nothing waited for the stop timeout to kill it.
+	logs := strings.Join(must(sup.Logs("cgroup", 20)), "\n")
+	if !strings.Contains(logs, "stop signal to the processes it left (1)") || strings.Contains(logs, "stop timeout") {
+		t.Fatalf("StopCgroup's log:\n%s", logs)
+	}
 	ms := statusOf(t, sup, "main")
 	if ms.State != StateStopped || ms.Processes != 1 {
 		t.Fatalf("StopMain: %+v, want stopped with the child left", ms)

@@ -16,9 +16,10 @@
 // starting the service again, and Apply stops running services that are
 // no longer configured.
 //
-// Stop sends the stop signal to the main process through its pidfd, then
-// after the timeout kills the whole cgroup (cgroup.kill), or for StopMain
-// only the main process, leaving the rest (a Nomad client's tasks) alone.
+// Stop sends the stop signal to the main process through its pidfd, then,
+// once it has exited, to the processes it left; after the timeout it kills
+// the whole cgroup (cgroup.kill). For StopMain it signals and kills only
+// the main process, leaving the rest (a Nomad client's tasks) alone.
 // Linux kills any process later cloned into a cgroup that was the target
 // of cgroup.kill, so such a cgroup is replaced by a fresh one before the
 // next start.

@@ -821,6 +821,11 @@ func (a *service) mainExited(ws unix.WaitStatus, known bool) {
 	}
 	switch {
 	case a.phase == StateStopping:
+		// The main process has had its say; what it left behind (workers,
+		// a child it did not reap) gets the stop signal now rather than
+		// cgroup.kill when the timeout runs out.
+		a.log.agentf("main process gone: stop signal to the processes it left (%d)", a.processCount())
+		a.signalAll(a.spec.StopSignal)
 		a.armPoll(10 * time.Millisecond)
 	case !failed:
 		// A daemon that forked and let its parent exit: still running. Its

@@ -9,7 +9,8 @@ import (
 type StopMode string
 
 const (
-	// StopCgroup signals the main process, then kills the whole cgroup
+	// StopCgroup signals the main process; once it has exited, the
+	// processes it left get the signal too. The whole cgroup is killed
 	// (cgroup.kill) when StopTimeout passes with processes left.
 	StopCgroup StopMode = "cgroup"
 	// StopMain signals only the main process and waits for it alone. The
