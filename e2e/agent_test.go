@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -209,22 +208,11 @@ func (a *testAgent) cleanup() {
 }
 
 func cgroup2Mount(t testing.TB) string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
+	v2 := supervise.CgroupV2Mount()
+	if v2 == "" {
+		t.Fatal("no cgroup2 mount")
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		for i, fld := range fields {
-			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" {
-				return fields[4]
-			}
-		}
-	}
-	t.Fatal("no cgroup2 mount")
-	return ""
+	return v2
 }
 
 // waitFor polls the agent's status until cond holds.

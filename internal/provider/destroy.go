@@ -1,7 +1,6 @@
 package provider
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -121,7 +120,7 @@ func (l *Local) Destroy(ctx context.Context, name string) error {
 		}
 	}
 	cg := l.CgroupParent() + "/" + name
-	v2 := cgroupV2Mount()
+	v2 := supervise.CgroupV2Mount()
 	if v2 != "" {
 		if err := killCgroupTree(ctx, filepath.Join(v2, cg)); err != nil {
 			errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
@@ -188,7 +187,7 @@ func (l *Local) Cleanup(ctx context.Context) error {
 		return fmt.Errorf("local provider: %d machines still exist", len(ms))
 	}
 	var errs []error
-	for _, root := range append([]string{cgroupV2Mount()}, l.memoryV1Roots(0)...) {
+	for _, root := range append([]string{supervise.CgroupV2Mount()}, l.memoryV1Roots(0)...) {
 		if root != "" {
 			if err := removeCgroupTree(filepath.Join(root, l.CgroupParent())); err != nil {
 				errs = append(errs, err)
@@ -208,25 +207,6 @@ func (l *Local) Cleanup(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-// cgroupV2Mount finds the cgroup v2 mount (DESIGN: it is not necessarily
-// /sys/fs/cgroup).
-func cgroupV2Mount() string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		i := slices.Index(fields, "-")
-		if i >= 0 && i+1 < len(fields) && len(fields) >= 5 && fields[i+1] == "cgroup2" {
-			return fields[4]
-		}
-	}
-	return ""
 }
 
 // cgroupDirs lists a cgroup and its descendants, deepest first.

@@ -28,6 +28,13 @@ func findMounts() (mounts, error) {
 	return findMountsOf("/proc/self/cgroup")
 }
 
+// CgroupV2Mount returns where the cgroup v2 hierarchy is mounted, or ""
+// when there is none.
+func CgroupV2Mount() string {
+	m, _ := findMounts()
+	return m.v2
+}
+
 // MemoryV1Cgroup returns the directory of the v1 memory cgroup process pid
 // runs in, or "" when no v1 memory controller is mounted. An agent makes
 // its services' memory cgroups below the one it runs in, which it
