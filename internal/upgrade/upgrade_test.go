@@ -220,8 +220,13 @@ func TestRollingUpgradeConsulNomad(t *testing.T) {
 		}
 	}
 
-	// The leaders: Consul's restarted last (1.14 cannot transfer),
-	// Nomad's after handing leadership to an upgraded server.
+	// The leaders. Leadership can move by itself while servers restart:
+	// Consul 1.14's raft has no pre-vote, so a server that comes back and
+	// misses the leader's backed-off heartbeats calls an election (seen
+	// here: the leader before the upgrade was not the leader at its turn).
+	// What must hold is what the engine found at each server's turn: a
+	// Consul leader goes last (1.14 cannot transfer), a Nomad leader hands
+	// leadership to an upgraded server first.
 	var consulSteps, nomadSteps []Step
 	for _, s := range st.Steps {
 		if s.Kind == KindServer && s.Product == Consul {
@@ -232,12 +237,37 @@ func TestRollingUpgradeConsulNomad(t *testing.T) {
 		}
 	}
 	slices.SortFunc(consulSteps, func(a, b Step) int { return a.Finished.Compare(b.Finished) })
-	if last := consulSteps[len(consulSteps)-1]; last.Address != consulLeader0.Host() || !strings.Contains(last.Note, "restarted last") {
-		t.Errorf("the last consul server upgraded is %s (%s), the leader was %s", last.Machine, last.Note, consulLeader0.Name)
+	consulLed := 0
+	for k, s := range consulSteps {
+		if !strings.Contains(s.Note, "restarted last") {
+			continue
+		}
+		consulLed++
+		if k != len(consulSteps)-1 {
+			t.Errorf("consul server %s was restarted as the leader before %d others", s.Machine, len(consulSteps)-1-k)
+		}
 	}
-	leaderStep := slices.IndexFunc(nomadSteps, func(s Step) bool { return s.Address == nomadLeader0.Host() })
-	if s := nomadSteps[leaderStep]; !strings.Contains(s.Note, "leadership transferred to") || !slices.ContainsFunc(s.Phases, func(p Phase) bool { return p.Name == "transfer" }) {
-		t.Errorf("nomad's first leader %s: %+v", nomadLeader0.Name, s)
+	if last := consulSteps[len(consulSteps)-1]; consulLed == 0 || last.Address != consulLeader0.Host() {
+		t.Logf("consul leadership moved during the upgrade: the leader before was %s, the last server upgraded %s (%s)", consulLeader0.Name, last.Machine, last.Note)
+	}
+	nomadLed := 0
+	for _, s := range nomadSteps {
+		transferred := slices.ContainsFunc(s.Phases, func(p Phase) bool { return p.Name == "transfer" })
+		if transferred != strings.Contains(s.Note, "leadership transferred to") {
+			t.Errorf("nomad server %s: transfer phase %v, note %q", s.Machine, transferred, s.Note)
+		}
+		if strings.Contains(s.Note, "no upgraded server to hand leadership to") {
+			t.Errorf("nomad server %s was restarted as the leader: %q", s.Machine, s.Note)
+		}
+		if transferred {
+			nomadLed++
+		}
+	}
+	if consulLed+nomadLed == 0 {
+		t.Errorf("no server was the leader at its turn in either product: leadership moved to an upgraded server twice, or the engine never looked")
+	}
+	if i := slices.IndexFunc(nomadSteps, func(s Step) bool { return s.Address == nomadLeader0.Host() }); i < 0 || !hasPhase(nomadSteps[i].Phases, "transfer") {
+		t.Logf("nomad leadership moved during the upgrade: the leader before was %s", nomadLeader0.Name)
 	}
 
 	// The snapshots are kept and read back whole.
