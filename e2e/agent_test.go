@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -756,4 +757,94 @@ func vmRSS(t testing.TB, pid int) float64 {
 	}
 	t.Fatal("no VmRSS")
 	return 0
+}
+
+// `steppe agent logs -f` prints every line of a service once and in order,
+// and carries on through an agent restart, saying what happened; Ctrl-C
+// ends it cleanly.
+func TestAgentLogsFollow(t *testing.T) {
+	a := newTestAgent(t, `service "count" {
+  command = "/bin/sh"
+  args    = ["-c", "i=0; while :; do echo n$i; i=$((i+1)); sleep 0.01; done"]
+}
+`)
+	a.start()
+	a.waitFor("count running", 60*time.Second, allRunning(1))
+
+	cmd := exec.Command(steppeBinary(t), "agent", "logs", "count", "-f", "-n", "0")
+	cmd.Env = append(os.Environ(), "STEPPE_AGENT_SOCKET="+a.socket)
+	stderrPath := filepath.Join(t.TempDir(), "stderr")
+	stderr, err := os.Create(stderrPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stderr.Close()
+	cmd.Stderr = stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	numbers := make(chan int)
+	go func() {
+		defer close(numbers)
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			// The agent's own lines (started, adopted) are in the log too.
+			if n, err := strconv.Atoi(strings.TrimPrefix(sc.Text(), "n")); err == nil && strings.HasPrefix(sc.Text(), "n") {
+				numbers <- n
+			}
+		}
+	}()
+	// read takes k lines, each the one after the line before but for at
+	// most jumps lines that may skip ahead, never back.
+	last := -1
+	read := func(k, jumps int, what string) {
+		t.Helper()
+		timeout := time.After(30 * time.Second)
+		for i := 0; i < k; i++ {
+			select {
+			case n, ok := <-numbers:
+				if !ok {
+					t.Fatalf("%s: the follower ended", what)
+				}
+				if last >= 0 && n != last+1 {
+					if n <= last || jumps == 0 {
+						t.Fatalf("%s: line n%d after n%d", what, n, last)
+					}
+					jumps--
+				}
+				last = n
+			case <-timeout:
+				t.Fatalf("%s: %d of %d lines in 30 s", what, i, k)
+			}
+		}
+	}
+	read(40, 0, "following")
+
+	a.kill()
+	time.Sleep(time.Second) // the follower finds no agent
+	a.start()
+	// Lines written while no agent ran are not followed: one jump ahead.
+	read(60, 1, "following through the agent's restart")
+
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	for range numbers {
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("the follower exited with %v after Ctrl-C", err)
+	}
+	msgs, _ := os.ReadFile(stderrPath)
+	for _, want := range []string{"still trying", "the agent answers again", "was reopened"} {
+		if !strings.Contains(string(msgs), want) {
+			t.Errorf("the follower did not say %q:\n%s", want, msgs)
+		}
+	}
+	t.Logf("the follower said:\n%s", msgs)
+	a.stop()
 }

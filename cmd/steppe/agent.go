@@ -154,11 +154,16 @@ func dash(s string) string {
 func agentLogs(ctx context.Context, args []string) error {
 	fs, socket := clientFlags("steppe agent logs")
 	n := fs.Int("n", 50, "number of lines")
+	follow := fs.Bool("f", false, "follow: go on printing lines as the service writes them, until interrupted")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil || len(pos) != 1 {
-		return fmt.Errorf("%w: steppe agent logs SERVICE [-n N]", errUsage)
+		return fmt.Errorf("%w: steppe agent logs SERVICE [-n N] [-f]", errUsage)
 	}
-	lines, err := agent.NewClient(*socket).Logs(ctx, pos[0], *n)
+	c := agent.NewClient(*socket)
+	if *follow {
+		return followLogs(ctx, c, pos[0], *n, os.Stdout, os.Stderr)
+	}
+	lines, err := c.Logs(ctx, pos[0], *n)
 	if err != nil {
 		return err
 	}
@@ -166,6 +171,58 @@ func agentLogs(ctx context.Context, args []string) error {
 		fmt.Println(l)
 	}
 	return nil
+}
+
+// followPoll is how often a follower asks for new lines: one short request
+// each time, so that the agent keeps no connection open for a follower.
+const followPoll = 200 * time.Millisecond
+
+// followLogs prints a service's log as it grows, until ctx ends (Ctrl-C).
+// As with `tail -F`, an error before the first answer ends it (no agent, no
+// such service); once following, an agent that does not answer or does not
+// know the service (it may be restarting) is reported once and asked again.
+// What is not a log line goes to errw.
+func followLogs(ctx context.Context, c *agent.Client, service string, n int, out, errw io.Writer) error {
+	var cursor string
+	away := false
+	t := time.NewTicker(followPoll)
+	defer t.Stop()
+	for {
+		chunk, err := c.FollowLogs(ctx, service, cursor, n)
+		switch {
+		case ctx.Err() != nil:
+			return nil
+		case err != nil && cursor == "":
+			return err
+		case err != nil:
+			if !away {
+				fmt.Fprintf(errw, "steppe: %v; still trying\n", err)
+				away = true
+			}
+		default:
+			if away {
+				fmt.Fprintf(errw, "steppe: the agent answers again\n")
+				away = false
+			}
+			if chunk.Skipped > 0 {
+				fmt.Fprintf(errw, "steppe: %d lines of %s went by too fast to follow; the service's log file has them\n", chunk.Skipped, service)
+			}
+			if chunk.Reopened {
+				fmt.Fprintf(errw, "steppe: the log of %s was reopened (agent restart or new service config); lines written meanwhile may be missing\n", service)
+			}
+			for _, l := range chunk.Lines {
+				if _, err := fmt.Fprintln(out, l); err != nil {
+					return err // a closed pipe: the reader is gone
+				}
+			}
+			cursor = chunk.Cursor
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
 }
 
 func agentControl(ctx context.Context, action string, args []string) error {

@@ -20,7 +20,7 @@ const usage = `steppe: run Nomad somewhere, and keep it healthy.
 Machine:
   steppe agent -config FILE            run the machine agent
   steppe agent status [-json]          services, state, pid, restarts, readiness, last error
-  steppe agent logs SERVICE [-n N]     the tail of a service's log
+  steppe agent logs SERVICE [-n N] [-f] the tail of a service's log; -f follows it
   steppe agent restart|reload|stop|start SERVICE
 
 Operator:

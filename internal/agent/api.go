@@ -45,6 +45,7 @@ type control interface {
 	Restart(ctx context.Context, name string) error
 	Reload(ctx context.Context, name string) error
 	Logs(name string, n int) ([]string, error)
+	FollowLogs(name, cursor string, n int) (supervise.LogChunk, error)
 }
 
 // The local API is one JSON object per connection each way, on the agent's
@@ -56,9 +57,10 @@ type control interface {
 //
 //	echo '{"op":"status"}' | socat - UNIX-CONNECT:/run/steppe/agent.sock
 type request struct {
-	Op      string `json:"op"` // status, logs, start, stop, restart or reload
+	Op      string `json:"op"` // status, logs, follow, start, stop, restart or reload
 	Service string `json:"service,omitempty"`
-	Lines   int    `json:"lines,omitempty"` // logs: how many of the last lines
+	Lines   int    `json:"lines,omitempty"`  // logs, and follow without a cursor: how many of the last lines
+	Cursor  string `json:"cursor,omitempty"` // follow: from the answer before
 }
 
 type response struct {
@@ -126,6 +128,11 @@ func (s *apiServer) call(ctx context.Context, req request) (any, error) {
 			return nil, fmt.Errorf("lines = %d: want a number of lines", req.Lines)
 		}
 		return s.ctl.Logs(req.Service, req.Lines)
+	case "follow":
+		if req.Lines < 0 {
+			return nil, fmt.Errorf("lines = %d: want a number of lines", req.Lines)
+		}
+		return s.ctl.FollowLogs(req.Service, req.Cursor, req.Lines)
 	case "start":
 		op = s.ctl.Start
 	case "stop":
@@ -135,7 +142,7 @@ func (s *apiServer) call(ctx context.Context, req request) (any, error) {
 	case "reload":
 		op = s.ctl.Reload
 	default:
-		return nil, fmt.Errorf("unknown op %q (want status, logs, start, stop, restart or reload)", req.Op)
+		return nil, fmt.Errorf("unknown op %q (want status, logs, follow, start, stop, restart or reload)", req.Op)
 	}
 	s.log.Info("control", "service", req.Service, "action", req.Op)
 	return nil, op(ctx, req.Service)
@@ -233,6 +240,15 @@ func (c *Client) Logs(ctx context.Context, service string, n int) ([]string, err
 	var lines []string
 	err := c.call(ctx, request{Op: "logs", Service: service, Lines: n}, &lines)
 	return lines, err
+}
+
+// FollowLogs returns the lines of a service's log after cursor, the
+// Cursor of the chunk before; with no cursor, the last n lines. A client
+// follows a log by calling it again with each answer's cursor.
+func (c *Client) FollowLogs(ctx context.Context, service, cursor string, n int) (supervise.LogChunk, error) {
+	var chunk supervise.LogChunk
+	err := c.call(ctx, request{Op: "follow", Service: service, Lines: n, Cursor: cursor}, &chunk)
+	return chunk, err
 }
 
 // Control runs start, stop, restart or reload on a service and returns

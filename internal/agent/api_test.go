@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/steppe/steppe/internal/supervise"
 )
 
 // countingListener counts the connections the server has not closed yet.
@@ -85,6 +87,10 @@ func (r *recordingControl) Logs(name string, n int) ([]string, error) {
 	}
 	return []string{fmt.Sprintf("%d lines of web", n)}, nil
 }
+func (r *recordingControl) FollowLogs(name, cursor string, n int) (supervise.LogChunk, error) {
+	lines, err := r.Logs(name, n)
+	return supervise.LogChunk{Lines: lines, Cursor: cursor + "+"}, err
+}
 
 // startAPI serves api on a real socket in a temp dir and returns the socket
 // and the count of connections still open in the server.
@@ -131,6 +137,10 @@ func TestClientLeavesNoConnectionInTheAgent(t *testing.T) {
 		if err != nil || len(lines) != 1 || lines[0] != "7 lines of web" {
 			t.Fatalf("logs: %q, %v", lines, err)
 		}
+		chunk, err := NewClient(sock).FollowLogs(ctx, "web", "c", 3)
+		if err != nil || len(chunk.Lines) != 1 || chunk.Lines[0] != "3 lines of web" || chunk.Cursor != "c+" {
+			t.Fatalf("follow: %+v, %v", chunk, err)
+		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for open.Load() != 0 {
@@ -157,7 +167,7 @@ func TestAPIErrors(t *testing.T) {
 	if err := NewClient(sock).Control(ctx, "web", "explode"); err == nil || !strings.Contains(err.Error(), `unknown op "explode"`) {
 		t.Errorf("unknown action: %v", err)
 	}
-	for _, raw := range []string{"not json\n", `{"op":"logs","service":"web","lines":-1}` + "\n"} {
+	for _, raw := range []string{"not json\n", `{"op":"logs","service":"web","lines":-1}` + "\n", `{"op":"follow","service":"web","lines":-1}` + "\n"} {
 		c, err := net.Dial("unix", sock)
 		if err != nil {
 			t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -40,6 +41,12 @@ type logFile struct {
 	partial []byte   // a line not yet ended
 	lines   []string // the tail, oldest first
 	size    int      // bytes in lines
+	// pushed counts the lines that entered the tail since the log was
+	// opened, and id tells this log from the one before it (an agent
+	// restart, a service replaced): together they are a follower's cursor.
+	pushed uint64
+	id     string
+	cut    bool // the tail skipped ahead to the middle of a line
 }
 
 func openLog(path string, max int64, keep int) (*logFile, error) {
@@ -47,7 +54,7 @@ func openLog(path string, max int64, keep int) (*logFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open log: %w", err)
 	}
-	l := &logFile{path: path, max: max, keep: keep, w: w}
+	l := &logFile{path: path, max: max, keep: keep, w: w, id: strconv.FormatInt(time.Now().UnixNano(), 36)}
 	// Rebuild the tail from the end of the file (after an agent restart).
 	if st, err := w.Stat(); err == nil {
 		start := max64(0, st.Size()-tailBytes)
@@ -101,10 +108,18 @@ func (l *logFile) catchUp() {
 		return
 	}
 	if st.Size() < l.off { // truncated behind our back
-		l.off, l.partial = 0, nil
+		l.off, l.partial, l.cut = 0, nil, false
 	}
 	if st.Size()-l.off > tailBytes { // skip what the tail would drop anyway
-		l.off, l.partial = st.Size()-tailBytes, nil
+		to := st.Size() - tailBytes
+		// Count the lines skipped, so that a follower's cursor still
+		// tells how many it missed, and empty the tail: it must stay the
+		// last len(lines) lines counted.
+		n, atLineStart := countLines(f, l.off, to)
+		l.pushed += n
+		l.off, l.partial, l.cut = to, nil, !atLineStart
+		clear(l.lines)
+		l.lines, l.size = l.lines[:0], 0
 	}
 	buf := make([]byte, st.Size()-l.off)
 	n, _ := f.ReadAt(buf, l.off)
@@ -115,13 +130,35 @@ func (l *logFile) catchUp() {
 		if i < 0 {
 			break
 		}
-		l.push(string(data[:i]))
+		if l.cut { // the end of a line skipped: counted, not kept
+			l.pushed++
+			l.cut = false
+		} else {
+			l.push(string(data[:i]))
+		}
 		data = data[i+1:]
 	}
 	l.partial = append([]byte(nil), data...)
 }
 
+// countLines counts the line ends in f between from and to, and tells
+// whether to is the start of a line.
+func countLines(f *os.File, from, to int64) (n uint64, atLineStart bool) {
+	buf := make([]byte, min(32<<10, to-from))
+	for from < to {
+		k, err := f.ReadAt(buf[:min(int64(len(buf)), to-from)], from)
+		n += uint64(bytes.Count(buf[:k], []byte{'\n'}))
+		from += int64(k)
+		atLineStart = k > 0 && buf[k-1] == '\n'
+		if err != nil {
+			break
+		}
+	}
+	return n, atLineStart
+}
+
 func (l *logFile) push(line string) {
+	l.pushed++
 	l.lines = append(l.lines, line)
 	l.size += len(line)
 	for len(l.lines) > tailLines || l.size > tailBytes {
@@ -158,7 +195,7 @@ func (l *logFile) rotate() error {
 	if err := os.Truncate(l.path, 0); err != nil {
 		return fmt.Errorf("rotate %s: %w", l.path, err)
 	}
-	l.off, l.partial = 0, nil
+	l.off, l.partial, l.cut = 0, nil, false
 	return nil
 }
 
@@ -185,6 +222,10 @@ func (l *logFile) tail(n int) ([]string, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.catchUp()
+	return l.tailLocked(n)
+}
+
+func (l *logFile) tailLocked(n int) ([]string, error) {
 	if n <= 0 {
 		return nil, nil
 	}
@@ -217,6 +258,55 @@ func (l *logFile) tail(n int) ([]string, error) {
 		out = append(chunk, out...)
 	}
 	return out, nil
+}
+
+// LogChunk is one step of following a service's log.
+type LogChunk struct {
+	Lines []string `json:"lines"`
+	// Cursor asks, in the next call, for the lines after these.
+	Cursor string `json:"cursor"`
+	// Skipped counts lines that left the in-memory tail before they could
+	// be returned (written faster than the follower asked); the log file
+	// still has them.
+	Skipped uint64 `json:"skipped,omitempty"`
+	// Reopened says the cursor belongs to a log opened before this one (the
+	// agent restarted, or the service was replaced): lines written in
+	// between may be missing, and following goes on from the end.
+	Reopened bool `json:"reopened,omitempty"`
+}
+
+// follow returns what came after cursor; with no cursor, the last n lines
+// as tail does.
+func (l *logFile) follow(cursor string, n int) (LogChunk, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.catchUp()
+	var c LogChunk
+	if cursor == "" {
+		lines, err := l.tailLocked(n)
+		if err != nil {
+			return LogChunk{}, err
+		}
+		c.Lines = lines
+	} else {
+		id, pos, ok := strings.Cut(cursor, ":")
+		from, err := strconv.ParseUint(pos, 10, 64)
+		if !ok || err != nil {
+			return LogChunk{}, fmt.Errorf("bad log cursor %q", cursor)
+		}
+		first := l.pushed - uint64(len(l.lines))
+		switch {
+		case id != l.id || from > l.pushed:
+			c.Reopened = true
+			from = l.pushed
+		case from < first:
+			c.Skipped = first - from
+			from = first
+		}
+		c.Lines = append([]string(nil), l.lines[from-first:]...)
+	}
+	c.Cursor = l.id + ":" + strconv.FormatUint(l.pushed, 10)
+	return c, nil
 }
 
 func (l *logFile) close() {

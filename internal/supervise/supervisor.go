@@ -528,6 +528,16 @@ func (s *Supervisor) Logs(name string, n int) ([]string, error) {
 	return svc.log.tail(n)
 }
 
+// FollowLogs returns the lines of a service's log after cursor (from an
+// earlier call), or with no cursor its last n lines.
+func (s *Supervisor) FollowLogs(name, cursor string, n int) (LogChunk, error) {
+	svc, err := s.get(name)
+	if err != nil {
+		return LogChunk{}, err
+	}
+	return svc.log.follow(cursor, n)
+}
+
 // WaitReady waits until every named service is ready, or ctx ends.
 func (s *Supervisor) WaitReady(ctx context.Context, names ...string) error {
 	for _, n := range names {
