@@ -205,7 +205,7 @@ func followLogs(ctx context.Context, c *agent.Client, service string, n int, out
 				away = false
 			}
 			if chunk.Skipped > 0 {
-				fmt.Fprintf(errw, "steppe: %d lines of %s went by too fast to follow; the service's log file has them\n", chunk.Skipped, service)
+				fmt.Fprintf(errw, "steppe: %d lines of %s went by too fast to follow; %s has them\n", chunk.Skipped, service, chunk.File)
 			}
 			if chunk.Reopened {
 				fmt.Fprintf(errw, "steppe: the log of %s was reopened (agent restart or new service config); lines written meanwhile may be missing\n", service)

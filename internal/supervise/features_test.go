@@ -223,6 +223,9 @@ func TestLogs(t *testing.T) {
 		t.Fatal("logs of unknown service")
 	}
 	logDir := filepath.Join(opts.StateDir, "chatty")
+	if st := statusOf(t, sup, "chatty"); st.Log != filepath.Join(logDir, "log") {
+		t.Fatalf("status names the log %q", st.Log)
+	}
 	waitFor(t, "two rotations", func() bool {
 		_, err := os.Stat(filepath.Join(logDir, "log.2"))
 		return err == nil

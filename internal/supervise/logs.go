@@ -266,9 +266,10 @@ type LogChunk struct {
 	// Cursor asks, in the next call, for the lines after these.
 	Cursor string `json:"cursor"`
 	// Skipped counts lines that left the in-memory tail before they could
-	// be returned (written faster than the follower asked); the log file
-	// still has them.
+	// be returned (written faster than the follower asked); File still
+	// has them (or its rotated copies).
 	Skipped uint64 `json:"skipped,omitempty"`
+	File    string `json:"file"`
 	// Reopened says the cursor belongs to a log opened before this one (the
 	// agent restarted, or the service was replaced): lines written in
 	// between may be missing, and following goes on from the end.
@@ -306,6 +307,7 @@ func (l *logFile) follow(cursor string, n int) (LogChunk, error) {
 		c.Lines = append([]string(nil), l.lines[from-first:]...)
 	}
 	c.Cursor = l.id + ":" + strconv.FormatUint(l.pushed, 10)
+	c.File = l.path
 	return c, nil
 }
 

@@ -96,6 +96,9 @@ func TestFollowLog(t *testing.T) {
 	write(0, 10, "")
 	c := follow("", 3)
 	want(c, 7, 10)
+	if c.File != path {
+		t.Fatalf("the chunk names the file %q", c.File)
+	}
 	// Small steps: each line once, in order, then nothing new.
 	for k := 10; k < 100; k += 9 {
 		write(k, k+9, "")

@@ -284,6 +284,7 @@ func (a *service) publish() {
 		Adopted:   a.adopted,
 		Isolation: a.sup.isolation(),
 		Cgroup:    a.cg,
+		Log:       a.log.path,
 		Message:   a.message,
 	}
 	if a.main != nil {

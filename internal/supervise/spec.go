@@ -103,6 +103,7 @@ type Status struct {
 	// ever started) or "fallback" (process group + subreaper + lock: weaker).
 	Isolation string `json:"isolation"`
 	Cgroup    string `json:"cgroup,omitempty"`
+	Log       string `json:"log"` // the service's log file (stdout and stderr); rotated copies are log.1, log.2, ...
 	// Message is the last STATUS= the service sent through NOTIFY_SOCKET.
 	Message string `json:"message,omitempty"`
 }
