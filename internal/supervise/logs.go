@@ -49,30 +49,19 @@ type logFile struct {
 	cut    bool // the tail skipped ahead to the middle of a line
 }
 
-func openLog(path string, max int64, keep int) (*logFile, error) {
+func openLog(path string, maxSize int64, keep int) (*logFile, error) {
 	w, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open log: %w", err)
 	}
-	l := &logFile{path: path, max: max, keep: keep, w: w, id: strconv.FormatInt(time.Now().UnixNano(), 36)}
+	l := &logFile{path: path, max: maxSize, keep: keep, w: w, id: strconv.FormatInt(time.Now().UnixNano(), 36)}
 	// Rebuild the tail from the end of the file (after an agent restart).
 	if st, err := w.Stat(); err == nil {
-		start := max64(0, st.Size()-tailBytes)
-		l.off = start
+		start := max(0, st.Size()-tailBytes)
+		l.off, l.cut = start, start > 0 // the first line is likely cut
 		l.catchUp()
-		if start > 0 && len(l.lines) > 0 {
-			l.size -= len(l.lines[0]) // the first line is likely cut
-			l.lines = l.lines[1:]
-		}
 	}
 	return l, nil
-}
-
-func max64(a, b int64) int64 {
-	if a > b {
-		return a
-	}
-	return b
 }
 
 func (l *logFile) setLimits(max int64, keep int) {

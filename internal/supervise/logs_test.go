@@ -139,6 +139,11 @@ func TestFollowLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.close()
+	// The tail rebuilt from the file's last bytes does not start with the
+	// end of a line cut there.
+	if len(l.lines) == 0 || !strings.HasPrefix(l.lines[0], "x") {
+		t.Fatalf("the tail rebuilt at open starts with %.20q", l.lines)
+	}
 	c = follow(old, 3)
 	if !c.Reopened || len(c.Lines) != 0 {
 		t.Fatalf("after a reopen: %+v", c)
