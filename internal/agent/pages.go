@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
 	"os"
@@ -43,9 +42,8 @@ func releaseExecutablePages() (int, error) {
 		return 0, fmt.Errorf("read own mappings: %w", err)
 	}
 	total := 0
-	sc := bufio.NewScanner(bytes.NewReader(maps))
-	for sc.Scan() {
-		m, ok := parseMapping(sc.Bytes())
+	for line := range bytes.Lines(maps) {
+		m, ok := parseMapping(line)
 		if !ok || m.writable || !m.private {
 			continue
 		}
@@ -57,7 +55,7 @@ func releaseExecutablePages() (int, error) {
 		}
 		total += int(m.end - m.start)
 	}
-	return total, sc.Err()
+	return total, nil
 }
 
 type mapping struct {

@@ -3,6 +3,8 @@ package upgrade
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"testing"
 
@@ -160,7 +162,7 @@ func (s *swapMachines) Upgrade(ctx context.Context, machine string, versions map
 			return err
 		}
 		restarted := false
-		for _, product := range sortedKeys(versions) {
+		for _, product := range slices.Sorted(maps.Keys(versions)) {
 			bin, err := artifact.BinaryPath(cache, product, versions[product])
 			if err != nil {
 				return err

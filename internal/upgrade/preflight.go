@@ -3,6 +3,8 @@ package upgrade
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -45,7 +47,7 @@ func (u *Upgrader) Preflight(ctx context.Context) (*PreflightReport, error) {
 		byAddr[c.Address] = &MachineVersions{Machine: c.Machine, Address: c.Address, Versions: map[string]string{}}
 	}
 
-	for _, prod := range sortedKeys(u.cfg.Target) {
+	for _, prod := range slices.Sorted(maps.Keys(u.cfg.Target)) {
 		to := u.cfg.Target[prod]
 		p := u.prods[prod]
 		h, err := p.health(ctx, "")
@@ -98,7 +100,7 @@ func (u *Upgrader) Preflight(ctx context.Context) (*PreflightReport, error) {
 		if err != nil {
 			return nil, err
 		}
-		for _, prod := range sortedKeys(u.cfg.Target) {
+		for _, prod := range slices.Sorted(maps.Keys(u.cfg.Target)) {
 			res, err := CheckGuides(ctx, env, prod, rep.From[prod], u.cfg.Target[prod])
 			rep.Guides = append(rep.Guides, res...)
 			if err != nil {

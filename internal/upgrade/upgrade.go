@@ -549,16 +549,6 @@ func DescribeVersions(m map[string]string) string {
 	return strings.Join(parts, ", ")
 }
 
-// sortedKeys is for stable output.
-func sortedKeys(m map[string]string) []string {
-	var ks []string
-	for k := range m {
-		ks = append(ks, k)
-	}
-	slices.Sort(ks)
-	return ks
-}
-
 // CacheClients returns APIs that make one client per address and
 // product through apis and then reuse it, with its connections. Caching
 // what is cached already changes nothing.
