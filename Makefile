@@ -1,8 +1,12 @@
 # The README's two commands live here so that CI and people run the same thing.
 GO ?= go
-STATICCHECK ?= $(shell go env GOPATH)/bin/staticcheck
+# staticcheck is a tool of the module (go.mod's tool directive): nothing to
+# install by hand.
+STATICCHECK ?= $(GO) tool staticcheck
+# Every test runs where nothing can leave the machine (scripts/offline).
+OFFLINE ?= scripts/offline
 
-.PHONY: build test check artifacts unit fuzz
+.PHONY: build test check artifacts unit race fuzz
 
 # steppe itself is static and stripped: it is baked into machine images.
 build:
@@ -20,7 +24,12 @@ artifacts: build
 	./scripts/prepare-artifacts
 
 unit:
-	$(GO) test -count=1 -timeout 20m ./...
+	$(OFFLINE) $(GO) test -count=1 -timeout 20m ./...
+
+# race: the packages with the most concurrency, under the race detector.
+RACE_PKGS ?= ./internal/supervise ./internal/agent ./internal/bundle
+race:
+	$(OFFLINE) $(GO) test -race -count=1 -timeout 30m $(RACE_PKGS)
 
 # fuzz: a short run of every fuzz target (the parsers of untrusted input).
 # The budgets are execution counts, about 10 s each on 2 cores, not
@@ -30,10 +39,10 @@ FUZZ_MANIFEST ?= 100000x
 FUZZ_UNPACK ?= 60000x
 FUZZ_EXECUTE ?= 200000x
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzManifest$$' -fuzztime $(FUZZ_MANIFEST) ./internal/bundle
-	$(GO) test -run '^$$' -fuzz '^FuzzUnpack$$' -fuzztime $(FUZZ_UNPACK) ./internal/bundle
-	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime $(FUZZ_EXECUTE) ./internal/render
+	$(OFFLINE) $(GO) test -run '^$$' -fuzz '^FuzzManifest$$' -fuzztime $(FUZZ_MANIFEST) ./internal/bundle
+	$(OFFLINE) $(GO) test -run '^$$' -fuzz '^FuzzUnpack$$' -fuzztime $(FUZZ_UNPACK) ./internal/bundle
+	$(OFFLINE) $(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime $(FUZZ_EXECUTE) ./internal/render
 
 # test: everything CI runs.
-test: check artifacts fuzz
-	$(GO) test -count=1 -timeout 60m ./...
+test: check artifacts fuzz race
+	$(OFFLINE) $(GO) test -count=1 -timeout 60m ./...

@@ -20,6 +20,7 @@ import (
 
 	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/supervise"
+	"github.com/steppe/steppe/internal/testenv"
 )
 
 var agentBin struct {
@@ -66,9 +67,7 @@ type testAgent struct {
 
 func newTestAgent(t testing.TB, config string) *testAgent {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("the agent needs root for cgroups; run the tests as root (CI does)")
-	}
+	testenv.NeedRoot(t, "the agent (cgroups)")
 	dir := t.TempDir()
 	a := &testAgent{
 		t:      t,

@@ -31,6 +31,7 @@ import (
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/deploy"
 	"github.com/steppe/steppe/internal/supervise"
+	"github.com/steppe/steppe/internal/testenv"
 )
 
 // upCluster is one cluster made by the real `steppe up` in a test.
@@ -60,9 +61,7 @@ func daemonBinaries(t testing.TB) (consul, nomad string) {
 // skip with the reason outside CI, a failure in CI.
 func cachedBinaries(t testing.TB, missing string, want ...string) []string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("steppe up runs agents that need root for cgroups; run the tests as root (CI does)")
-	}
+	testenv.NeedRoot(t, "steppe up (its agents' cgroups)")
 	cache, err := artifact.DefaultCacheDir()
 	if err != nil {
 		t.Fatal(err)
@@ -76,10 +75,7 @@ func cachedBinaries(t testing.TB, missing string, want ...string) []string {
 		paths = append(paths, p)
 	}
 	if err := errors.Join(errs...); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal(err)
-		}
-		t.Skipf("%s: %v", missing, err)
+		testenv.Lacks(t, "%s: %v", missing, err)
 	}
 	return paths
 }

@@ -274,6 +274,28 @@ func nomadService(role Role) ServiceDef {
 	return s
 }
 
+// DeniedFingerprinters are the Nomad fingerprinters a client on provider
+// must not run: each cloud's environment fingerprinter asks that cloud's
+// metadata service (169.254.169.254, or metadata.google.internal through
+// the machine's resolver) at every start, so it runs only on its own cloud.
+// The names are Nomad's (client/fingerprint: envFingerprinters, the same
+// from 1.8 to 1.11); the other fingerprinters read the machine or its own
+// Consul and Vault.
+func DeniedFingerprinters(provider string) []string {
+	var deny []string
+	for _, f := range []struct{ fingerprinter, provider string }{
+		{"env_aws", "aws"},
+		{"env_azure", "azure"},
+		{"env_digitalocean", "digitalocean"},
+		{"env_gce", "gcp"},
+	} {
+		if f.provider != provider {
+			deny = append(deny, f.fingerprinter)
+		}
+	}
+	return deny
+}
+
 // joinRetryInterval replaces the daemons' default of 30 s: machines start
 // together, and an agent whose first join raced the servers' start would
 // otherwise sit out half a minute.
@@ -296,16 +318,18 @@ func marshalTemplate(v any) ([]byte, error) {
 
 func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
 	c := map[string]any{
-		"datacenter":           spec.Datacenter,
-		"node_name":            factName,
-		"data_dir":             path.Join(factDataDir, "consul"),
-		"bind_addr":            factAddress,
-		"advertise_addr":       factAddress,
-		"client_addr":          factAddress,
-		"retry_join":           join,
-		"retry_interval":       joinRetryInterval,
-		"disable_update_check": true,
-		"log_level":            "INFO",
+		"datacenter":     spec.Datacenter,
+		"node_name":      factName,
+		"data_dir":       path.Join(factDataDir, "consul"),
+		"bind_addr":      factAddress,
+		"advertise_addr": factAddress,
+		"client_addr":    factAddress,
+		"retry_join":     join,
+		"retry_interval": joinRetryInterval,
+		// No call home (HashiCorp's checkpoint service): DESIGN decision 11.
+		"disable_update_check":        true,
+		"disable_anonymous_signature": true,
+		"log_level":                   "INFO",
 		"ports": map[string]any{
 			// No plaintext API, no plaintext gRPC.
 			"http": -1, "https": ConsulHTTPSPort, "grpc": -1, "grpc_tls": -1,
@@ -349,17 +373,19 @@ func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
 
 func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string]any {
 	c := map[string]any{
-		"name":                 factName,
-		"region":               spec.Region,
-		"datacenter":           spec.Datacenter,
-		"data_dir":             path.Join(factDataDir, "nomad"),
-		"bind_addr":            factAddress,
-		"advertise":            map[string]any{"http": factAddress, "rpc": factAddress, "serf": factAddress},
-		"ports":                map[string]any{"http": NomadHTTPPort, "rpc": NomadRPCPort, "serf": NomadSerfPort},
-		"disable_update_check": true,
-		"log_level":            "INFO",
-		"leave_on_interrupt":   false,
-		"leave_on_terminate":   false,
+		"name":       factName,
+		"region":     spec.Region,
+		"datacenter": spec.Datacenter,
+		"data_dir":   path.Join(factDataDir, "nomad"),
+		"bind_addr":  factAddress,
+		"advertise":  map[string]any{"http": factAddress, "rpc": factAddress, "serf": factAddress},
+		"ports":      map[string]any{"http": NomadHTTPPort, "rpc": NomadRPCPort, "serf": NomadSerfPort},
+		// No call home (HashiCorp's checkpoint service): DESIGN decision 11.
+		"disable_update_check":        true,
+		"disable_anonymous_signature": true,
+		"log_level":                   "INFO",
+		"leave_on_interrupt":          false,
+		"leave_on_terminate":          false,
 		"tls": map[string]any{
 			"http":                   true,
 			"rpc":                    true,
@@ -410,6 +436,10 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 			// (Raw strings inside the action: the file is JSON, whose
 			// encoding would escape double quotes.)
 			"network_interface": "{{ default `lo` (index .Machine.Tags `task_interface`) }}",
+			// The cloud fingerprinters ask their metadata service at every
+			// client start; off everywhere but on that cloud (DESIGN:
+			// decision 11).
+			"options": map[string]string{"fingerprint.denylist": strings.Join(DeniedFingerprinters(spec.Provider.Name), ",")},
 		}
 		if pool.NodeClass != "" {
 			client["node_class"] = escapeTemplate(pool.NodeClass)

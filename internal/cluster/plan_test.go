@@ -50,6 +50,19 @@ func servers(ms []Machine) []Machine {
 	return s
 }
 
+func TestDeniedFingerprinters(t *testing.T) {
+	for provider, want := range map[string]string{
+		"local": "env_aws,env_azure,env_digitalocean,env_gce",
+		"netns": "env_aws,env_azure,env_digitalocean,env_gce",
+		"aws":   "env_azure,env_digitalocean,env_gce",
+		"gcp":   "env_aws,env_azure,env_digitalocean",
+	} {
+		if got := strings.Join(DeniedFingerprinters(provider), ","); got != want {
+			t.Errorf("provider %s: denied %s, want %s", provider, got, want)
+		}
+	}
+}
+
 func TestPlanRoles(t *testing.T) {
 	spec, err := ParseSpec([]byte(`
 pool "web" {
@@ -127,6 +140,17 @@ pool "batch" {}
 	}
 	if fmt.Sprint(nomad["plugin"]) != "map[raw_exec:map[config:map[enabled:true]]]" {
 		t.Fatalf("client plugins %v", nomad["plugin"])
+	}
+	// Nothing leaves the machine: every cloud's metadata fingerprinter is
+	// denied on the local provider, and no daemon calls home.
+	if deny := cl["options"].(map[string]any)["fingerprint.denylist"]; deny != "env_aws,env_azure,env_digitalocean,env_gce" {
+		t.Fatalf("client fingerprint.denylist = %v, want every cloud fingerprinter", deny)
+	}
+	if nomad["disable_anonymous_signature"] != true || nomad["disable_update_check"] != true {
+		t.Fatalf("client nomad calls home: %v", nomad)
+	}
+	if consul["disable_anonymous_signature"] != true {
+		t.Fatalf("consul calls home: %v", consul)
 	}
 
 	for _, p := range plans {

@@ -3,16 +3,15 @@ package provider
 import (
 	"net"
 	"net/netip"
-	"os"
 	"testing"
+
+	"github.com/steppe/steppe/internal/testenv"
 )
 
 // A machine's task interface is created with the machine's address only,
 // reached from the host, made again idempotently, and removed.
 func TestTaskLink(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("creating interfaces needs root; CI runs as root")
-	}
+	testenv.NeedRoot(t, "creating interfaces")
 	name := LinkName("steppe-link-test")
 	addr := netip.MustParseAddr("127.0.3.7")
 	t.Cleanup(func() { deleteLink(name) })

@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/steppe/steppe/internal/testenv"
 )
 
 func TestStartStop(t *testing.T) {
@@ -290,10 +292,7 @@ func TestAdoptAfterAgentKill(t *testing.T) {
 // through an agent restart.
 func TestDnsmasqThroughAgentRestart(t *testing.T) {
 	if _, err := os.Stat("/usr/sbin/dnsmasq"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("dnsmasq not installed (.ci/run installs it): ", err)
-		}
-		t.Skip("dnsmasq not installed (apt-get install dnsmasq-base): ", err)
+		testenv.Lacks(t, "dnsmasq not installed (apt-get install dnsmasq-base): %v", err)
 	}
 	opts := testOptions(t)
 	port := freePort(t)

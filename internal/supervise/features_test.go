@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/steppe/steppe/internal/testenv"
 )
 
 // The dependent never starts before its dependency answers: it connects
@@ -262,7 +264,7 @@ func TestOOM(t *testing.T) {
 	opts := testOptions(t)
 	sup := newSup(t, opts)
 	if !sup.memV2 && sup.memV1 == "" {
-		t.Skip("no memory controller can be used here (neither cgroup v2 memory nor a writable v1 memory hierarchy)")
+		testenv.Lacks(t, "no memory controller can be used here (neither cgroup v2 memory nor a writable v1 memory hierarchy)")
 	}
 	ctx := ctxT(t)
 	spec := Spec{
