@@ -1,14 +1,13 @@
 package artifact
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 )
 
-// Cache layout, all under one directory that lives outside any checkout:
+// Cache layout, all under one directory that lives outside any checkout.
+// The operator's builds (buildcache.go):
 //
 //	bin/PRODUCT/VERSION/PRODUCT        ready-to-run binary (BinaryPath)
 //	bin/PRODUCT/VERSION/build.json     how it was built (BuildInfo)
@@ -17,7 +16,10 @@ import (
 //	keys/store-key.asc                 the store's OpenPGP private key (0600)
 //	locks/PRODUCT@VERSION.lock         one build of a version at a time
 //	store/                             the default release-style store
-//	fetch/                             downloads by Fetch, by digest
+//
+// The agent's downloads (install.go), when a Fetcher is given no CacheDir:
+//
+//	fetch/                             verified binaries by digest
 
 // DefaultCacheDir is $STEPPE_CACHE, else $HOME/.cache/steppe. CI keeps the
 // same directory between runs, so a built version is built once per machine.
@@ -30,41 +32,4 @@ func DefaultCacheDir() (string, error) {
 		return "", fmt.Errorf("artifact cache: no STEPPE_CACHE and %w", err)
 	}
 	return filepath.Join(home, ".cache", "steppe"), nil
-}
-
-// DefaultStoreDir is the store inside a cache directory.
-func DefaultStoreDir(cacheDir string) string { return filepath.Join(cacheDir, "store") }
-
-func binDir(cacheDir, product, version string) string {
-	return filepath.Join(cacheDir, "bin", product, version)
-}
-
-func workDir(cacheDir, product, version string) string {
-	return filepath.Join(cacheDir, "build", product, version)
-}
-
-func keyFile(cacheDir string) string { return filepath.Join(cacheDir, "keys", "store-key.asc") }
-
-// BinaryPath returns the extracted, ready-to-run binary of a version built
-// into cacheDir, or an error saying how to build it.
-func BinaryPath(cacheDir, product, version string) (string, error) {
-	if _, err := lookupProduct(product); err != nil {
-		return "", err
-	}
-	v, err := normalizeVersion(version)
-	if err != nil {
-		return "", err
-	}
-	p := filepath.Join(binDir(cacheDir, product, v), product)
-	st, err := os.Stat(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return "", fmt.Errorf("%s %s is not built in %s: run `steppe artifact build %s@%s` (or make artifacts)", product, v, cacheDir, product, v)
-	}
-	if err != nil {
-		return "", fmt.Errorf("%s %s: %w", product, v, err)
-	}
-	if !st.Mode().IsRegular() || st.Mode().Perm()&0o111 == 0 {
-		return "", fmt.Errorf("%s %s: %s is not an executable file", product, v, p)
-	}
-	return p, nil
 }

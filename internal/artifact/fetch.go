@@ -1,12 +1,9 @@
 package artifact
 
 import (
-	"archive/zip"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,7 +13,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 )
@@ -45,70 +41,53 @@ func Fetch(ctx context.Context, storeURL, product, version, goos, arch string, k
 // errVerify marks content that failed verification; it is not retried.
 var errVerify = errors.New("verification failed")
 
-// Fetch follows the release flow: STORE/PRODUCT/VERSION/index.json, the
-// SHA256SUMS it names, its detached signature checked against keyring (any
-// trusted key), then the archive's SHA-256. The archive's binary is
-// extracted and installed atomically under its digest, and its path is
-// returned. A version already fetched is not downloaded again, but the
-// signed SHA256SUMS is always checked.
+// Fetch follows the release flow with names derived from its arguments:
+// STORE/PRODUCT/VERSION/PRODUCT_VERSION_SHA256SUMS, its detached signature
+// checked against keyring (any trusted key), the line of
+// PRODUCT_VERSION_OS_ARCH.zip in it, then that archive's SHA-256. The
+// archive's binary is extracted and installed atomically under the
+// archive's digest, and its path is returned. A version already fetched is
+// not downloaded again, but the signed SHA256SUMS is always checked, and
+// so is the cached binary.
+//
+// The store's index.json is never read: it is unsigned, and a name taken
+// from it could point a version at another version's genuinely signed
+// files. The signed SHA256SUMS names its files with the version, so a
+// store that serves another version's files under this one is refused.
 func (f *Fetcher) Fetch(ctx context.Context, storeURL, product, version, goos, arch string, keyring *Keyring) (string, error) {
 	if keyring == nil {
 		return "", fmt.Errorf("fetch %s %s: no trusted keys given", product, version)
 	}
-	version = strings.TrimPrefix(version, "v")
-	if _, err := normalizeVersion(version); err != nil {
+	version, err := normalizeVersion(version)
+	if err != nil {
 		return "", fmt.Errorf("fetch %s: %w", product, err)
+	}
+	for _, n := range [][2]string{{"product", product}, {"os", goos}, {"arch", arch}} {
+		if err := checkName(n[0], n[1]); err != nil {
+			return "", fmt.Errorf("fetch %s %s: %w", product, version, err)
+		}
 	}
 	base, err := url.Parse(strings.TrimSuffix(storeURL, "/") + "/")
 	if err != nil {
 		return "", fmt.Errorf("fetch %s %s: store url %q: %w", product, version, storeURL, err)
 	}
-	indexURL := base.JoinPath(product, version, "index.json")
-	raw, err := f.get(ctx, indexURL.String())
-	if err != nil {
-		return "", fmt.Errorf("fetch %s %s: index: %w", product, version, err)
-	}
-	var vi VersionIndex
-	if err := json.Unmarshal(raw, &vi); err != nil {
-		return "", fmt.Errorf("fetch %s %s: index %s: %w", product, version, indexURL, err)
-	}
-	if vi.Name != product || vi.Version != version {
-		return "", fmt.Errorf("fetch %s %s: index %s is for %s %s", product, version, indexURL, vi.Name, vi.Version)
-	}
-	var build *Build
-	for i := range vi.Builds {
-		if vi.Builds[i].OS == goos && vi.Builds[i].Arch == arch {
-			build = &vi.Builds[i]
-			break
-		}
-	}
-	if build == nil {
-		return "", fmt.Errorf("fetch %s %s: no %s/%s build in %s", product, version, goos, arch, indexURL)
-	}
-	if build.Filename == "" || strings.ContainsAny(build.Filename, "/\\") {
-		return "", fmt.Errorf("fetch %s %s: index %s: bad filename %q", product, version, indexURL, build.Filename)
-	}
-	sumsURL, err := indexURL.Parse(vi.Shasums)
-	if err != nil || vi.Shasums == "" {
-		return "", fmt.Errorf("fetch %s %s: index %s: bad shasums %q", product, version, indexURL, vi.Shasums)
-	}
+	vdir := base.JoinPath(product, version)
+	sumsName := shasumsName(product, version)
+	sumsURL := vdir.JoinPath(sumsName)
 	sums, err := f.get(ctx, sumsURL.String())
 	if err != nil {
 		return "", fmt.Errorf("fetch %s %s: SHA256SUMS: %w", product, version, err)
 	}
-	signer, err := f.verifySums(ctx, indexURL, vi, sums, keyring)
+	signer, err := f.verifySums(ctx, vdir, sumsName, sums, keyring)
 	if err != nil {
 		return "", fmt.Errorf("fetch %s %s: %s is not signed by a trusted key (%v): %w", product, version, sumsURL, keyring.Fingerprints(), err)
 	}
-	digest, err := lookupSum(sums, build.Filename)
+	archive := archiveName(product, version, goos, arch)
+	digest, err := lookupSum(sums, archive)
 	if err != nil {
-		return "", fmt.Errorf("fetch %s %s: %w", product, version, err)
+		return "", fmt.Errorf("fetch %s %s: %w", product, version, sumsMismatch(sums, sumsURL, product, version, goos, arch, archive, err))
 	}
-	archiveURL, err := indexURL.Parse(build.URL)
-	if err != nil || build.URL == "" {
-		return "", fmt.Errorf("fetch %s %s: index %s: bad url %q", product, version, indexURL, build.URL)
-	}
-	path, fetched, err := f.install(ctx, archiveURL.String(), digest, product)
+	path, fetched, err := f.install(ctx, vdir.JoinPath(archive).String(), digest, product)
 	if err != nil {
 		return "", fmt.Errorf("fetch %s %s: %w", product, version, err)
 	}
@@ -117,30 +96,35 @@ func (f *Fetcher) Fetch(ctx context.Context, storeURL, product, version, goos, a
 	return path, nil
 }
 
-// verifySums checks the signatures the index names, shasums_signature
-// first, then each of shasums_signatures (the release site signs with
-// several keys during a rotation, one file per key), and returns the
+// sumsMismatch explains a signed SHA256SUMS without the archive asked for:
+// a file of another version (a mirror serving one version's files under
+// another's path), or no build for the platform.
+func sumsMismatch(sums []byte, sumsURL *url.URL, product, version, goos, arch, archive string, err error) error {
+	listed := sumsFiles(sums)
+	shown := listed
+	if len(shown) > 5 {
+		shown = append(shown[:5:5], "...")
+	}
+	ours := false
+	for _, n := range listed {
+		ours = ours || strings.HasPrefix(n, product+"_"+version+"_")
+	}
+	if len(listed) > 0 && !ours {
+		return fmt.Errorf("%w: the signed SHA256SUMS served at %s lists %s, not %s: the store serves another version's files under %s %s; refusing them (fix or re-sync the store)",
+			errVerify, sumsURL, strings.Join(shown, ", "), archive, product, version)
+	}
+	return fmt.Errorf("no %s/%s build: the signed SHA256SUMS at %s lists no %s (it lists %s): %w",
+		goos, arch, sumsURL, archive, strings.Join(shown, ", "), err)
+}
+
+// verifySums checks the signatures of SHA256SUMS at their derived names,
+// the default .sig first, then one per trusted key (the release site signs
+// with several keys during a rotation, one file per key), and returns the
 // fingerprint of the first trusted signer.
-func (f *Fetcher) verifySums(ctx context.Context, indexURL *url.URL, vi VersionIndex, sums []byte, keyring *Keyring) (string, error) {
-	var names []string
-	seen := map[string]bool{}
-	for _, n := range append([]string{vi.ShasumsSignature}, vi.ShasumsSignatures...) {
-		if n != "" && !seen[n] {
-			seen[n] = true
-			names = append(names, n)
-		}
-	}
-	if len(names) == 0 {
-		return "", fmt.Errorf("%w: index names no signature", errVerify)
-	}
+func (f *Fetcher) verifySums(ctx context.Context, vdir *url.URL, sumsName string, sums []byte, keyring *Keyring) (string, error) {
 	var errs []error
-	for _, n := range names {
-		u, err := indexURL.Parse(n)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", n, err))
-			continue
-		}
-		sig, err := f.get(ctx, u.String())
+	for _, n := range signatureNames(sumsName, keyring.shortIDs()) {
+		sig, err := f.get(ctx, vdir.JoinPath(n).String())
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -171,64 +155,6 @@ func (f *Fetcher) FetchURL(ctx context.Context, rawURL, sha256Hex, name string) 
 	}
 	f.logger().Info("artifact ready", "url", rawURL, "path", path, "sha256", sha256Hex, "downloaded", fetched)
 	return path, nil
-}
-
-// install makes fetch/sha256/DIGEST/NAME exist: downloads the archive to a
-// temporary file while hashing it, checks the digest, extracts, and
-// renames the finished directory into place. Nothing partial is ever
-// visible under the digest.
-func (f *Fetcher) install(ctx context.Context, rawURL, digest, name string) (string, bool, error) {
-	cache := f.CacheDir
-	if cache == "" {
-		var err error
-		if cache, err = DefaultCacheDir(); err != nil {
-			return "", false, err
-		}
-	}
-	final := filepath.Join(cache, "fetch", "sha256", digest)
-	bin := filepath.Join(final, name)
-	if st, err := os.Stat(bin); err == nil && st.Mode().IsRegular() {
-		return bin, false, nil
-	}
-	tmpRoot := filepath.Join(cache, "fetch", "tmp")
-	if err := os.MkdirAll(tmpRoot, 0o755); err != nil {
-		return "", false, err
-	}
-	tmpDir, err := os.MkdirTemp(tmpRoot, digest[:12]+"-")
-	if err != nil {
-		return "", false, err
-	}
-	defer os.RemoveAll(tmpDir)
-	download := filepath.Join(tmpDir, "download")
-	if err := f.retry(ctx, rawURL, func() error { return f.downloadTo(ctx, rawURL, download, digest) }); err != nil {
-		return "", false, err
-	}
-	content := filepath.Join(tmpDir, "out")
-	if err := os.Mkdir(content, 0o755); err != nil {
-		return "", false, err
-	}
-	if isZip(download) {
-		if err := extractEntry(download, name, filepath.Join(content, name)); err != nil {
-			return "", false, err
-		}
-	} else if err := os.Rename(download, filepath.Join(content, name)); err != nil {
-		return "", false, err
-	}
-	if err := os.Chmod(filepath.Join(content, name), 0o755); err != nil {
-		return "", false, err
-	}
-	if err := os.MkdirAll(filepath.Dir(final), 0o755); err != nil {
-		return "", false, err
-	}
-	if err := os.Rename(content, final); err != nil {
-		// Another fetch of the same digest won the race; its copy is
-		// identical by construction.
-		if _, serr := os.Stat(bin); serr == nil {
-			return bin, true, nil
-		}
-		return "", false, fmt.Errorf("install %s: %w", final, err)
-	}
-	return bin, true, nil
 }
 
 // downloadTo writes the body of url to path and fails unless its SHA-256
@@ -372,50 +298,4 @@ func (f *Fetcher) logger() *slog.Logger {
 		return f.Log
 	}
 	return slog.Default()
-}
-
-func isZip(path string) bool {
-	fh, err := os.Open(path)
-	if err != nil {
-		return false
-	}
-	defer fh.Close()
-	magic := make([]byte, 4)
-	if _, err := io.ReadFull(fh, magic); err != nil {
-		return false
-	}
-	return bytes.Equal(magic, []byte("PK\x03\x04"))
-}
-
-// extractEntry copies the zip entry called name to dst. HashiCorp's
-// archives hold the binary at the top level (and sometimes a license
-// file beside it).
-func extractEntry(archive, name, dst string) error {
-	zr, err := zip.OpenReader(archive)
-	if err != nil {
-		return fmt.Errorf("%w: open archive: %v", errVerify, err)
-	}
-	defer zr.Close()
-	var names []string
-	for _, zf := range zr.File {
-		names = append(names, zf.Name)
-		if zf.Name != name {
-			continue
-		}
-		rc, err := zf.Open()
-		if err != nil {
-			return err
-		}
-		defer rc.Close()
-		out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o755)
-		if err != nil {
-			return err
-		}
-		if _, err := io.Copy(out, rc); err != nil {
-			out.Close()
-			return fmt.Errorf("extract %s: %w", name, err)
-		}
-		return out.Close()
-	}
-	return fmt.Errorf("archive has no %q (entries: %s)", name, strings.Join(names, ", "))
 }

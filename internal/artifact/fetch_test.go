@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/ProtonMail/go-crypto/openpgp"
 )
 
 // testStore publishes two versions into a real store and serves it with
@@ -23,6 +25,7 @@ type testStore struct {
 	dir     string
 	srv     *httptest.Server
 	keyring *Keyring
+	key     *openpgp.Entity // the store's signing key, to sign what a test changes
 	mu      sync.Mutex
 	hits    map[string]int
 	failN   map[string]int // path => answers of 503 still to give
@@ -35,6 +38,7 @@ func newTestStore(t *testing.T) *testStore {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ts.key = key
 	for _, v := range []string{"1.9.3", "1.10.5"} {
 		if _, err := publish(ts.dir, key, "nomad", v, fakeBinary(t, "#!/bin/sh\necho Nomad v"+v+"\n"), time.Unix(1700000000, 0)); err != nil {
 			t.Fatal(err)
@@ -76,7 +80,10 @@ func quietFetcher(t *testing.T) *Fetcher {
 	return &Fetcher{CacheDir: t.TempDir(), Backoff: 10 * time.Millisecond, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 }
 
-const zipPath = "/nomad/1.9.3/nomad_1.9.3_linux_amd64.zip"
+const (
+	zipPath  = "/nomad/1.9.3/nomad_1.9.3_linux_amd64.zip"
+	sumsPath = "/nomad/1.9.3/nomad_1.9.3_SHA256SUMS"
+)
 
 func TestFetchVerifiesAndCachesByDigest(t *testing.T) {
 	ts := newTestStore(t)
@@ -109,6 +116,10 @@ func TestFetchVerifiesAndCachesByDigest(t *testing.T) {
 	}
 	if n := ts.hitCount("/nomad/1.9.3/nomad_1.9.3_SHA256SUMS.sig"); n != 2 {
 		t.Errorf("signature fetched %d times, want 2 (checked on every fetch)", n)
+	}
+	// The unsigned index is never consulted.
+	if n := ts.hitCount("/nomad/1.9.3/index.json"); n != 0 {
+		t.Errorf("index.json requested %d times, want 0", n)
 	}
 	// No temporary leftovers.
 	left, _ := os.ReadDir(filepath.Join(f.CacheDir, "fetch", "tmp"))
@@ -182,15 +193,15 @@ func TestFetchRejectsCorruptArchiveAndInstallsNothing(t *testing.T) {
 
 func TestFetchRetriesServerErrors(t *testing.T) {
 	ts := newTestStore(t)
-	ts.failN["/nomad/1.9.3/index.json"] = 2
+	ts.failN[sumsPath] = 2
 	ts.failN[zipPath] = 1
 	if _, err := quietFetcher(t).Fetch(context.Background(), ts.srv.URL, "nomad", "1.9.3", "linux", "amd64", ts.keyring); err != nil {
 		t.Fatalf("fetch through transient 503s: %v", err)
 	}
-	if n := ts.hitCount("/nomad/1.9.3/index.json"); n != 3 {
-		t.Errorf("index requested %d times, want 3", n)
+	if n := ts.hitCount(sumsPath); n != 3 {
+		t.Errorf("SHA256SUMS requested %d times, want 3", n)
 	}
-	ts.failN["/nomad/1.10.5/index.json"] = 100
+	ts.failN["/nomad/1.10.5/nomad_1.10.5_SHA256SUMS"] = 100
 	f := quietFetcher(t)
 	f.Attempts = 3
 	_, err := f.Fetch(context.Background(), ts.srv.URL, "nomad", "1.10.5", "linux", "amd64", ts.keyring)
@@ -263,8 +274,14 @@ func TestFetchErrors(t *testing.T) {
 		t.Error("fetch without trusted keys succeeded")
 	}
 	// A 404 is not retried.
-	if n := ts.hitCount("/nomad/1.9.4/index.json"); n != 1 {
+	if n := ts.hitCount("/nomad/1.9.4/nomad_1.9.4_SHA256SUMS"); n != 1 {
 		t.Errorf("404 requested %d times", n)
+	}
+	// Names become path elements and file names.
+	for _, bad := range [][3]string{{"../nomad", "linux", "amd64"}, {"nomad", "linux/..", "amd64"}, {"nomad", "linux", "AMD64"}, {"", "linux", "amd64"}} {
+		if _, err := f.Fetch(ctx, ts.srv.URL, bad[0], "1.9.3", bad[1], bad[2], ts.keyring); err == nil || !strings.Contains(err.Error(), "want lower-case letters") {
+			t.Errorf("Fetch(%q) = %v", bad, err)
+		}
 	}
 }
 
@@ -298,11 +315,12 @@ func TestFetchURLPinnedDigest(t *testing.T) {
 	}
 }
 
-func TestFetchTriesEverySignatureTheIndexNames(t *testing.T) {
+func TestFetchTriesTheKeySpecificSignature(t *testing.T) {
 	ts := newTestStore(t)
 	vdir := filepath.Join(ts.dir, "nomad", "1.9.3")
 	// As during a key rotation on the release site: the default .sig is by
-	// a key this agent does not trust, a key-specific one by the store key.
+	// a key this agent does not trust, the one named by the trusted key's
+	// short ID (PRODUCT_VERSION_SHA256SUMS.72D7468F.sig) by the store key.
 	other, err := loadOrCreateKey(keyFile(t.TempDir()))
 	if err != nil {
 		t.Fatal(err)
@@ -313,19 +331,18 @@ func TestFetchTriesEverySignatureTheIndexNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustWrite(t, filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.sig"), bad)
-	mustWrite(t, filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.STORE.sig"), good)
-	var vi VersionIndex
-	readJSON(t, filepath.Join(vdir, "index.json"), &vi)
-	vi.ShasumsSignatures = []string{"nomad_1.9.3_SHA256SUMS.sig", "nomad_1.9.3_SHA256SUMS.STORE.sig"}
-	if err := writeJSON(filepath.Join(vdir, "index.json"), vi); err != nil {
-		t.Fatal(err)
+	ids := ts.keyring.shortIDs()
+	if len(ids) != 1 || len(ids[0]) != 8 {
+		t.Fatalf("short key IDs %q", ids)
 	}
+	perKey := "nomad_1.9.3_SHA256SUMS." + ids[0] + ".sig"
+	mustWrite(t, filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.sig"), bad)
+	mustWrite(t, filepath.Join(vdir, perKey), good)
 	if _, err := quietFetcher(t).Fetch(context.Background(), ts.srv.URL, "nomad", "1.9.3", "linux", "amd64", ts.keyring); err != nil {
 		t.Fatalf("the trusted key-specific signature was not used: %v", err)
 	}
 	// With no trusted signature at all the fetch fails.
-	mustWrite(t, filepath.Join(vdir, "nomad_1.9.3_SHA256SUMS.STORE.sig"), bad)
+	mustWrite(t, filepath.Join(vdir, perKey), bad)
 	if _, err := quietFetcher(t).Fetch(context.Background(), ts.srv.URL, "nomad", "1.9.3", "linux", "amd64", ts.keyring); err == nil {
 		t.Fatal("fetched with no trusted signature")
 	}

@@ -1,6 +1,3 @@
-// Package artifact builds static HashiCorp binaries from Go module sources,
-// publishes them into a store laid out like releases.hashicorp.com, and
-// fetches verified binaries from such a store.
 package artifact
 
 import (
@@ -109,31 +106,4 @@ func ParseRef(ref string) (product, version string, err error) {
 		return "", "", fmt.Errorf("artifact %q: %w", ref, err)
 	}
 	return name, ver, nil
-}
-
-// normalizeVersion accepts "1.9.3" or "v1.9.3" and returns "1.9.3". Only
-// release versions (with pre-release or metadata parts like 1.10.0-beta.1
-// and 1.9.3+ent) are accepted: the
-// version becomes a path element and a module query, so nothing else may
-// pass.
-func normalizeVersion(v string) (string, error) {
-	v = strings.TrimPrefix(v, "v")
-	rest, meta, hasMeta := strings.Cut(v, "+") // build metadata, e.g. 1.9.3+ent
-	if hasMeta && (meta == "" || strings.Trim(meta, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.") != "") {
-		return "", fmt.Errorf("version %q: bad build metadata", v)
-	}
-	core, pre, _ := strings.Cut(rest, "-")
-	parts := strings.Split(core, ".")
-	if len(parts) != 3 {
-		return "", fmt.Errorf("version %q: want MAJOR.MINOR.PATCH", v)
-	}
-	for _, p := range parts {
-		if p == "" || strings.Trim(p, "0123456789") != "" {
-			return "", fmt.Errorf("version %q: want MAJOR.MINOR.PATCH", v)
-		}
-	}
-	if strings.Trim(pre, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.") != "" {
-		return "", fmt.Errorf("version %q: bad pre-release part", v)
-	}
-	return v, nil
 }

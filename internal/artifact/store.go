@@ -10,24 +10,16 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/ProtonMail/go-crypto/openpgp"
+	"github.com/steppe/steppe/internal/atomicfile"
 	"golang.org/x/sys/unix"
 )
 
-// The store has the layout of releases.hashicorp.com:
-//
-//	DIR/steppe-store.asc                          public key of the store
-//	DIR/PRODUCT/index.json                        ProductIndex
-//	DIR/PRODUCT/VERSION/index.json                VersionIndex
-//	DIR/PRODUCT/VERSION/PRODUCT_VERSION_linux_amd64.zip
-//	DIR/PRODUCT/VERSION/PRODUCT_VERSION_SHA256SUMS
-//	DIR/PRODUCT/VERSION/PRODUCT_VERSION_SHA256SUMS.sig
-//
-// The url of a build is relative to the index file that holds it, so a
-// store can be served under any address and prefix.
+// The operator's side of the store: publish writes the layout that
+// layout.go describes. The indexes below are for discovery by people and
+// tools; the agent never reads them (they are unsigned).
 
 // ProductIndex is DIR/PRODUCT/index.json, shaped like
 // https://releases.hashicorp.com/PRODUCT/index.json.
@@ -55,14 +47,6 @@ type Build struct {
 	Arch     string `json:"arch"`
 	Filename string `json:"filename"`
 	URL      string `json:"url"`
-}
-
-func archiveName(product, version, goos, arch string) string {
-	return fmt.Sprintf("%s_%s_%s_%s.zip", product, version, goos, arch)
-}
-
-func shasumsName(product, version string) string {
-	return fmt.Sprintf("%s_%s_SHA256SUMS", product, version)
 }
 
 // Published describes one version in a store.
@@ -116,7 +100,7 @@ func publish(storeDir string, key *openpgp.Entity, product, ver, binary string, 
 				return out, fmt.Errorf("publish into %s: %w", storeDir, err)
 			}
 		}
-		if err := writeFileAtomic(out.PublicKey, pub, 0o644); err != nil {
+		if err := atomicfile.WriteFile(out.PublicKey, pub, 0o644); err != nil {
 			return out, fmt.Errorf("export store key: %w", err)
 		}
 	}
@@ -128,7 +112,7 @@ func publish(storeDir string, key *openpgp.Entity, product, ver, binary string, 
 		if err != nil {
 			return out, fmt.Errorf("publish %s %s: %w", product, ver, err)
 		}
-		if err := writeFileAtomic(out.Archive, data, 0o644); err != nil {
+		if err := atomicfile.WriteFile(out.Archive, data, 0o644); err != nil {
 			return out, fmt.Errorf("publish %s %s: %w", product, ver, err)
 		}
 		out.ArchiveSHA256 = sha256Hex(data)
@@ -139,10 +123,10 @@ func publish(storeDir string, key *openpgp.Entity, product, ver, binary string, 
 		}
 		// Signature first: a reader that sees the new SHA256SUMS with the
 		// old signature fails closed, which is right.
-		if err := writeFileAtomic(out.Shasums, sumsData, 0o644); err != nil {
+		if err := atomicfile.WriteFile(out.Shasums, sumsData, 0o644); err != nil {
 			return out, err
 		}
-		if err := writeFileAtomic(out.Signature, sig, 0o644); err != nil {
+		if err := atomicfile.WriteFile(out.Signature, sig, 0o644); err != nil {
 			return out, err
 		}
 	}
@@ -266,20 +250,6 @@ func zipEntryMatches(archive, name, path string) (bool, error) {
 	return false, nil
 }
 
-// lookupSum finds the hex SHA-256 of file in a SHA256SUMS text.
-func lookupSum(sums []byte, file string) (string, error) {
-	for _, line := range strings.Split(string(sums), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 2 && strings.TrimPrefix(f[1], "*") == file {
-			if len(f[0]) != 64 || strings.Trim(strings.ToLower(f[0]), "0123456789abcdef") != "" {
-				return "", fmt.Errorf("SHA256SUMS: malformed digest for %s", file)
-			}
-			return strings.ToLower(f[0]), nil
-		}
-	}
-	return "", fmt.Errorf("SHA256SUMS lists no %s", file)
-}
-
 // rewriteProductIndex regenerates DIR/PRODUCT/index.json from the version
 // indexes present, with urls relative to the product directory.
 func rewriteProductIndex(storeDir, product string) error {
@@ -317,5 +287,5 @@ func writeJSON(path string, v any) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(path, append(b, '\n'), 0o644)
+	return atomicfile.WriteFile(path, append(b, '\n'), 0o644)
 }
