@@ -268,7 +268,7 @@ func TestRejects(t *testing.T) {
 		want   string
 	}{
 		{"unsigned", buildBundle(t, nil, baseManifest(2), sampleFiles), Limits{}, "not signed"},
-		{"wrong key", buildBundle(t, &wrongKey, baseManifest(2), sampleFiles), Limits{}, "not made by any trusted key"},
+		{"wrong key", buildBundle(t, &wrongKey, baseManifest(2), sampleFiles), Limits{}, `signature: not made by any trusted key: signed with key "` + wrongKey.ID + `"; the trusted keys are ` + key.ID},
 		{"tampered file", craft(t, &key, withFiles(2, fileOf("a.conf", "port = 1")), []entry{reg("a.conf", "port = 2")}), Limits{}, `file "a.conf": sha256`},
 		{"tampered manifest", func() []byte {
 			m := withFiles(2, fileOf("a.conf", "x"))
@@ -287,12 +287,14 @@ func TestRejects(t *testing.T) {
 			tw.Close()
 			gz.Close()
 			return buf.Bytes()
-		}(), Limits{}, "not made by any trusted key"},
+		}(), Limits{}, "signature does not verify with key " + key.ID + ": the bundle was changed after signing"},
 		{"replayed older version", buildBundle(t, &key, baseManifest(1), sampleFiles), Limits{}, "not greater than the last accepted 1"},
 		{"expired", buildBundle(t, &key, expired, sampleFiles), Limits{}, "expired"},
 		{"other role", buildBundle(t, &key, otherRole, sampleFiles), Limits{}, `role "client"`},
 		{"truncated in a file", good[:len(good)/2], Limits{}, "unexpected EOF"},
 		{"truncated at the end", good[:len(good)-6], Limits{}, "unexpected EOF"},
+		{"truncated in the gzip header", good[:5], Limits{}, "unexpected EOF"},
+		{"empty", nil, Limits{}, "unexpected EOF"},
 		{"not gzip", []byte("<html>502 Bad Gateway</html>"), Limits{}, "not a gzip stream"},
 		{"dotdot path", craft(t, &key, withFiles(2, fileOf("a", "a")), []entry{reg("a", "a"), reg("../escape", "x")}), Limits{}, `"../escape": ".." is refused`},
 		{"dotdot in manifest", func() []byte {
@@ -335,6 +337,9 @@ func TestRejects(t *testing.T) {
 		{"bomb: hidden after the last entry", craftRaw(t, mustMarshal(t, withFiles(2, fileOf("a", "a"))), &key, []entry{reg("a", "a")}, bigTrailer), Limits{}, "decompression bomb"},
 		{"bomb: past the stream budget", craftRaw(t, mustMarshal(t, withFiles(2, fileOf("a", "a"))), &key, []entry{reg("a", "a")}, bigTrailer), Limits{MaxFiles: 10, MaxTotalBytes: 1 << 20}, "decompression bomb"},
 	}
+	// What a cut download gives may pass on another try; everything else
+	// is the bundle's fault and final.
+	mayPass := map[string]bool{"truncated in a file": true, "truncated at the end": true, "truncated in the gzip header": true, "empty": true}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			rel := t.TempDir()
@@ -353,6 +358,10 @@ func TestRejects(t *testing.T) {
 			}
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %q does not say %q", err, tc.want)
+			}
+			var invalid *InvalidError
+			if final := errors.As(err, &invalid); final == mayPass[tc.name] {
+				t.Fatalf("error %q: InvalidError (final) = %v, want %v", err, final, !mayPass[tc.name])
 			}
 			t.Logf("refused: %v", err)
 			assertOnlyV1(t, rel)

@@ -59,6 +59,38 @@ type Policy struct {
 	Limits Limits
 }
 
+// InvalidError is a bundle refused for what it is: its signature, its
+// manifest, the policy (cluster, role, version, expiry, limits) or its
+// entries against the signed manifest. The same bytes would be refused
+// again, so a puller waits for a new publish. Every other error of Unpack
+// and Verify (the stream cut or unreadable, a full disk) says nothing
+// about the bundle and may pass on another try.
+type InvalidError struct{ Err error }
+
+func (e *InvalidError) Error() string { return e.Err.Error() }
+func (e *InvalidError) Unwrap() error { return e.Err }
+
+// invalidf makes an InvalidError.
+func invalidf(format string, args ...any) error {
+	return &InvalidError{Err: fmt.Errorf(format, args...)}
+}
+
+// streamError wraps an error of the gzip or tar reader, or of a sink,
+// with what was being read. Data that is not a bundle is final; an error
+// of the stream underneath (cut, reset, unexpected EOF) or of the disk is
+// not, because the same bundle may be read whole next time.
+func streamError(err error, format string, args ...any) error {
+	err = noEOF(err)
+	args = append(args, err)
+	switch {
+	case errors.Is(err, errBomb) || errors.Is(err, gzip.ErrHeader) || errors.Is(err, tar.ErrHeader):
+		return invalidf(format+": %w", args...)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return fmt.Errorf(format+": %w (truncated download?)", args...)
+	}
+	return fmt.Errorf(format+": %w", args...)
+}
+
 // sink receives a bundle's parts as they are read and checked.
 type sink interface {
 	// manifest is called once, before any file, with the exact manifest
@@ -85,7 +117,10 @@ func readBundle(ctx context.Context, r io.Reader, o readOptions, s sink) (*Manif
 	lim := o.policy.Limits.orDefault()
 	gz, err := gzip.NewReader(&ctxReader{ctx: ctx, r: r})
 	if err != nil {
-		return nil, "", fmt.Errorf("bundle: not a gzip stream: %w", err)
+		if errors.Is(err, gzip.ErrHeader) {
+			return nil, "", invalidf("bundle: not a gzip stream: %w", err)
+		}
+		return nil, "", streamError(err, "bundle: reading the gzip header")
 	}
 	defer gz.Close()
 	// Tar headers and padding come on top of the file bytes; the bound on
@@ -97,10 +132,10 @@ func readBundle(ctx context.Context, r io.Reader, o readOptions, s sink) (*Manif
 
 	hdr, err := tr.Next()
 	if err != nil {
-		return nil, "", fmt.Errorf("bundle: reading the first entry: %w", noEOF(err))
+		return nil, "", streamError(err, "bundle: reading the first entry")
 	}
 	if hdr.Name != ManifestName || hdr.Typeflag != tar.TypeReg {
-		return nil, "", fmt.Errorf("bundle: first entry is %q, want the regular file %s", hdr.Name, ManifestName)
+		return nil, "", invalidf("bundle: first entry is %q, want the regular file %s", hdr.Name, ManifestName)
 	}
 	raw, err := readSmall(tr, hdr, maxManifestBytes)
 	if err != nil {
@@ -113,10 +148,10 @@ func readBundle(ctx context.Context, r io.Reader, o readOptions, s sink) (*Manif
 	case err == io.EOF:
 		hdr = nil
 	case err != nil:
-		return nil, "", fmt.Errorf("bundle: reading the entry after %s: %w", ManifestName, noEOF(err))
+		return nil, "", streamError(err, "bundle: reading the entry after %s", ManifestName)
 	case hdr.Name == SignatureName:
 		if hdr.Typeflag != tar.TypeReg {
-			return nil, "", fmt.Errorf("bundle: %s is not a regular file", SignatureName)
+			return nil, "", invalidf("bundle: %s is not a regular file", SignatureName)
 		}
 		if sig, err = readSmall(tr, hdr, maxSignatureBytes); err != nil {
 			return nil, "", err
@@ -126,23 +161,23 @@ func readBundle(ctx context.Context, r io.Reader, o readOptions, s sink) (*Manif
 	var keyID string
 	if o.requireSig {
 		if sig == nil {
-			return nil, "", fmt.Errorf("%w: no %s right after %s", ErrUnsigned, SignatureName, ManifestName)
+			return nil, "", invalidf("%w: no %s right after %s", ErrUnsigned, SignatureName, ManifestName)
 		}
 		if keyID, err = VerifySignature(o.policy.Keys, raw, sig); err != nil {
-			return nil, "", fmt.Errorf("bundle: %w", err)
+			return nil, "", invalidf("bundle: %w", err)
 		}
 	}
 	m, err := ParseManifest(raw)
 	if err != nil {
-		return nil, "", fmt.Errorf("bundle: %w", err)
+		return nil, "", invalidf("bundle: %w", err)
 	}
 	if o.checkPolicy {
 		if err := checkPolicy(m, o.policy); err != nil {
-			return nil, "", err
+			return nil, "", &InvalidError{Err: err}
 		}
 	}
 	if err := checkLimits(m, lim); err != nil {
-		return nil, "", err
+		return nil, "", &InvalidError{Err: err}
 	}
 	if err := s.manifest(raw, sig, m); err != nil {
 		return nil, "", err
@@ -160,10 +195,7 @@ func readBundle(ctx context.Context, r io.Reader, o readOptions, s sink) (*Manif
 				break
 			}
 			if err != nil {
-				if errors.Is(err, errBomb) {
-					return nil, "", fmt.Errorf("bundle: %w", err)
-				}
-				return nil, "", fmt.Errorf("bundle: reading the entry after %d files: %w (truncated download?)", len(seen), noEOF(err))
+				return nil, "", streamError(err, "bundle: reading the entry after %d files", len(seen))
 			}
 		}
 		if err := ctx.Err(); err != nil {
@@ -171,28 +203,30 @@ func readBundle(ctx context.Context, r io.Reader, o readOptions, s sink) (*Manif
 		}
 		f, err := checkEntry(hdr, want, seen)
 		if err != nil {
-			return nil, "", fmt.Errorf("bundle: %w", err)
+			return nil, "", invalidf("bundle: %w", err)
 		}
 		seen[f.Path] = true
 		hr := &hashReader{r: io.LimitReader(tr, f.Size), h: sha256.New()}
+		// An error here is the stream's or the disk's (ENOSPC), never
+		// the bundle's: what the bytes are is checked below.
 		if err := s.file(f, hr); err != nil {
-			return nil, "", fmt.Errorf("bundle: file %q: %w", f.Path, noEOF(err))
+			return nil, "", streamError(err, "bundle: file %q", f.Path)
 		}
 		// Drain what the sink left so the hash covers every byte.
 		if _, err := io.Copy(io.Discard, hr); err != nil {
-			return nil, "", fmt.Errorf("bundle: file %q: %w", f.Path, noEOF(err))
+			return nil, "", streamError(err, "bundle: file %q", f.Path)
 		}
 		if hr.n != f.Size {
 			return nil, "", fmt.Errorf("bundle: file %q: got %d bytes, manifest says %d (truncated download?)", f.Path, hr.n, f.Size)
 		}
 		if got := hex.EncodeToString(hr.h.Sum(nil)); got != f.SHA256 {
-			return nil, "", fmt.Errorf("bundle: file %q: sha256 %s does not match the manifest's %s (tampered?)", f.Path, got, f.SHA256)
+			return nil, "", invalidf("bundle: file %q: sha256 %s does not match the manifest's %s (tampered?)", f.Path, got, f.SHA256)
 		}
 		hdr = nil
 	}
 	for _, f := range m.Files {
 		if !seen[f.Path] {
-			return nil, "", fmt.Errorf("bundle: file %q is in the manifest but not in the bundle", f.Path)
+			return nil, "", invalidf("bundle: file %q is in the manifest but not in the bundle", f.Path)
 		}
 	}
 	// Read to the end of the gzip stream so that its checksum is checked
@@ -200,10 +234,10 @@ func readBundle(ctx context.Context, r io.Reader, o readOptions, s sink) (*Manif
 	const maxTrailer = 64 << 10 // a writer's padding; anything more is not a bundle
 	n, err := io.Copy(io.Discard, io.LimitReader(lr, maxTrailer+1))
 	if err != nil {
-		return nil, "", fmt.Errorf("bundle: after the last entry: %w (truncated download?)", noEOF(err))
+		return nil, "", streamError(err, "bundle: after the last entry")
 	}
 	if n > maxTrailer {
-		return nil, "", fmt.Errorf("bundle: more than %d bytes of data after the end of the archive (decompression bomb?)", maxTrailer)
+		return nil, "", invalidf("bundle: more than %d bytes of data after the end of the archive (decompression bomb?)", maxTrailer)
 	}
 	return m, keyID, nil
 }
@@ -288,11 +322,11 @@ func checkLimits(m *Manifest, lim Limits) error {
 
 func readSmall(tr *tar.Reader, hdr *tar.Header, max int64) ([]byte, error) {
 	if hdr.Size > max || hdr.Size < 0 {
-		return nil, fmt.Errorf("bundle: %s is %d bytes, more than the limit of %d", hdr.Name, hdr.Size, max)
+		return nil, invalidf("bundle: %s is %d bytes, more than the limit of %d", hdr.Name, hdr.Size, max)
 	}
 	var b bytes.Buffer
 	if _, err := io.CopyN(&b, tr, hdr.Size); err != nil {
-		return nil, fmt.Errorf("bundle: reading %s: %w (truncated download?)", hdr.Name, noEOF(err))
+		return nil, streamError(err, "bundle: reading %s", hdr.Name)
 	}
 	return b.Bytes(), nil
 }
@@ -369,6 +403,8 @@ func (discard) file(File, io.Reader) error               { return nil }
 // Verify reads a whole bundle and checks it against p: signature by a
 // trusted key, cluster, role, version, expiry, limits and every file's size
 // and hash. It writes nothing. It returns the manifest and the signer's id.
+// An *InvalidError is a refusal of the bundle itself; any other error is
+// the stream's and may pass on another read.
 func Verify(ctx context.Context, r io.Reader, p Policy) (*Manifest, string, error) {
 	return readBundle(ctx, r, readOptions{policy: p, requireSig: true, checkPolicy: true}, discard{})
 }

@@ -41,6 +41,10 @@ type Release struct {
 // has been read and checked: on any error nothing is left behind and the
 // current release is untouched. An existing directory of the same version
 // that is not current (an unfinished earlier attempt) is replaced.
+//
+// An *InvalidError means the bundle itself was refused (signature,
+// manifest, policy, entries); any other error (the stream cut short, the
+// disk full) may pass when the same bundle is read again.
 func Unpack(ctx context.Context, r io.Reader, releasesDir string, p Policy) (*Release, error) {
 	return unpack(ctx, r, releasesDir, readOptions{policy: p, requireSig: true, checkPolicy: true})
 }
@@ -83,7 +87,7 @@ func unpack(ctx context.Context, r io.Reader, releasesDir string, o readOptions)
 	}
 	final := filepath.Join(releasesDir, strconv.FormatUint(m.Version, 10))
 	if cur, _, err := Current(releasesDir); err == nil && cur == m.Version {
-		return nil, fmt.Errorf("unpack: version %d is the current release already", m.Version)
+		return nil, invalidf("unpack: version %d is the current release already", m.Version)
 	}
 	if err := os.RemoveAll(final); err != nil {
 		return nil, fmt.Errorf("unpack: removing an unfinished %s: %w", final, err)

@@ -169,6 +169,16 @@ func Sign(k PrivateKey, manifest []byte) []byte {
 // ErrUnsigned means a bundle carries no signature.
 var ErrUnsigned = errors.New("bundle is not signed")
 
+// ErrUntrustedKey means a bundle was signed by a key the reader does not
+// trust (or its signature verifies with none of the trusted keys and names
+// none of them).
+var ErrUntrustedKey = errors.New("signature: not made by any trusted key")
+
+// ErrBadSignature means a bundle names a trusted key as its signer but
+// the signature does not verify with it: the manifest or the signature
+// was changed after signing.
+var ErrBadSignature = errors.New("signature does not verify")
+
 // VerifySignature checks sig (the content of manifest.sig) over the
 // manifest bytes against the trusted keys and returns the id of the key
 // that signed.
@@ -187,11 +197,15 @@ func VerifySignature(keys []PublicKey, manifest, sig []byte) (string, error) {
 		return "", fmt.Errorf("signature %s: not a base64 Ed25519 signature", SignatureName)
 	}
 	msg := signedMessage(manifest)
-	// The key id only picks the key to try first; trust comes from the
-	// signature check, so every trusted key is tried.
-	for _, k := range keys {
-		if k.ID == s.KeyID && ed25519.Verify(k.Key, msg, raw) {
-			return k.ID, nil
+	// The key id only picks the key to try first and words the error;
+	// trust comes from the signature check, so every trusted key is tried.
+	named := -1
+	for i, k := range keys {
+		if k.ID == s.KeyID {
+			named = i
+			if ed25519.Verify(k.Key, msg, raw) {
+				return k.ID, nil
+			}
 		}
 	}
 	for _, k := range keys {
@@ -199,7 +213,10 @@ func VerifySignature(keys []PublicKey, manifest, sig []byte) (string, error) {
 			return k.ID, nil
 		}
 	}
-	return "", fmt.Errorf("signature: not made by any trusted key (signed as key id %q; trusted: %s)", s.KeyID, keyIDs(keys))
+	if named >= 0 {
+		return "", fmt.Errorf("%w with key %s: the bundle was changed after signing (its %s or %s); build and sign it again", ErrBadSignature, keys[named].ID, ManifestName, SignatureName)
+	}
+	return "", fmt.Errorf("%w: signed with key %q; the trusted keys are %s (sign with one of them, or add the signer's public key to the trusted ones)", ErrUntrustedKey, s.KeyID, keyIDs(keys))
 }
 
 func keyIDs(keys []PublicKey) string {
