@@ -1,6 +1,3 @@
-// Package agent is the machine agent: it reads its boot config, supervises
-// the declared services through internal/supervise, and answers the local
-// API on a root-only Unix socket.
 package agent
 
 import (

@@ -209,7 +209,6 @@ func (p *puller) run(ctx context.Context) {
 			}
 			continue
 		}
-		backoff = 0
 		retry, err := p.install(ctx, f)
 		f.Body.Close()
 		var stale *bundle.StaleError
@@ -220,11 +219,12 @@ func (p *puller) run(ctx context.Context) {
 		}
 		// The tag is kept when the bundle was refused for what it is: the
 		// same bytes would be refused again, so only a new publish is worth
-		// a fetch. A failure that may pass is tried again after a pause.
+		// a fetch. A failure that may pass (a cut download, a full disk, an
+		// artifact store away) is tried again after a pause, and so is a
+		// refused bundle whose store gives no tag to wait on.
 		etag = f.ETag
 		if err != nil && retry {
 			etag = ""
-			backoff = nextBackoff(backoff)
 		}
 		p.onStatus(func(bs *BundleStatus) {
 			bs.LastPull, bs.LastError = now, ""
@@ -232,15 +232,24 @@ func (p *puller) run(ctx context.Context) {
 				bs.LastError = err.Error()
 			}
 		})
-		if err != nil && ctx.Err() == nil {
-			p.log.Error("bundle refused; running the last good release", "err", err)
-			if retry {
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(backoff):
-				}
-			}
+		if err == nil || ctx.Err() != nil {
+			backoff = 0
+			continue
+		}
+		if !retry && etag != "" {
+			backoff = 0
+			p.log.Error("bundle refused; running the last good release until a new one is published", "err", err)
+			continue
+		}
+		// One backoff for pulls and installs: it grows while fetches
+		// succeed and installs fail, so a store that cuts every download
+		// is not asked for the whole bundle four times a second.
+		backoff = nextBackoff(backoff)
+		p.log.Warn("bundle not installed; running the last good release", "err", err, "retry_in", backoff.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
 		}
 	}
 }
@@ -263,8 +272,10 @@ func nextBackoff(d time.Duration) time.Duration {
 
 // install takes one fetched bundle to the running release, or refuses it
 // and leaves the machine as it was. retry says whether the same bundle is
-// worth fetching again (a failed artifact download may pass later; a bad
-// signature will not).
+// worth fetching again: a download cut short, a full disk or a failed
+// artifact download may pass later; a bad signature, a manifest or policy
+// refusal (bundle.InvalidError) or a release that ran and was rolled back
+// will not.
 func (p *puller) install(ctx context.Context, f *bundle.Fetched) (retry bool, err error) {
 	st, err := p.loadState()
 	if err != nil {
@@ -278,7 +289,8 @@ func (p *puller) install(ctx context.Context, f *bundle.Fetched) (retry bool, er
 		Keys: p.keys, Cluster: p.src.Cluster, Role: p.src.Role, After: after,
 	})
 	if err != nil {
-		return false, fmt.Errorf("bundle from %s: %w", p.src.Store, err)
+		var invalid *bundle.InvalidError
+		return !errors.As(err, &invalid), fmt.Errorf("bundle from %s: %w", p.src.Store, err)
 	}
 	p.log.Info("bundle verified", "version", rel.Version, "key", rel.KeyID)
 	pl, err := p.prepare(ctx, rel)
