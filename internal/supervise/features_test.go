@@ -64,7 +64,7 @@ func TestReadinessTimeout(t *testing.T) {
 	spec := Spec{
 		Name: "deaf", Command: "/bin/sleep", Args: []string{"1000"},
 		Restart: RestartNever,
-		Ready:   &Readiness{TCP: "127.0.0.1:" + port, Timeout: 300 * time.Millisecond, Interval: 20 * time.Millisecond},
+		Ready:   &Readiness{TCP: "127.0.0.1:" + port, Timeout: time.Second, Interval: 20 * time.Millisecond},
 	}
 	if err := sup.Apply(ctx, []Spec{spec}); err != nil {
 		t.Fatal(err)
@@ -74,7 +74,7 @@ func TestReadinessTimeout(t *testing.T) {
 		st = statusOf(t, sup, "deaf")
 		return st.State == StateFailed
 	})
-	want := "readiness: timeout after 300ms: tcp 127.0.0.1:" + port + ": connection refused"
+	want := "readiness: timeout after 1s: tcp 127.0.0.1:" + port + ": connection refused"
 	if st.LastError != want || st.Processes != 0 {
 		t.Fatalf("status %+v, want last error %q and no process", st, want)
 	}

@@ -41,6 +41,8 @@ type agentConfig struct {
 	StatusFile   string // where it writes its Status, refreshed continuously
 	// StatusEvery is how often the status file is refreshed (default 20ms).
 	StatusEvery time.Duration
+	// Once: shut down and exit as soon as every service is ready.
+	Once bool
 }
 
 // testAgentMain is a minimal agent: Apply the specs, publish Status to a
@@ -66,6 +68,22 @@ func testAgentMain(path string) int {
 	}
 	if err := sup.Apply(ctx, cfg.Specs); err != nil {
 		fmt.Fprintln(os.Stderr, "apply:", err)
+	}
+	if cfg.Once {
+		var names []string
+		for _, sp := range cfg.Specs {
+			names = append(names, sp.Name)
+		}
+		err := sup.WaitReady(ctx, names...)
+		if err == nil {
+			err = sup.Shutdown(ctx)
+		}
+		sup.Close()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		return 0
 	}
 	if cfg.StatusEvery == 0 {
 		cfg.StatusEvery = 20 * time.Millisecond

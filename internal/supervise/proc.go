@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 // procStat is what steppe reads of /proc/PID/stat.
@@ -185,14 +187,13 @@ func readRecord(dir string) (record, error) {
 	return r, nil
 }
 
-// writeRecordData replaces the record atomically (temp file + rename), so an
-// agent killed mid-write leaves the old record or the new one, never half.
+// writeRecordData replaces the record atomically and durably
+// (atomicfile: temp file, fsync, rename, fsync of the directory), so an
+// agent killed mid-write, or a machine that loses power, leaves the old
+// record or the new one, never half, and never the old one after a start
+// that was answered.
 func writeRecordData(dir string, data []byte) error {
-	tmp := filepath.Join(dir, ".record.json.tmp")
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("write record: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, "record.json")); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, "record.json"), data, 0o600); err != nil {
 		return fmt.Errorf("write record: %w", err)
 	}
 	return nil

@@ -1,0 +1,84 @@
+package supervise
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/steppe/steppe/internal/testenv"
+)
+
+// The record is written durably: the temporary file is synced before it
+// is renamed over record.json, and the directory after, so a power loss
+// cannot leave an empty record or lose a rename (as a plain write and
+// rename can). Seen with strace on a real agent.
+func TestRecordWrittenDurably(t *testing.T) {
+	strace, err := exec.LookPath("strace")
+	if err != nil {
+		testenv.Lacks(t, "strace not installed (apt-get install strace): %v", err)
+	}
+	opts := testOptions(t)
+	dir := t.TempDir()
+	cfg := agentConfig{StateDir: opts.StateDir, CgroupParent: opts.CgroupParent, Once: true,
+		Specs: []Spec{{Name: "rec", Command: "/bin/sleep", Args: []string{"1000"}}}, StatusFile: filepath.Join(dir, "status.json")}
+	b, _ := json.Marshal(cfg)
+	path := filepath.Join(dir, "agent.json")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	trace := filepath.Join(dir, "trace")
+	exe, _ := os.Executable()
+	cmd := exec.Command(strace, "-f", "-qq", "-y", "-s", "256", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", "-o", trace, exe, "-test.run=^$")
+	cmd.Env = append(os.Environ(), "STEPPE_TEST_AGENT="+path)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("agent under strace: %v\n%s", err, out)
+	}
+	data, err := os.ReadFile(trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svcDir := filepath.Join(opts.StateDir, "rec")
+	record := filepath.Join(svcDir, "record.json")
+	// Every rename onto record.json: its source synced before, the
+	// directory synced after.
+	rename := regexp.MustCompile(`rename(?:at2?)?\((?:[^,]+, )?"([^"]+)", (?:[^,]+, )?"([^"]+)"`)
+	fsync := regexp.MustCompile(`f(?:data)?sync\(\d+<([^>]+)>\) = 0`)
+	renames := 0
+	var synced []string // paths fsynced so far
+	lines := strings.Split(string(data), "\n")
+	for i, line := range lines {
+		if m := fsync.FindStringSubmatch(line); m != nil {
+			synced = append(synced, m[1])
+			continue
+		}
+		m := rename.FindStringSubmatch(line)
+		if m == nil || m[2] != record || !strings.HasSuffix(line, "= 0") {
+			continue
+		}
+		renames++
+		if !slices.Contains(synced, m[1]) {
+			t.Errorf("%s renamed over the record without an fsync first:\n%s", m[1], strings.Join(lines[max(0, i-5):i+1], "\n"))
+		}
+		dirSynced := false
+		for _, next := range lines[i+1:] {
+			if strings.Contains(next, "fsync(") && strings.Contains(next, "<"+svcDir+">") {
+				dirSynced = true
+				break
+			}
+			if rename.MatchString(next) {
+				break
+			}
+		}
+		if !dirSynced {
+			t.Errorf("the rename of %s is not followed by an fsync of %s", m[1], svcDir)
+		}
+	}
+	if renames == 0 {
+		t.Fatalf("no record written under strace:\n%s", data)
+	}
+}
