@@ -244,6 +244,7 @@ func TestUpStatusEnvDown(t *testing.T) {
 	env := c.envMap()
 	c.checkRefusals(env)
 	allocs := c.runWebJob(env)
+	c.checkDNS()
 
 	// status: 3 servers, one leader, 2 clients, every agent on release 1.
 	st := c.status()
@@ -313,6 +314,7 @@ func TestUpStatusEnvDown(t *testing.T) {
 	}
 
 	c.scanSecrets()
+	c.checkNoCallsOut()
 
 	// down: no process, cgroup, mount, socket or file of the cluster left.
 	outDown, err := c.steppe(5*time.Minute, "down", "-state", c.state)
@@ -363,9 +365,19 @@ func (c *upCluster) checkRefusals(env map[string]string) {
 	if err == nil || !strings.Contains(out, "403") {
 		t.Errorf("consul write without a token: %v, want 403:\n%s", err, out)
 	}
+	// The anonymous token reads the catalog (Consul 1.14's DNS answers
+	// through it) and nothing else: no KV, no ACLs, no agent endpoints.
 	out, err = c.sh("unset CONSUL_HTTP_TOKEN; consul catalog nodes")
-	if strings.Contains(out, "e2eup-") {
-		t.Errorf("consul without a token lists nodes: %v\n%s", err, out)
+	if err != nil || !strings.Contains(out, "e2eup-server-1") {
+		t.Errorf("consul without a token cannot read the catalog that DNS answers from: %v\n%s", err, out)
+	}
+	for _, cmd := range []string{"consul kv get -recurse", "consul acl token list"} {
+		if out, err := c.sh("unset CONSUL_HTTP_TOKEN; " + cmd); err == nil || !strings.Contains(out, "403") {
+			t.Errorf("%s without a token: %v, want 403:\n%s", cmd, err, out)
+		}
+	}
+	if out, _ := c.sh("unset CONSUL_HTTP_TOKEN; consul members"); strings.Contains(out, "e2eup-") {
+		t.Errorf("consul members without a token lists agents:\n%s", out)
 	}
 	hc := &http.Client{Timeout: 5 * time.Second}
 	for _, u := range []string{"http://" + c.addrs[0] + ":4646/v1/agent/self", "http://" + c.addrs[0] + ":8500/v1/agent/self", "http://" + c.addrs[0] + ":8501/v1/agent/self"} {
@@ -396,7 +408,10 @@ func (c *upCluster) checkRefusals(env map[string]string) {
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(ca)
-	for _, port := range []int{4646, 8501} {
+	// Consul's HTTPS demands a client certificate of the cluster's CA;
+	// Nomad's asks for none (verify_https_client = false: a browser opens
+	// the UI, a token authorises), and its RPC keeps mutual TLS.
+	for _, port := range []int{8501} {
 		addr := net.JoinHostPort(c.addrs[0], strconv.Itoa(port))
 		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{foreign}, ServerName: c.addrs[0]})
 		if err == nil {
@@ -630,6 +645,86 @@ func (c *upCluster) scanSecrets() {
 		t.Errorf("state dir: %v %v, want mode 0700", fi.Mode(), err)
 	}
 	t.Logf("secret scan: %d files (%d bundles) clean of %d secrets and any private key", scanned, bundles, len(secrets))
+}
+
+// checkDNS asks every machine's Consul DNS, with the real dig, for the web
+// job's 2 passing instances (A and SRV) and for a service that does not
+// exist (NXDOMAIN). With ACLs default-deny, Consul 1.14 answers NXDOMAIN
+// for everything unless the anonymous token may read services and nodes.
+func (c *upCluster) checkDNS() {
+	t := c.t
+	dig, err := exec.LookPath("dig")
+	if err != nil {
+		testenv.Lacks(t, "dig is not installed (apt-get install dnsutils)")
+	}
+	for _, addr := range c.addrs {
+		q := func(args ...string) string {
+			out, err := exec.Command(dig, append([]string{"@" + addr, "-p", strconv.Itoa(cluster.ConsulDNSPort), "+time=2", "+tries=2"}, args...)...).CombinedOutput()
+			if err != nil {
+				t.Fatalf("dig %v at %s: %v\n%s", args, addr, err, out)
+			}
+			return string(out)
+		}
+		var a, srv []string
+		waitUntil(t, "2 web instances in DNS at "+addr, time.Minute, func() bool {
+			a = strings.Fields(q("+short", "web.service.consul", "A"))
+			srv = strings.Split(strings.TrimSpace(q("+short", "web.service.consul", "SRV")), "\n")
+			return len(a) == 2 && len(srv) == 2
+		})
+		if a[0] == a[1] {
+			t.Errorf("DNS at %s: both instances at %s", addr, a[0])
+		}
+		for _, line := range srv {
+			if f := strings.Fields(line); len(f) != 4 || f[2] == "0" {
+				t.Errorf("DNS at %s: SRV record %q has no port", addr, line)
+			}
+		}
+		if out := q("nosuch.service.consul", "A"); !strings.Contains(out, "status: NXDOMAIN") {
+			t.Errorf("DNS at %s: a service that does not exist:\n%s", addr, out)
+		}
+	}
+	t.Logf("DNS: every machine answers web.service.consul with 2 A and 2 SRV records, NXDOMAIN for others")
+}
+
+// checkNoCallsOut reads every daemon's and agent's log of the cluster: none
+// may mention a cloud metadata service or HashiCorp's checkpoint service
+// (DESIGN: decision 11). Nomad's env_aws fingerprinter, for one, logs
+// "falling back to IMDSv1" or "EC2 IMDS" when it is not denied.
+func (c *upCluster) checkNoCallsOut() {
+	t := c.t
+	marks := []string{"imds", "metadata service", "metadata.google", "169.254.169.254", "checkpoint", "azure", "digitalocean", "env_aws", "env_gce"}
+	logs := 0
+	err := filepath.WalkDir(c.state, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		base := d.Name()
+		if base != "log" && !strings.HasPrefix(base, "log.") && !strings.HasSuffix(base, ".log") {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		logs++
+		rel, _ := filepath.Rel(c.state, p)
+		for line := range strings.Lines(string(b)) {
+			low := strings.ToLower(line)
+			for _, m := range marks {
+				if strings.Contains(low, m) {
+					t.Errorf("%s mentions %q: %s", rel, m, strings.TrimSpace(line))
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if logs < 10 { // 5 agents, 5 Consuls, 5 Nomads
+		t.Errorf("read only %d logs", logs)
+	}
+	t.Logf("call-out scan: %d logs mention no metadata or checkpoint service", logs)
 }
 
 // checkNothingLeft after down: no process naming the state dir, no cgroup

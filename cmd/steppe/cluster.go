@@ -170,9 +170,9 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	fmt.Fprintln(tw, "CLIENT\tADDRESS\tSTATUS\tELIGIBLE\tDRAIN\tNOMAD")
+	fmt.Fprintln(tw, "CLIENT\tADDRESS\tPOOL\tSTATUS\tELIGIBLE\tDRAIN\tNOMAD")
 	for _, c := range st.Clients {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%v\t%s\n", c.Name, c.Address, c.Status, c.Eligible, c.Drain, c.Version)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%v\t%s\n", c.Name, c.Address, c.Pool, c.Status, c.Eligible, c.Drain, c.Version)
 	}
 	tw.Flush()
 	fmt.Fprintln(w)

@@ -21,6 +21,7 @@ func TokenNomadConsul(machine string) string { return "consul/nomad/" + machine 
 const (
 	PolicyNomadServer = "steppe-nomad-server"
 	PolicyNomadClient = "steppe-nomad-client"
+	PolicyDNS         = "steppe-dns"
 )
 
 // ConsulPolicy is a Consul ACL policy.
@@ -46,22 +47,40 @@ type ConsulToken struct {
 type ConsulACLPlan struct {
 	Policies []ConsulPolicy
 	Tokens   []ConsulToken
+	// Anonymous are the policies of Consul's anonymous token, which
+	// answers every request that carries no token, DNS queries included.
+	Anonymous []string
 }
 
 // Policies from Nomad's "Integrate Consul ACL" guide, narrowed: agents
 // read what they discover, clients write only services (registration of
-// workloads), servers also manage ACLs and mesh config entries (service
-// identity tokens, Connect).
+// workloads), servers also write mesh config entries (Connect gateways).
+// No acl = "write": with workload identity (DESIGN: decision 13) Consul
+// mints the workloads' tokens through its auth method, and only the
+// deprecated service-identity-token flow needed Nomad servers to manage
+// ACLs.
 const (
 	nomadServerRules = `agent_prefix "" { policy = "read" }
 node_prefix "" { policy = "read" }
 service_prefix "" { policy = "write" }
-acl = "write"
 mesh = "write"
 `
 	nomadClientRules = `agent_prefix "" { policy = "read" }
 node_prefix "" { policy = "read" }
 service_prefix "" { policy = "write" }
+`
+	// dnsRules are what Consul's DNS interface needs and nothing else:
+	// HashiCorp's guidance before Consul 1.17 (which adds acl.tokens.dns)
+	// is a DNS-read policy on the anonymous or the default token. steppe
+	// gives it to the anonymous token (see DESIGN: decision 12): one
+	// cluster-wide place, no token in any machine's files. Over HTTPS the
+	// same reads (catalog services and nodes, prepared queries) are then
+	// open to any client holding a certificate of the cluster's CA, which
+	// the HTTPS API demands; nothing is writable and no KV, ACL or agent
+	// endpoint opens.
+	dnsRules = `node_prefix "" { policy = "read" }
+service_prefix "" { policy = "read" }
+query_prefix "" { policy = "read" }
 `
 )
 
@@ -72,7 +91,8 @@ func ConsulACL(spec *Spec, st *State, ms []Machine) (*ConsulACLPlan, error) {
 	p := &ConsulACLPlan{Policies: []ConsulPolicy{
 		{Name: PolicyNomadServer, Description: "steppe: Nomad servers", Rules: nomadServerRules},
 		{Name: PolicyNomadClient, Description: "steppe: Nomad clients", Rules: nomadClientRules},
-	}}
+		{Name: PolicyDNS, Description: "steppe: DNS (read services, nodes and prepared queries)", Rules: dnsRules},
+	}, Anonymous: []string{PolicyDNS}}
 	tok := func(name, desc string, policies []string, node string) error {
 		s, err := st.Token(name)
 		if err != nil {

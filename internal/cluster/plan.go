@@ -296,6 +296,25 @@ func DeniedFingerprinters(provider string) []string {
 	return deny
 }
 
+// consulTelemetry exposes Prometheus metrics at /v1/agent/metrics
+// (?format=prometheus) for a token with agent read; the hostname stays out
+// of metric names, as Prometheus labels the instance.
+func consulTelemetry() map[string]any {
+	return map[string]any{"prometheus_retention_time": "60s", "disable_hostname": true}
+}
+
+// nomadTelemetry exposes Prometheus metrics at /v1/metrics
+// (?format=prometheus), with allocation and node metrics.
+func nomadTelemetry() map[string]any {
+	return map[string]any{
+		"prometheus_metrics":         true,
+		"publish_allocation_metrics": true,
+		"publish_node_metrics":       true,
+		"disable_hostname":           true,
+		"collection_interval":        "10s",
+	}
+}
+
 // joinRetryInterval replaces the daemons' default of 30 s: machines start
 // together, and an agent whose first join raced the servers' start would
 // otherwise sit out half a minute.
@@ -351,10 +370,17 @@ func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
 		},
 		"encrypt_verify_incoming": true,
 		"encrypt_verify_outgoing": true,
+		// The UI on the HTTPS port, behind ACLs like the API.
+		"ui_config": map[string]any{"enabled": true},
+		"telemetry": consulTelemetry(),
 	}
 	if role == RoleServer {
 		c["server"] = true
 		c["bootstrap_expect"] = spec.Servers.Count
+		// A dead server stays a failed voter until it comes back or is
+		// replaced on purpose: autopilot never shrinks raft below the
+		// server count (losing a server is not shrinking the cluster).
+		c["autopilot"] = map[string]any{"min_quorum": spec.Servers.Count}
 		// HashiCorp's production recommendation (the default, 5, is
 		// tuned for tiny VMs): leaders elected and failures detected
 		// five times sooner.
@@ -390,9 +416,14 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 			"http":                   true,
 			"rpc":                    true,
 			"verify_server_hostname": true,
-			"verify_https_client":    true,
+			// HashiCorp's recommendation with ACLs on: the HTTPS API (and
+			// the UI a browser opens) needs no client certificate, a token
+			// authorises each request; RPC keeps mutual TLS. It also lets
+			// Consul's auth method fetch Nomad's JWKS URL.
+			"verify_https_client": false,
 		},
-		"acl": map[string]any{"enabled": true},
+		"acl":       map[string]any{"enabled": true},
+		"telemetry": nomadTelemetry(),
 		"consul": map[string]any{
 			"address":          factAddress + fmt.Sprintf(":%d", ConsulHTTPSPort),
 			"ssl":              true,
@@ -419,6 +450,8 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 			"bootstrap_expect": spec.Servers.Count,
 			"server_join":      map[string]any{"retry_join": join, "retry_interval": joinRetryInterval},
 		}
+		// As for Consul: a dead server stays a failed voter.
+		c["autopilot"] = map[string]any{"min_quorum": spec.Servers.Count}
 	} else {
 		meta := map[string]string{}
 		for k, v := range pool.Meta {
@@ -427,8 +460,10 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 		client := map[string]any{
 			"enabled":     true,
 			"server_join": map[string]any{"retry_join": rpcJoin, "retry_interval": joinRetryInterval},
-			"node_pool":   "default",
-			"meta":        meta,
+			// steppe's pool is the client's Nomad node pool, so that a job
+			// can target it (node_pool in the job).
+			"node_pool": pool.Name,
+			"meta":      meta,
 			// Tasks listen on the client's own address, not on 127.0.0.1
 			// that every local machine shares (DESIGN: facts): the local
 			// provider gives each client an interface holding only its
@@ -499,6 +534,14 @@ func MachineSecrets(spec *Spec, st *State, m Machine, secretsDir string) (map[st
 	}
 	if m.Role == RoleServer {
 		nomad["server"] = map[string]any{"encrypt": st.NomadGossipKey().Reveal()}
+		// The management token exists before Consul does: its leader
+		// creates it when it sets up ACLs, so no bootstrap call can be
+		// lost to a crash (hashi.BootstrapConsulACL only waits for it).
+		mgmt, err := st.Token(TokenConsulBootstrap)
+		if err != nil {
+			return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+		}
+		consul["acl"].(map[string]any)["tokens"].(map[string]any)["initial_management"] = mgmt.Reveal()
 	}
 	cj, err := json.MarshalIndent(consul, "", "  ")
 	if err != nil {

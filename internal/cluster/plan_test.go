@@ -118,6 +118,21 @@ pool "batch" {}
 		t.Fatalf("nomad server config %v", nomad)
 	}
 
+	// Day one: the UIs, Prometheus metrics, and a dead server that stays a
+	// voter.
+	if fmt.Sprint(consul["ui_config"]) != "map[enabled:true]" || consul["telemetry"].(map[string]any)["prometheus_retention_time"] == nil {
+		t.Fatalf("consul ui/telemetry: %v %v", consul["ui_config"], consul["telemetry"])
+	}
+	if consul["autopilot"].(map[string]any)["min_quorum"] != 3.0 || nomad["autopilot"].(map[string]any)["min_quorum"] != 3.0 {
+		t.Fatalf("autopilot min_quorum: consul %v nomad %v", consul["autopilot"], nomad["autopilot"])
+	}
+	if tel := nomad["telemetry"].(map[string]any); tel["prometheus_metrics"] != true || tel["publish_allocation_metrics"] != true || tel["publish_node_metrics"] != true {
+		t.Fatalf("nomad telemetry %v", tel)
+	}
+	if nomad["tls"].(map[string]any)["verify_https_client"] != false {
+		t.Fatalf("nomad HTTPS demands client certificates: %v", nomad["tls"])
+	}
+
 	nc := nomad["consul"].(map[string]any)
 	if nc["ssl"] != true || nc["verify_ssl"] != true || nc["service_identity"] == nil || nc["task_identity"] == nil {
 		t.Fatalf("nomad server consul block %v", nc)
@@ -129,7 +144,7 @@ pool "batch" {}
 		t.Fatal(err)
 	}
 	cl := nomad["client"].(map[string]any)
-	if cl["node_class"] != "web" || cl["meta"].(map[string]any)["rack"] != "r{{1}}" {
+	if cl["node_class"] != "web" || cl["node_pool"] != "web" || cl["meta"].(map[string]any)["rack"] != "r{{1}}" {
 		t.Fatalf("client config %v (meta must survive rendering verbatim)", cl)
 	}
 	if fmt.Sprint(cl["server_join"].(map[string]any)["retry_join"]) != "[127.0.0.11:4647 127.0.0.12:4647 127.0.0.13:4647]" {

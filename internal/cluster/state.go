@@ -428,7 +428,10 @@ func (s *State) OperatorCert() (*KeyPair, error) {
 // NodeCertRequest is what the certificate of machine m names: the names
 // Consul and Nomad verify with verify_server_hostname (server.<dc>.consul,
 // server.<region>.nomad, client.<region>.nomad), the conventional
-// client.<dc>.consul, localhost, the machine's name and its address.
+// client.<dc>.consul, the machine's name and its own address. Not
+// localhost or 127.0.0.1: on the local provider every machine shares them,
+// so a certificate naming them would let any machine's key pass for any
+// other's there; every daemon is reached on its machine's own address.
 func NodeCertRequest(spec *Spec, m Machine) CertRequest {
 	r := CertRequest{CommonName: m.Name, Server: true}
 	if m.Role == RoleServer {
@@ -436,13 +439,12 @@ func NodeCertRequest(spec *Spec, m Machine) CertRequest {
 	} else {
 		r.DNSNames = []string{"client." + spec.Datacenter + ".consul", "client." + spec.Region + ".nomad"}
 	}
-	r.DNSNames = append(r.DNSNames, "localhost", m.Name)
-	r.IPs = []net.IP{net.IPv4(127, 0, 0, 1).To4()}
-	if ip := net.ParseIP(m.Address); ip != nil && !ip.Equal(r.IPs[0]) {
+	r.DNSNames = append(r.DNSNames, m.Name)
+	if ip := net.ParseIP(m.Address); ip != nil {
 		if v4 := ip.To4(); v4 != nil {
 			ip = v4
 		}
-		r.IPs = append(r.IPs, ip)
+		r.IPs = []net.IP{ip}
 	}
 	return r
 }

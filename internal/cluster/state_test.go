@@ -205,11 +205,11 @@ func TestNodeCertificates(t *testing.T) {
 		notNames []string
 	}{
 		{Machine{Name: "steppe-server-1", Role: RoleServer, Address: "127.0.0.11"},
-			[]string{"server.fra1.consul", "server.eu.nomad", "localhost", "steppe-server-1", "127.0.0.11", "127.0.0.1"},
-			[]string{"client.eu.nomad", "server.dc1.consul"}},
+			[]string{"server.fra1.consul", "server.eu.nomad", "steppe-server-1", "127.0.0.11"},
+			[]string{"client.eu.nomad", "server.dc1.consul", "localhost", "127.0.0.1", "127.0.0.14"}},
 		{Machine{Name: "steppe-default-1", Role: RoleClient, Pool: "default", Address: "127.0.0.14"},
-			[]string{"client.eu.nomad", "client.fra1.consul", "localhost", "127.0.0.14"},
-			[]string{"server.eu.nomad", "server.fra1.consul"}},
+			[]string{"client.eu.nomad", "client.fra1.consul", "steppe-default-1", "127.0.0.14"},
+			[]string{"server.eu.nomad", "server.fra1.consul", "localhost", "127.0.0.1", "127.0.0.11"}},
 	}
 	for _, c := range cases {
 		kp, err := st.NodeCert(spec, c.m)

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -60,6 +62,7 @@ type ClientStatus struct {
 	Drain    bool   `json:"drain"`
 	Version  string `json:"nomad_version"`
 	Class    string `json:"node_class,omitempty"`
+	Pool     string `json:"node_pool"`
 }
 
 // ConsulMember is one agent of Consul's LAN pool.
@@ -309,7 +312,7 @@ func nomadStatus(ctx context.Context, s *Status, st *cluster.State, files hashi.
 		s.Clients = nil
 		for _, n := range nodes {
 			s.Clients = append(s.Clients, ClientStatus{Name: n.Name, Address: n.Address, Status: n.Status,
-				Eligible: n.SchedulingEligibility == "eligible", Drain: n.Drain, Version: n.Version, Class: n.NodeClass})
+				Eligible: n.SchedulingEligibility == "eligible", Drain: n.Drain, Version: n.Version, Class: n.NodeClass, Pool: n.NodePool})
 		}
 		slices.SortFunc(s.Clients, func(a, b ClientStatus) int { return strings.Compare(a.Name, b.Name) })
 		return nil
@@ -370,8 +373,25 @@ func Env(ctx context.Context, opts Options) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	addr := servers[0]
-	return cluster.CLIEnv(st, fmt.Sprintf("%s:%d", addr, cluster.ConsulHTTPSPort), fmt.Sprintf("%s:%d", addr, cluster.NomadHTTPPort))
+	return cluster.CLIEnv(st, answering(ctx, servers, cluster.ConsulHTTPSPort), answering(ctx, servers, cluster.NomadHTTPPort))
+}
+
+// answering is host:port of the first server that accepts a connection on
+// port, so that the CLIs do not point at a dead server; the first server
+// when none does (the CLIs then say what is wrong).
+func answering(ctx context.Context, servers []string, port int) string {
+	var d net.Dialer
+	for _, s := range servers {
+		addr := net.JoinHostPort(s, strconv.Itoa(port))
+		dctx, cancel := context.WithTimeout(ctx, time.Second)
+		c, err := d.DialContext(dctx, "tcp", addr)
+		cancel()
+		if err == nil {
+			c.Close()
+			return addr
+		}
+	}
+	return net.JoinHostPort(servers[0], strconv.Itoa(port))
 }
 
 // CLIBinDir returns a directory holding the cluster's own nomad and consul

@@ -473,12 +473,19 @@ func (u *upRun) nomadACL(ctx context.Context) error {
 	if _, err := hashi.WaitNomadHealthy(ctx, u.nomad, len(srv)); err != nil {
 		return fmt.Errorf("%w\n%s", err, serviceLogs(u.serverMachines(), "nomad", 10))
 	}
+	var pools []string
+	for _, p := range u.spec.Pools {
+		pools = append(pools, p.Name)
+	}
+	if err := hashi.EnsureNodePools(ctx, u.nomad, pools); err != nil {
+		return err
+	}
 	u.printf("    leader %s; %d healthy voting servers; ACLs bootstrapped", u.leader, len(srv))
 	return nil
 }
 
 func (u *upRun) workloadIdentity(ctx context.Context) error {
-	if err := hashi.SetupConsulWorkloadIdentity(ctx, u.consul, u.nomad, []string{"default"}); err != nil {
+	if err := hashi.SetupConsulWorkloadIdentity(ctx, u.consul, u.nomad, u.st.CACertPEM(), []string{"default"}); err != nil {
 		return err
 	}
 	u.printf("    Consul trusts Nomad's workload identities (auth method %s)", hashi.ConsulAuthMethod)

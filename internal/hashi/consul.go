@@ -25,13 +25,6 @@ type TLSFiles struct {
 	KeyFile  string
 }
 
-// TokenStore keeps tokens that steppe learns from a daemon (Consul's
-// bootstrap token). *cluster.State is one.
-type TokenStore interface {
-	LookupToken(name string) (cluster.Secret, bool)
-	SetToken(name string, v cluster.Secret) error
-}
-
 // ConsulClient is a Consul API client for the HTTPS address addr
 // ("127.0.0.11:8501"), authenticating with the given client certificate
 // and token ("" for none).
@@ -113,42 +106,41 @@ func waitLeader(ctx context.Context, product string, leader func() (string, erro
 	return addr, err
 }
 
-// BootstrapConsulACL bootstraps Consul's ACL system and keeps the
-// management token in store under cluster.TokenConsulBootstrap. When store
-// already has it, it only checks that Consul accepts it: idempotent. A
-// Consul bootstrapped by someone else is an error that says so.
+// BootstrapConsulACL waits until Consul accepts its initial management
+// token and returns it. steppe chose the token before the servers started
+// (cluster.TokenConsulBootstrap in the state directory, given to the
+// servers as acl.tokens.initial_management), and Consul's leader creates
+// it when it first sets up ACLs: no API call bootstraps anything, so a
+// crash at any point of `up` loses no token. Idempotent.
 //
-// Consul 1.14 cannot be handed a chosen bootstrap secret (the API takes
-// none), so the token is learned from Consul and stored at once.
-func BootstrapConsulACL(ctx context.Context, c *consulapi.Client, store TokenStore) (cluster.Secret, error) {
-	if tok, ok := store.LookupToken(cluster.TokenConsulBootstrap); ok {
-		err := poll(ctx, "check the stored Consul management token", func() (bool, error) {
-			_, _, err := c.ACL().TokenReadSelf((&consulapi.QueryOptions{Token: tok.Reveal()}).WithContext(ctx))
-			if code := statusCode(err); code == http.StatusForbidden || code == http.StatusUnauthorized {
-				return false, permanent(fmt.Errorf("consul refuses the management token in the state directory: %w", err))
-			}
-			return err == nil, err
-		})
-		return tok, err
-	}
-	var tok cluster.Secret
-	err := poll(ctx, "bootstrap Consul ACLs", func() (bool, error) {
-		t, _, err := c.ACL().Bootstrap()
-		if err != nil {
-			if strings.Contains(err.Error(), "ACL bootstrap no longer allowed") {
-				return false, permanent(errors.New("consul's ACLs were bootstrapped outside steppe and the state directory has no management token (reset with Consul's acl-bootstrap-reset procedure, then run again)"))
-			}
-			// No leader yet, or ACLs still initialising: retry.
-			return false, err
-		}
-		tok = cluster.Secret(t.SecretID)
-		return true, nil
-	})
+// A Consul whose ACLs were set up without that token (bootstrapped outside
+// steppe, or servers given another state directory's secrets) is an error
+// that says so: its leader creates the initial management token before the
+// anonymous token, so an anonymous token that resolves while the stored one
+// does not means the stored one will never be accepted.
+func BootstrapConsulACL(ctx context.Context, c *consulapi.Client, src SecretSource) (cluster.Secret, error) {
+	tok, err := src.Token(cluster.TokenConsulBootstrap)
 	if err != nil {
 		return "", err
 	}
-	if err := store.SetToken(cluster.TokenConsulBootstrap, tok); err != nil {
-		return "", fmt.Errorf("keep the Consul management token: %w", err)
+	err = poll(ctx, "wait until Consul accepts its initial management token", func() (bool, error) {
+		self, _, err := c.ACL().TokenReadSelf((&consulapi.QueryOptions{Token: tok.Reveal()}).WithContext(ctx))
+		if err == nil {
+			if !slices.ContainsFunc(self.Policies, func(p *consulapi.ACLTokenPolicyLink) bool { return p.Name == "global-management" }) {
+				return false, permanent(errors.New("the state directory's Consul management token is not a management token"))
+			}
+			return true, nil
+		}
+		if code := statusCode(err); code != http.StatusForbidden && code != http.StatusUnauthorized {
+			return false, err // no leader yet: retry
+		}
+		if _, _, aerr := c.ACL().TokenReadSelf((&consulapi.QueryOptions{}).WithContext(ctx)); aerr == nil {
+			return false, permanent(fmt.Errorf("consul's ACLs were bootstrapped outside steppe: they refuse the state directory's management token (%v) that its servers were given as acl.tokens.initial_management; use the state directory that made this cluster, or reset with Consul's acl-bootstrap-reset procedure", err))
+		}
+		return false, err // ACLs not set up yet
+	})
+	if err != nil {
+		return "", err
 	}
 	return tok, nil
 }
@@ -207,6 +199,34 @@ func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.Cons
 		if _, _, err := acl.TokenUpdate(want, wo); err != nil {
 			return fmt.Errorf("update consul token %s: %w", t.Name, err)
 		}
+	}
+	return applyAnonymous(ctx, acl, plan.Anonymous)
+}
+
+// consulAnonymousAccessor is the accessor ID Consul gives its anonymous
+// token in every cluster.
+const consulAnonymousAccessor = "00000000-0000-0000-0000-000000000002"
+
+// applyAnonymous makes the anonymous token's policies exactly policies.
+func applyAnonymous(ctx context.Context, acl *consulapi.ACL, policies []string) error {
+	anon, _, err := acl.TokenRead(consulAnonymousAccessor, (&consulapi.QueryOptions{}).WithContext(ctx))
+	if err != nil {
+		return fmt.Errorf("consul anonymous token: %w", err)
+	}
+	var have []string
+	for _, p := range anon.Policies {
+		have = append(have, p.Name)
+	}
+	want := slices.Sorted(slices.Values(policies))
+	if slices.Equal(slices.Sorted(slices.Values(have)), want) {
+		return nil
+	}
+	anon.Policies = nil
+	for _, p := range want {
+		anon.Policies = append(anon.Policies, &consulapi.ACLTokenPolicyLink{Name: p})
+	}
+	if _, _, err := acl.TokenUpdate(anon, (&consulapi.WriteOptions{}).WithContext(ctx)); err != nil {
+		return fmt.Errorf("update consul anonymous token: %w", err)
 	}
 	return nil
 }

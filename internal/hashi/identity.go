@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/http"
 	"slices"
+	"strings"
 
 	consulapi "github.com/hashicorp/consul/api"
 	nomadapi "github.com/hashicorp/nomad/api"
@@ -117,17 +118,22 @@ func nomadJWKSOnce(ctx context.Context, c *nomadapi.Client) ([]string, error) {
 // identity, and one that gives a task's identity the role
 // nomad-<namespace>-tasks (read-only discovery).
 //
-// Consul 1.14 has the JWT auth method (since 1.8), but it fetches a JWKS
-// URL without a client certificate, and Nomad's HTTPS API verifies client
-// certificates (verify_https_client); so the auth method is given Nomad's
-// public keys (JWTValidationPubKeys), read here through the operator's
-// certificate. Run it again after Nomad rotates its root keys (each `up`
-// does): it updates the keys and changes nothing else. Idempotent.
-func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, nomad *nomadapi.Client, namespaces []string) error {
-	pems, err := NomadJWKSPEM(ctx, nomad)
-	if err != nil {
+// The auth method fetches Nomad's JWKS URL (the server nomad talks to,
+// https://ADDR:4646/.well-known/jwks.json) trusting the cluster's CA
+// (caPEM), not a copy of the keys: when Nomad rotates its root keys, a
+// workload identity signed with a key Consul has not seen makes Consul
+// fetch the key set again, so new allocations keep getting tokens. Nomad's
+// HTTPS API takes requests without a client certificate for this
+// (verify_https_client = false; ACLs guard the API). The URL names one
+// server: Consul caches the keys it fetched, so that server being down
+// matters only for a key rotated while it is. Idempotent.
+func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, nomad *nomadapi.Client, caPEM []byte, namespaces []string) error {
+	// Nomad's leader makes its keys moments after its election: wait for
+	// them, so that Consul's first fetch finds one.
+	if _, err := NomadJWKSPEM(ctx, nomad); err != nil {
 		return err
 	}
+	jwksURL := strings.TrimSuffix(nomad.Address(), "/") + "/.well-known/jwks.json"
 	acl := consul.ACL()
 	wo := (&consulapi.WriteOptions{}).WithContext(ctx)
 	qo := (&consulapi.QueryOptions{}).WithContext(ctx)
@@ -139,9 +145,10 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 		Description:   "steppe: Nomad workload identities",
 		TokenLocality: "local",
 		Config: map[string]any{
-			"JWTValidationPubKeys": pems,
-			"JWTSupportedAlgs":     []string{"RS256"}, // Consul 1.14 refuses EdDSA here; Nomad signs with RS256
-			"BoundAudiences":       []string{ConsulAudience},
+			"JWKSURL":          jwksURL,
+			"JWKSCACert":       string(caPEM),
+			"JWTSupportedAlgs": []string{"RS256"}, // Consul 1.14 refuses EdDSA here; Nomad signs with RS256
+			"BoundAudiences":   []string{ConsulAudience},
 			"ClaimMappings": map[string]string{
 				"nomad_namespace": "nomad_namespace",
 				"nomad_job_id":    "nomad_job_id",
@@ -158,7 +165,7 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 		if _, _, err := acl.AuthMethodCreate(method, wo); err != nil {
 			return fmt.Errorf("create consul auth method %s: %w", ConsulAuthMethod, err)
 		}
-	} else if !slices.Equal(pemsOf(existing.Config), pems) {
+	} else if existing.Config["JWKSURL"] != jwksURL || existing.Config["JWKSCACert"] != string(caPEM) || existing.Config["JWTValidationPubKeys"] != nil {
 		if _, _, err := acl.AuthMethodUpdate(method, wo); err != nil {
 			return fmt.Errorf("update consul auth method %s: %w", ConsulAuthMethod, err)
 		}
@@ -205,16 +212,4 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 		}
 	}
 	return nil
-}
-
-func pemsOf(cfg map[string]any) []string {
-	raw, _ := cfg["JWTValidationPubKeys"].([]any)
-	var out []string
-	for _, r := range raw {
-		if s, ok := r.(string); ok {
-			out = append(out, s)
-		}
-	}
-	slices.Sort(out)
-	return out
 }

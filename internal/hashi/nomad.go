@@ -134,3 +134,23 @@ func WaitNomadClients(ctx context.Context, c *nomadapi.Client, n int) ([]*nomada
 	})
 	return ready, err
 }
+
+// EnsureNodePools makes each of pools a Nomad node pool described as
+// steppe's, so that jobs can target a steppe pool (node_pool in the job).
+// Nomad's built-in pools ("default", "all") are left alone. Idempotent.
+func EnsureNodePools(ctx context.Context, c *nomadapi.Client, pools []string) error {
+	for _, name := range pools {
+		if name == "default" || name == "all" {
+			continue
+		}
+		desc := "steppe pool " + name
+		have, _, err := c.NodePools().Info(name, (&nomadapi.QueryOptions{}).WithContext(ctx))
+		if err == nil && have != nil && have.Description == desc {
+			continue
+		}
+		if _, err := c.NodePools().Register(&nomadapi.NodePool{Name: name, Description: desc}, (&nomadapi.WriteOptions{}).WithContext(ctx)); err != nil {
+			return fmt.Errorf("nomad node pool %s: %w", name, err)
+		}
+	}
+	return nil
+}

@@ -3,6 +3,8 @@ package provider
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,8 +34,8 @@ const DefaultFirstAddress = "127.0.0.11"
 type LocalOptions struct {
 	// Dir holds one directory per machine: the machine's whole disk.
 	Dir string
-	// Cluster names the cgroup parent of the machines' services,
-	// steppe-<cluster>/<machine> below the cgroup v2 mount.
+	// Cluster names the cgroup parent of the machines' services (see
+	// CgroupParent).
 	Cluster string
 	// FirstAddress is the first machine's address; the next ones count
 	// up from it. "" means DefaultFirstAddress.
@@ -106,8 +108,14 @@ func NewLocal(opts LocalOptions) (*Local, error) {
 }
 
 // CgroupParent is the cgroup (below the v2 mount) under which every
-// machine of the cluster keeps its services.
-func (l *Local) CgroupParent() string { return "steppe-" + l.opts.Cluster }
+// machine of the cluster keeps its services: steppe-<cluster>-<8 hex
+// digits of the SHA-256 of the machines' directory>, so that two clusters
+// of one name in different state directories never share it (a `down` of
+// one must not touch the other's processes).
+func (l *Local) CgroupParent() string {
+	sum := sha256.Sum256([]byte(l.opts.Dir))
+	return "steppe-" + l.opts.Cluster + "-" + hex.EncodeToString(sum[:4])
+}
 
 func (l *Local) machineDir(name string) string { return filepath.Join(l.opts.Dir, name) }
 

@@ -136,7 +136,7 @@ func TestAgentConfigParses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Machine.Pool != "p${x}" || cfg.Machine.Address != "127.0.0.5" || cfg.Bundle.Role != "server" || cfg.Cgroup != "steppe-c1/m1" {
+	if cfg.Machine.Pool != "p${x}" || cfg.Machine.Address != "127.0.0.5" || cfg.Bundle.Role != "server" || cfg.Cgroup != l.CgroupParent()+"/m1" {
 		t.Errorf("config %+v %+v", cfg.Machine, cfg.Bundle)
 	}
 }
@@ -156,5 +156,31 @@ func TestAgentPIDChecksTheCommandLine(t *testing.T) {
 	os.WriteFile(filepath.Join(m.Dir, agentPIDFile), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600)
 	if pid, running := l.agentPID(m); running {
 		t.Errorf("sleep (pid %d) taken for the agent", pid)
+	}
+}
+
+// Two clusters of one name in different state directories get different
+// cgroup parents: a `down` of one never reaches the other's processes.
+func TestCgroupParentPerStateDir(t *testing.T) {
+	a, err := NewLocal(LocalOptions{Dir: t.TempDir(), Cluster: "steppe"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := NewLocal(LocalOptions{Dir: t.TempDir(), Cluster: "steppe"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := NewLocal(LocalOptions{Dir: a.opts.Dir, Cluster: "steppe"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.CgroupParent() == b.CgroupParent() {
+		t.Fatalf("two state directories share cgroup %s", a.CgroupParent())
+	}
+	if a.CgroupParent() != again.CgroupParent() {
+		t.Fatalf("one state directory gives cgroups %s and %s", a.CgroupParent(), again.CgroupParent())
+	}
+	if !strings.HasPrefix(a.CgroupParent(), "steppe-steppe-") {
+		t.Fatalf("cgroup %s does not name its cluster", a.CgroupParent())
 	}
 }

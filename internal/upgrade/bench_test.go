@@ -21,7 +21,7 @@ func BenchmarkServerRollingUpgrade(b *testing.B) {
 		tc := newTestCluster(ctx, b, true, 0, 0, hashitest.Addrs(3)...)
 		consul, _ := tc.Consul(tc.Machines[0].Address)
 		nomad, _ := tc.Nomad(tc.Machines[0].Address)
-		if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, []string{"default"}); err != nil {
+		if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, tc.State.CACertPEM(), []string{"default"}); err != nil {
 			b.Fatal(err)
 		}
 		cfg := tc.config(b.TempDir(), map[string]string{Consul: consulTo, Nomad: nomadTo})

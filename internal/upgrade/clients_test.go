@@ -26,7 +26,7 @@ func TestRollingUpgradeWithClients(t *testing.T) {
 	tc := newTestCluster(ctx, t, true, 2, 0, hashitest.Addrs(5)...)
 	consul, _ := tc.Consul(tc.Machines[0].Address)
 	nomad, _ := tc.Nomad(tc.Machines[0].Address)
-	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, []string{"default"}); err != nil {
+	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, tc.State.CACertPEM(), []string{"default"}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := hashi.WaitNomadClients(ctx, nomad, 2); err != nil {
@@ -187,7 +187,7 @@ func TestSurgeUpgradeClients(t *testing.T) {
 	tc := newTestCluster(ctx, t, true, 2, 2, hashitest.Addrs(7)...)
 	consul, _ := tc.Consul(tc.Machines[0].Address)
 	nomad, _ := tc.Nomad(tc.Machines[0].Address)
-	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, []string{"default"}); err != nil {
+	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, tc.State.CACertPEM(), []string{"default"}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := hashi.WaitNomadClients(ctx, nomad, 2); err != nil {

@@ -209,3 +209,73 @@ func TestGateFailureStops(t *testing.T) {
 		}
 	}
 }
+
+// killedMachines stands for an upgrade killed while a machine was being
+// asked to take the new versions, before anything changed on it: Upgrade
+// cancels the run and returns what a cancelled call returns.
+type killedMachines struct{ cancel context.CancelFunc }
+
+func (k killedMachines) Upgrade(ctx context.Context, machine string, versions map[string]string) error {
+	k.cancel()
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestInterruptedRestartIsRedone: a restart phase that was cut short is
+// not recorded as done, and the resumed step decides from what the daemon
+// reports: a server still on the old version is restarted, not waved
+// through its gate.
+func TestInterruptedRestartIsRedone(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	tc := newTestCluster(ctx, t, false, 0, 0, hashitest.Addrs(3)...)
+	stateDir := t.TempDir()
+	target := map[string]string{Consul: consulTo}
+
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	cfg := tc.config(stateDir, target)
+	cfg.Machines = killedMachines{rcancel}
+	cfg.Gate = Gate{Stable: time.Second, Timeout: 30 * time.Second}
+	u, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := u.Run(rctx); err == nil || !strings.Contains(err.Error(), "interrupted") {
+		t.Fatalf("run 1: %v, want interrupted", err)
+	}
+	disk, err := LoadState(stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cut *Step
+	for i := range disk.Steps {
+		if disk.Steps[i].Status == StatusRunning {
+			cut = &disk.Steps[i]
+		}
+	}
+	if cut == nil {
+		t.Fatalf("no step left running after the kill: %+v", disk.Steps)
+	}
+	if hasPhase(cut.Phases, "restart") {
+		t.Errorf("step %s records a restart phase that never completed: %+v", cut.ID, cut.Phases)
+	}
+
+	cfg.Machines = tc.machines
+	u, err = New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := u.Run(ctx)
+	if err != nil {
+		t.Fatalf("resumed run: %v", err)
+	}
+	if s := stepByID(st, cut.ID); s.Status != StatusDone || !s.Resumed {
+		t.Errorf("the cut step after the resumed run: %+v", s)
+	}
+	for _, m := range tc.ServerMachines() {
+		if n := tc.machines.restarts(m.Name); n != 1 {
+			t.Errorf("%s restarted %d times, want once", m.Name, n)
+		}
+	}
+}

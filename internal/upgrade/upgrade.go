@@ -312,19 +312,23 @@ func (u *Upgrader) progress(s *Step, phase, msg string) {
 	}
 }
 
-// phase times f as a phase of step i.
+// phase times f as a phase of step i, and records it only once it
+// completed: a phase cut short by a kill or an error is not done, and a
+// resumed step must not take it for done.
 func (u *Upgrader) phase(i int, name string, f func() error) error {
 	start := time.Now()
-	err := f()
+	if err := f(); err != nil {
+		return err
+	}
 	d := time.Since(start)
-	u.update(i, func(s *Step) { s.Phases = append(s.Phases, Phase{Name: name, Seconds: d.Seconds()}) })
+	if err := u.update(i, func(s *Step) { s.Phases = append(s.Phases, Phase{Name: name, Seconds: d.Seconds()}) }); err != nil {
+		return err
+	}
 	u.mu.Lock()
 	s := u.st.Steps[i]
 	u.mu.Unlock()
-	if err == nil {
-		u.progress(&s, name, fmt.Sprintf("%s: %s done in %v", s.ID, name, d.Round(time.Millisecond)))
-	}
-	return err
+	u.progress(&s, name, fmt.Sprintf("%s: %s done in %v", s.ID, name, d.Round(time.Millisecond)))
+	return nil
 }
 
 // fail records the failure of step i and returns err.
@@ -428,13 +432,15 @@ func (u *Upgrader) server(ctx context.Context, i int, s Step, prev StepStatus) e
 		return err
 	}
 	current := memberAt(members, s.Address)
+	// What the daemon reports decides, not what the state file says was
+	// done: a restart may have been cut short before it took effect.
 	switch {
-	case prev == StatusRunning && hasPhase(s.Phases, "restart"):
-		u.update(i, func(st *Step) {
-			st.Note = joinNote(st.Note, "interrupted after its restart: verified, not restarted again")
-		})
 	case current != nil && current.Alive && current.Version == s.To:
-		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on "+s.To+": verified, not restarted") })
+		note := "found on " + s.To + ": verified, not restarted"
+		if prev == StatusRunning && hasPhase(s.Phases, "restart") {
+			note = "interrupted after its restart: verified, not restarted again"
+		}
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, note) })
 	default:
 		// Nothing proceeds on an unhealthy cluster.
 		h, err := p.health(ctx, "")

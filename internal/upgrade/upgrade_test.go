@@ -63,7 +63,7 @@ func TestRollingUpgradeConsulNomad(t *testing.T) {
 	// Nomad 1.10 drops the token-based Consul workflow: without Consul's
 	// auth method for workload identities the upgrade is refused.
 	refused("no workload identity", target, "nomad 1.10.0 upgrade guide", `consul has no auth method "nomad-workloads"`)
-	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, []string{"default"}); err != nil {
+	if err := hashi.SetupConsulWorkloadIdentity(ctx, consul, nomad, tc.State.CACertPEM(), []string{"default"}); err != nil {
 		t.Fatal(err)
 	}
 
