@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -43,6 +44,11 @@ type agentConfig struct {
 	StatusEvery time.Duration
 	// Once: shut down and exit as soon as every service is ready.
 	Once bool
+	// DieAfterSpawn: SIGKILL itself right after the Nth main process is
+	// cloned (counting every service's), before its record is written,
+	// having written the new pid to SpawnedFile.
+	DieAfterSpawn int
+	SpawnedFile   string
 }
 
 // testAgentMain is a minimal agent: Apply the specs, publish Status to a
@@ -65,6 +71,16 @@ func testAgentMain(path string) int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
+	}
+	if cfg.DieAfterSpawn > 0 {
+		var spawned atomic.Int32
+		sup.afterSpawn = func(_ string, pid int) {
+			if int(spawned.Add(1)) == cfg.DieAfterSpawn {
+				_ = os.WriteFile(cfg.SpawnedFile, []byte(strconv.Itoa(pid)), 0o600)
+				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+				select {} // the signal is on its way
+			}
+		}
 	}
 	if err := sup.Apply(ctx, cfg.Specs); err != nil {
 		fmt.Fprintln(os.Stderr, "apply:", err)
@@ -149,6 +165,15 @@ func (a *testAgent) start() {
 			_ = a.cmd.Wait()
 		}
 	})
+}
+
+// rewrite writes the agent's config again, for its next start.
+func (a *testAgent) rewrite() {
+	a.t.Helper()
+	b, _ := json.Marshal(a.cfg)
+	if err := os.WriteFile(a.path, b, 0o600); err != nil {
+		a.t.Fatal(err)
+	}
 }
 
 func (a *testAgent) kill() {

@@ -22,6 +22,7 @@ type procStat struct {
 	state     byte
 	ppid      int
 	pgrp      int
+	sid       int    // session id
 	startTime uint64 // field 22, clock ticks after boot: tells a reused pid apart
 }
 
@@ -43,6 +44,7 @@ func readProcStat(pid int) (procStat, error) {
 	st.state = f[0][0]
 	st.ppid, _ = strconv.Atoi(f[1])
 	st.pgrp, _ = strconv.Atoi(f[2])
+	st.sid, _ = strconv.Atoi(f[3])
 	st.startTime, _ = strconv.ParseUint(f[19], 10, 64)
 	return st, nil
 }
@@ -173,6 +175,21 @@ type record struct {
 	StopSignal  syscall.Signal `json:"stop_signal"`
 	StopTimeout time.Duration  `json:"stop_timeout"`
 	StopMode    StopMode       `json:"stop_mode"`
+	// Spawning (with PID 0) says that a main process was being spawned,
+	// from this boot-time clock tick on (see markSpawn).
+	Spawning uint64 `json:"spawning,omitempty"`
+}
+
+// userHZ is the unit of the times in /proc/PID/stat (USER_HZ: 100 on
+// every Linux port Go supports).
+const userHZ = 100
+
+// bootTick is now on the clock of /proc/PID/stat's start times: clock
+// ticks since boot, rounded down as the kernel rounds them.
+func bootTick() uint64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	return uint64(ts.Nano()) / (1e9 / userHZ)
 }
 
 func readRecord(dir string) (record, error) {

@@ -125,6 +125,7 @@ type service struct {
 	warnedMemory   bool
 	saved          []byte // the record as last written
 	cgKilled       bool   // cgroup.kill was used: recreate the cgroup before the next spawn
+	spawnTick      uint64 // a spawn marked in the record began at this tick (markSpawn); 0 otherwise
 }
 
 func (s *Supervisor) newService(spec Spec, stray bool) (*service, error) {
@@ -451,6 +452,8 @@ func (a *service) record() record {
 	}
 	if a.main != nil {
 		r.PID, r.StartTime = a.main.pid, a.main.startTime
+	} else {
+		r.Spawning = a.spawnTick
 	}
 	return r
 }
@@ -512,6 +515,12 @@ func (a *service) adopt(rec record, haveRec bool) bool {
 	var main *proc
 	if haveRec && rec.PID > 0 && alive(rec.PID, rec.StartTime) && a.isMember(rec.PID) {
 		main, _ = openProc(rec.PID, rec.StartTime)
+	}
+	if haveRec && rec.PID == 0 && rec.Spawning > 0 && a.cg != "" {
+		// The agent before died between a clone and recording its pid.
+		if main = a.findSpawned(rec.Spawning); main != nil {
+			a.log.agentf("found pid %d, spawned by an agent that died before recording it", main.pid)
+		}
 	}
 	running := main != nil
 	if a.spec.StopMode != StopMain || a.cg == "" {
@@ -660,10 +669,20 @@ func (a *service) launch() {
 			return
 		}
 	}
+	if a.spec.StopMode == StopMain && a.cg != "" {
+		if err := a.markSpawn(); err != nil {
+			a.startFailed(err)
+			return
+		}
+	}
 	p, err := a.spawn()
+	a.spawnTick = 0
 	if err != nil {
 		a.startFailed(err)
 		return
+	}
+	if h := a.sup.afterSpawn; h != nil {
+		h(a.name, p.pid)
 	}
 	a.adopted, a.failed = false, false
 	a.startedAt = time.Now()
@@ -677,6 +696,87 @@ func (a *service) launch() {
 	}
 	a.saveRecord()
 	a.startProbe()
+}
+
+// spawnWindow bounds, in clock ticks after the mark, when the main process
+// of a marked spawn started: markSpawn clones within half of it.
+const spawnWindow = 2 * userHZ
+
+// markSpawn records, durably and before the clone, that a main process is
+// about to be spawned, and the tick from which on it starts. A StopMain
+// service's cgroup holds processes while its main process does not run (a
+// Nomad client's tasks), so a populated cgroup does not tell the next agent
+// that the main process runs: if this agent dies between the clone and
+// recording the pid, the next one finds the process by this mark
+// (findSpawned) instead of starting a second copy.
+func (a *service) markSpawn() error {
+	a.startedAt = time.Now()
+	for range 5 {
+		a.spawnTick = a.firstNewTick()
+		data, err := json.Marshal(a.record())
+		if err == nil {
+			err = writeRecordData(a.dir, data)
+		}
+		if err != nil {
+			a.spawnTick = 0
+			return fmt.Errorf("record the start before it: %w", err)
+		}
+		a.saved = data
+		if bootTick() < a.spawnTick+spawnWindow/2 {
+			return nil
+		}
+		// The write took so long that the clone could fall outside the
+		// window findSpawned looks in: mark again.
+	}
+	a.spawnTick = 0
+	return fmt.Errorf("record the start before it: writing %s takes longer than %v", filepath.Join(a.dir, "record.json"), time.Second*spawnWindow/userHZ/2)
+}
+
+// firstNewTick returns now as a tick after the start of every process in
+// the cgroup, so that of its processes only those started from now on
+// start at or after it: when one started within the current tick, it
+// waits for the next one.
+func (a *service) firstNewTick() uint64 {
+	pids, _ := cgProcs(a.cg)
+	t := bootTick()
+	for _, pid := range pids {
+		if st, err := readProcStat(pid); err == nil && st.startTime >= t {
+			time.Sleep(time.Second / userHZ)
+			return bootTick()
+		}
+	}
+	return t
+}
+
+// findSpawned finds the main process of a spawn marked at tick among the
+// cgroup's processes: one that leads its own session (the main process is
+// spawned with setsid; its children inherit its session), started within
+// spawnWindow of the mark, and whose parent (the agent, now gone) is not in
+// the cgroup. Of several (a child that made its own session and lost its
+// parent), the one that started first.
+func (a *service) findSpawned(tick uint64) *proc {
+	pids, err := cgProcs(a.cg)
+	if err != nil {
+		return nil
+	}
+	best, bestSt := 0, procStat{}
+	for _, pid := range pids {
+		st, err := readProcStat(pid)
+		if err != nil || st.state == 'Z' || st.sid != pid || st.startTime < tick || st.startTime >= tick+spawnWindow || slices.Contains(pids, st.ppid) {
+			continue
+		}
+		if best == 0 || st.startTime < bestSt.startTime || st.startTime == bestSt.startTime && pid < best {
+			best, bestSt = pid, st
+		}
+	}
+	if best == 0 {
+		return nil
+	}
+	p, err := openProc(best, bestSt.startTime)
+	if err != nil {
+		return nil
+	}
+	return p
 }
 
 // renewCgroup replaces the service's empty cgroup by a fresh one. Linux

@@ -64,6 +64,10 @@ type Supervisor struct {
 
 	stop chan struct{}
 	wg   sync.WaitGroup
+
+	// afterSpawn, if set (by tests, before Apply), is called right after a
+	// main process is cloned, before anything records it.
+	afterSpawn func(service string, pid int)
 }
 
 // New prepares a supervisor. It starts nothing: Apply does, adopting what
