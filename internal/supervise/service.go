@@ -1352,8 +1352,13 @@ func (a *service) oomCount() int64 {
 	return 0
 }
 
+// checkOOM counts the OOM kills since the last look (oomBase, taken when
+// the run began) and reports whether there were any.
 func (a *service) checkOOM() bool {
 	n := a.oomCount()
+	if n < a.oomBase {
+		a.oomBase = 0 // the cgroup was made anew under the run: it counts from 0
+	}
 	if n > a.oomBase {
 		a.oomKills += int(n - a.oomBase)
 		a.oomBase = n

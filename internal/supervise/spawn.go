@@ -40,6 +40,9 @@ func (a *service) spawn() (*proc, error) {
 	if err := a.applyMemory(); err != nil {
 		return nil, err
 	}
+	// OOM kills are counted from here: the counters of a cgroup made anew
+	// (renewCgroup, or the first start) begin at 0 again.
+	a.oomBase = a.oomCount()
 	if a.memcg != "" {
 		if len(a.sup.opts.Exec) == 0 {
 			return nil, errors.New("a cgroup v1 memory limit needs the exec trampoline (Options.Exec)")
@@ -120,7 +123,6 @@ func (a *service) applyMemory() error {
 			return fmt.Errorf("memory.limit_in_bytes: %w", err)
 		}
 		_ = os.WriteFile(memsw, v, 0)
-		a.oomBase = a.oomCount()
 	default:
 		if !a.warnedMemory {
 			a.warnedMemory = true
