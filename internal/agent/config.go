@@ -32,7 +32,7 @@ type Config struct {
 	Path     string // the file it was read from
 	StateDir string
 	Socket   string
-	Cgroup   string // parent of the services' cgroups, relative to the cgroup v2 mount
+	Cgroup   string // parent of the services' cgroups: below the agent's own cgroup v2, or below the v2 mount if it starts with "/"
 	Machine  Machine
 	// Bundle is where the machine pulls its role's config from; nil: the
 	// agent runs only the services of this file.

@@ -6,8 +6,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
+	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -18,6 +21,7 @@ import (
 // mounts are the cgroup hierarchies this process can see.
 type mounts struct {
 	v2       string // mount point of the cgroup v2 hierarchy; "" if none
+	own      string // this process's cgroup v2, below v2 ("/" for its root)
 	memoryV1 string // directory of this process's own v1 memory cgroup; "" if none
 }
 
@@ -71,17 +75,20 @@ func findMountsOf(cgroupFile string) (mounts, error) {
 			}
 		}
 	}
-	if memMount != "" {
-		own, err := os.ReadFile(cgroupFile)
-		if err != nil {
-			return m, fmt.Errorf("read %s: %w", cgroupFile, err)
-		}
-		for line := range strings.Lines(string(own)) {
-			parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
-			if len(parts) == 3 && hasOpt(parts[1], "memory") {
-				rel := strings.TrimPrefix(parts[2], memRoot)
-				m.memoryV1 = filepath.Join(memMount, rel)
-			}
+	own, err := os.ReadFile(cgroupFile)
+	if err != nil {
+		return m, fmt.Errorf("read %s: %w", cgroupFile, err)
+	}
+	m.own = "/"
+	for line := range strings.Lines(string(own)) {
+		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
+		switch {
+		case len(parts) < 3:
+		case parts[0] == "0" && parts[1] == "":
+			m.own = parts[2]
+		case memMount != "" && hasOpt(parts[1], "memory"):
+			rel := strings.TrimPrefix(parts[2], memRoot)
+			m.memoryV1 = filepath.Join(memMount, rel)
 		}
 	}
 	return m, nil
@@ -365,15 +372,38 @@ func readKeyed(path, key string) int64 {
 	return 0
 }
 
-// enableMemoryV2 enables the memory controller down the path from the v2
-// mount to parent, so that the service cgroups below parent get memory.max.
-// It reports whether memory.max can be used below parent.
-func enableMemoryV2(v2, parent string) bool {
-	rel, err := filepath.Rel(v2, parent)
+// agentLeaf is the cgroup below its own that the agent moves itself into
+// when a controller is to be enabled below its cgroup: cgroup v2 lets no
+// process stay in a cgroup (but the root) whose children have controllers.
+// An agent that finds itself in a cgroup of that name (moved by an earlier
+// run of the same process image, or put there by systemd's
+// DelegateSubgroup=agent) counts from the cgroup above it.
+const agentLeaf = "agent"
+
+// ownBase is the cgroup (relative to the v2 mount) that a relative
+// CgroupParent is below, for a process in cgroup own.
+func ownBase(own string) string {
+	if own == "" {
+		return "/"
+	}
+	if path.Base(own) == agentLeaf {
+		return path.Dir(own)
+	}
+	return own
+}
+
+// enableControllerV2 enables the controller ctrl ("memory") down the path
+// from base (the v2 mount, or the agent's own cgroup below it: never above
+// what is the agent's) to parent, so that the service cgroups below parent
+// have it (memory.max). A cgroup on the way that holds this process (the
+// agent's own) gets it moved into its leaf first. It reports whether the
+// controller can be used below parent.
+func enableControllerV2(ctrl, v2, base, parent string, log *slog.Logger) bool {
+	rel, err := filepath.Rel(base, parent)
 	if err != nil {
 		return false
 	}
-	dir := v2
+	dir := base
 	chain := []string{dir}
 	if rel != "." {
 		for p := range strings.SplitSeq(rel, "/") {
@@ -381,20 +411,39 @@ func enableMemoryV2(v2, parent string) bool {
 			chain = append(chain, dir)
 		}
 	}
+	self := os.Getpid()
 	for _, d := range chain {
-		ctrl, err := os.ReadFile(filepath.Join(d, "cgroup.controllers"))
-		if err != nil || !hasWord(string(ctrl), "memory") {
+		have, err := os.ReadFile(filepath.Join(d, "cgroup.controllers"))
+		if err != nil || !hasWord(string(have), ctrl) {
 			return false
 		}
 		sub, _ := os.ReadFile(filepath.Join(d, "cgroup.subtree_control"))
-		if hasWord(string(sub), "memory") {
+		if hasWord(string(sub), ctrl) {
 			continue
 		}
-		if err := os.WriteFile(filepath.Join(d, "cgroup.subtree_control"), []byte("+memory"), 0); err != nil {
+		if pids, _ := cgProcs(d); d != v2 && slices.Contains(pids, self) {
+			leaf := filepath.Join(d, agentLeaf)
+			if err := enterCgroup(leaf); err != nil {
+				log.Warn("cannot move the agent out of its cgroup to enable a controller below it", "controller", ctrl, "cgroup", d, "err", err)
+				return false
+			}
+			log.Info("moved the agent into a leaf of its cgroup, to enable a controller below it", "controller", ctrl, "cgroup", leaf)
+		}
+		if err := os.WriteFile(filepath.Join(d, "cgroup.subtree_control"), []byte("+"+ctrl), 0); err != nil {
+			log.Warn("cannot enable a controller (are there processes other than the agent's in the cgroup?)", "controller", ctrl, "cgroup", d, "err", err)
 			return false
 		}
 	}
 	return true
+}
+
+// enterCgroup moves this process (all its threads) into the cgroup v2 at
+// dir, making it if need be.
+func enterCgroup(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
 }
 
 func hasWord(s, w string) bool {

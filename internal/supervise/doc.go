@@ -1,10 +1,14 @@
 // Package supervise runs daemons and never loses one or starts a second
 // copy.
 //
-// Each service has a cgroup v2 of its own (Options.CgroupParent/<name>
-// below the v2 mount, found in /proc/self/mountinfo) and its main process
-// is cloned directly into it (clone3 CLONE_INTO_CGROUP), so no fork, double
-// fork or setsid escapes. A service runs while its cgroup is populated: a
+// Each service has a cgroup v2 of its own, Options.CgroupParent/<name>
+// below the cgroup v2 the agent runs in (as under systemd with
+// Delegate=yes), or below the v2 mount (found in /proc/self/mountinfo) for
+// a CgroupParent that starts with "/". Its main process is cloned directly
+// into it (clone3 CLONE_INTO_CGROUP), so no fork, double fork or setsid
+// escapes. To enable the memory controller below its own cgroup the agent
+// first moves itself into the leaf "agent" of it (cgroup v2 allows no
+// process in a cgroup whose children have controllers). A service runs while its cgroup is populated: a
 // daemon whose first process exits 0 after forking stays running, and its
 // sole remaining process is followed as the main one. Exits are seen
 // through pidfds and inotify on cgroup.events, both on the runtime poller:
@@ -12,9 +16,12 @@
 //
 // The main pid, its start time (which tells a reused pid apart), the
 // restart count and a hash of the spec are kept in StateDir, replaced
-// atomically. A new Supervisor adopts every populated cgroup instead of
-// starting the service again, and Apply stops running services that are
-// no longer configured.
+// atomically and durably. A new Supervisor adopts every populated cgroup
+// instead of starting the service again, and Apply stops running services
+// that are no longer configured. A StopMain service's cgroup holds
+// processes without its main one (a Nomad client's tasks), so before its
+// clone the record gets a mark with the time, from which a new agent finds
+// a main process whose pid the agent before died too soon to record.
 //
 // Stop sends the stop signal to the main process through its pidfd, then,
 // once it has exited, to the processes it left; after the timeout it kills

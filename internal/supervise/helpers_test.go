@@ -30,6 +30,9 @@ func TestMain(m *testing.M) {
 	if cfg := os.Getenv("STEPPE_TEST_AGENT"); cfg != "" {
 		os.Exit(testAgentMain(cfg))
 	}
+	if cfg := os.Getenv("STEPPE_TEST_ENABLE"); cfg != "" {
+		os.Exit(testEnableMain(cfg))
+	}
 	os.Exit(m.Run())
 }
 
@@ -132,12 +135,21 @@ type testAgent struct {
 	cfg  agentConfig
 	cmd  *exec.Cmd
 	path string
+	// cgroup is the cgroup v2 directory the agent is started in; "": the
+	// test's own.
+	cgroup string
 }
 
 func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 	t.Helper()
+	return startAgentIn(t, "", cfg)
+}
+
+// startAgentIn starts an agent in the cgroup v2 directory cgroup.
+func startAgentIn(t testing.TB, cgroup string, cfg agentConfig) *testAgent {
+	t.Helper()
 	dir := t.TempDir()
-	a := &testAgent{t: t, cfg: cfg, path: filepath.Join(dir, "agent.json")}
+	a := &testAgent{t: t, cfg: cfg, path: filepath.Join(dir, "agent.json"), cgroup: cgroup}
 	if a.cfg.StatusFile == "" {
 		a.cfg.StatusFile = filepath.Join(dir, "status.json")
 	}
@@ -156,6 +168,14 @@ func (a *testAgent) start() {
 	a.cmd = exec.Command(exe, "-test.run=^$")
 	a.cmd.Env = append(os.Environ(), "STEPPE_TEST_AGENT="+a.path)
 	a.cmd.Stderr = os.Stderr
+	if a.cgroup != "" {
+		fd, err := syscall.Open(a.cgroup, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			a.t.Fatal(err)
+		}
+		defer syscall.Close(fd)
+		a.cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	}
 	if err := a.cmd.Start(); err != nil {
 		a.t.Fatal(err)
 	}
@@ -227,7 +247,9 @@ func testExec() []string {
 // when the test failed.
 func testOptions(t testing.TB) Options {
 	t.Helper()
-	parent := fmt.Sprintf("steppe-test/%s-%d", strings.ReplaceAll(t.Name(), "/", "_"), rand.IntN(1e9))
+	// Absolute (below the v2 mount), so that cleanupCgroups finds it
+	// wherever the test runs.
+	parent := fmt.Sprintf("/steppe-test/%s-%d", strings.ReplaceAll(t.Name(), "/", "_"), rand.IntN(1e9))
 	t.Cleanup(func() { cleanupCgroups(parent) })
 	return Options{StateDir: shortTempDir(t), CgroupParent: parent, Exec: testExec()}
 }

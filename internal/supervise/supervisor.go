@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,9 +23,11 @@ type Options struct {
 	// StateDir holds per service the adoption record, logs and the notify
 	// socket; created 0700.
 	StateDir string
-	// CgroupParent is relative to the cgroup v2 mount ("" means "steppe").
-	// Service cgroups are CgroupParent/<name>; a v1 memory cgroup, where one
-	// is used, sits at the same relative path below the agent's own.
+	// CgroupParent is where the service cgroups are, CgroupParent/<name>:
+	// relative to the cgroup v2 the agent runs in (its own, as under
+	// systemd with Delegate=yes; "" means "steppe"), or below the cgroup
+	// v2 mount when it starts with "/". A v1 memory cgroup, where one is
+	// used, sits at the same relative path below the agent's own.
 	CgroupParent string
 	// Exec is the argv prefix that runs steppe's exec trampoline (ExecArg
 	// is appended); nil means no trampoline, so no cgroup v1 memory limits.
@@ -47,6 +50,7 @@ type Supervisor struct {
 	fallback bool
 	reason   string // why fallback, if it is
 	v2Mount  string // cgroup v2 mount point
+	v2Base   string // what CgroupParent is relative to: the agent's own cgroup v2, or the mount
 	v2Parent string // absolute cgroup v2 directory of the services
 	memV1    string // absolute v1 memory cgroup directory of the services; "" if none
 	memV2    bool   // memory.max usable in v2 service cgroups
@@ -79,8 +83,10 @@ func New(ctx context.Context, opts Options) (*Supervisor, error) {
 	if opts.CgroupParent == "" {
 		opts.CgroupParent = "steppe"
 	}
-	if filepath.IsAbs(opts.CgroupParent) || !filepath.IsLocal(opts.CgroupParent) {
-		return nil, fmt.Errorf("supervise: cgroup parent %q must be a relative path below the cgroup v2 mount", opts.CgroupParent)
+	absParent := strings.HasPrefix(opts.CgroupParent, "/")
+	relParent := strings.TrimPrefix(opts.CgroupParent, "/")
+	if !filepath.IsLocal(relParent) || filepath.Clean(relParent) == "." {
+		return nil, fmt.Errorf(`supervise: cgroup parent %q: want a path below the agent's own cgroup (such as "steppe") or, starting with "/", below the cgroup v2 mount (such as "/steppe/machine-1")`, opts.CgroupParent)
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -107,7 +113,11 @@ func New(ctx context.Context, opts Options) (*Supervisor, error) {
 		s.fallback, s.reason = true, "no cgroup v2 mount"
 	default:
 		s.v2Mount = m.v2
-		s.v2Parent = filepath.Join(m.v2, opts.CgroupParent)
+		s.v2Base = m.v2
+		if !absParent {
+			s.v2Base = filepath.Join(m.v2, ownBase(m.own))
+		}
+		s.v2Parent = filepath.Join(s.v2Base, relParent)
 		if err := os.MkdirAll(s.v2Parent, 0o755); err != nil {
 			s.fallback, s.reason = true, fmt.Sprintf("cgroup v2 not writable: %v", err)
 		} else if _, err := os.Stat(filepath.Join(s.v2Parent, "cgroup.procs")); err != nil {
@@ -123,7 +133,7 @@ func New(ctx context.Context, opts Options) (*Supervisor, error) {
 		}
 		s.log.Warn("supervising without cgroups: a double fork can escape, duplicates are prevented only by lock files", "reason", s.reason)
 	} else {
-		s.memV2 = enableMemoryV2(m.v2, s.v2Parent)
+		s.memV2 = enableControllerV2("memory", m.v2, s.v2Base, s.v2Parent, s.log)
 		fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
 		if err != nil {
 			return nil, fmt.Errorf("supervise: inotify: %w", err)
@@ -133,7 +143,7 @@ func New(ctx context.Context, opts Options) (*Supervisor, error) {
 		go s.readInotify()
 	}
 	if !s.memV2 && m.memoryV1 != "" {
-		dir := filepath.Join(m.memoryV1, opts.CgroupParent)
+		dir := filepath.Join(m.memoryV1, relParent)
 		if err := os.MkdirAll(dir, 0o755); err == nil {
 			s.memV1 = dir
 		} else {
