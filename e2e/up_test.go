@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"archive/tar"
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -245,6 +244,7 @@ func TestUpStatusEnvDown(t *testing.T) {
 	c.checkRefusals(env)
 	allocs := c.runWebJob(env)
 	c.checkDNS()
+	c.checkKeyRotation()
 
 	// status: 3 servers, one leader, 2 clients, every agent on release 1.
 	st := c.status()
@@ -408,21 +408,26 @@ func (c *upCluster) checkRefusals(env map[string]string) {
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(ca)
-	// Consul's HTTPS demands a client certificate of the cluster's CA;
-	// Nomad's asks for none (verify_https_client = false: a browser opens
-	// the UI, a token authorises), and its RPC keeps mutual TLS.
-	for _, port := range []int{8501} {
+	// The HTTPS APIs ask for no client certificate (a browser opens the
+	// UIs; a token authorises); RPC keeps mutual TLS: a certificate of
+	// another CA is refused there. The first byte asks for TLS (Consul's
+	// pool.RPCTLS, Nomad's pool.RpcTLS).
+	for port, rpcTLS := range map[int]byte{cluster.ConsulRPCPort: 0x03, cluster.NomadRPCPort: 0x04} {
 		addr := net.JoinHostPort(c.addrs[0], strconv.Itoa(port))
-		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{foreign}, ServerName: c.addrs[0]})
-		if err == nil {
-			// TLS 1.3 reports a refused client certificate on the first read.
-			conn.SetDeadline(time.Now().Add(5 * time.Second))
-			fmt.Fprintf(conn, "GET /v1/agent/self HTTP/1.1\r\nHost: x\r\n\r\n")
-			_, err = bufio.NewReader(conn).ReadString('\n')
-			conn.Close()
+		raw, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatalf("%s: %v", addr, err)
 		}
-		if err == nil {
-			t.Errorf("%s accepted a client certificate from another CA", addr)
+		raw.Write([]byte{rpcTLS})
+		raw.SetDeadline(time.Now().Add(10 * time.Second))
+		conn := tls.Client(raw, &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{foreign}, ServerName: c.addrs[0]})
+		if err = conn.Handshake(); err == nil {
+			// TLS 1.3 reports a refused client certificate on the first read.
+			_, err = conn.Read(make([]byte, 16))
+		}
+		raw.Close()
+		if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("%s accepted a client certificate from another CA (%v)", addr, err)
 		}
 	}
 }
@@ -684,6 +689,57 @@ func (c *upCluster) checkDNS() {
 		}
 	}
 	t.Logf("DNS: every machine answers web.service.consul with 2 A and 2 SRV records, NXDOMAIN for others")
+}
+
+// rotJob is a job registered in Consul after Nomad rotated its keys.
+const rotJob = `job "rot" {
+  datacenters = ["dc1"]
+  group "g" {
+    service {
+      name     = "rot"
+      provider = "consul"
+    }
+    task "sleep" {
+      driver = "raw_exec"
+      config {
+        command = "/bin/sleep"
+        args    = ["3600"]
+      }
+      resources {
+        cpu    = 20
+        memory = 16
+      }
+    }
+  }
+}
+`
+
+// checkKeyRotation rotates Nomad's root key: a new allocation's workload
+// identity is signed with a key Consul has never seen, and must still get
+// its Consul token (Consul's auth method fetches Nomad's JWKS URL; a copy
+// of the keys taken at up would refuse it).
+func (c *upCluster) checkKeyRotation() {
+	t := c.t
+	if out, err := c.sh("nomad operator root keyring rotate"); err != nil {
+		t.Fatalf("nomad operator root keyring rotate: %v\n%s", err, out)
+	}
+	job := filepath.Join(c.dir, "rot.nomad.hcl")
+	if err := os.WriteFile(job, []byte(rotJob), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := c.sh("nomad job run -detach " + job); err != nil {
+		t.Fatalf("nomad job run: %v\n%s", err, out)
+	}
+	var out string
+	waitUntil(t, "the rot service in Consul after a Nomad key rotation", 2*time.Minute, func() bool {
+		var err error
+		out, err = c.sh("consul catalog services")
+		return err == nil && strings.Contains(out, "rot\n")
+	})
+	if out, err := c.sh("nomad job stop -purge rot"); err != nil {
+		t.Errorf("nomad job stop: %v\n%s", err, out)
+	}
+	t.Logf("after nomad operator root keyring rotate, a new allocation registered in Consul")
 }
 
 // checkNoCallsOut reads every daemon's and agent's log of the cluster: none

@@ -361,6 +361,13 @@ func consulRoleConfig(spec *Spec, role Role, join []string) map[string]any {
 				"tls_min_version": "TLSv1_2",
 			},
 			"internal_rpc": map[string]any{"verify_server_hostname": true},
+			// As for Nomad's HTTPS: no client certificate, so that a
+			// browser opens the UI; the token authorises. It opens
+			// nothing that DNS on port 8600 does not already answer (the
+			// anonymous token reads the catalog for DNS: see
+			// cluster.ConsulACL). RPC and gossip keep mutual TLS and
+			// encryption.
+			"https": map[string]any{"verify_incoming": false},
 		},
 		"acl": map[string]any{
 			"enabled":                  true,

@@ -110,6 +110,9 @@ pool "batch" {}
 	if tlsd["verify_incoming"] != true || tlsd["verify_outgoing"] != true {
 		t.Fatalf("consul tls %v", tlsd)
 	}
+	if https := consul["tls"].(map[string]any)["https"].(map[string]any); https["verify_incoming"] != false {
+		t.Fatalf("consul HTTPS demands client certificates: %v", https)
+	}
 	if consul["ports"].(map[string]any)["http"] != -1.0 {
 		t.Fatal("consul plaintext HTTP is not disabled")
 	}

@@ -231,7 +231,8 @@ func TestNomadClusterSecured(t *testing.T) {
 	if _, _, err := bare.Nodes().List(nil); err != nil {
 		fail("nomad node list with a token and no client certificate: %v", err)
 	}
-	checkTLSRefused(t, servers[0].Address+":8501", st.CACertPEM(), oc.CertFile, oc.KeyFile)
+	checkTLSRefused(t, fmt.Sprintf("%s:%d", servers[0].Address, cluster.ConsulRPCPort), consulRPCTLS, st.CACertPEM(), oc.CertFile, oc.KeyFile)
+	checkTLSRefused(t, fmt.Sprintf("%s:%d", servers[0].Address, cluster.NomadRPCPort), nomadRPCTLS, st.CACertPEM(), oc.CertFile, oc.KeyFile)
 
 	// Workload identity: Consul trusts Nomad's signing keys; a job's
 	// service registers with a token Consul issued through the auth method.

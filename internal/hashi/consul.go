@@ -115,14 +115,15 @@ func waitLeader(ctx context.Context, product string, leader func() (string, erro
 //
 // A Consul whose ACLs were set up without that token (bootstrapped outside
 // steppe, or servers given another state directory's secrets) is an error
-// that says so: its leader creates the initial management token before the
-// anonymous token, so an anonymous token that resolves while the stored one
-// does not means the stored one will never be accepted.
+// that says so, once it has refused the token for consulACLSetupGrace:
+// Consul answers a token it does not know (yet) with the same 403 whether
+// or not its leader has set up ACLs, and has no read-only way to ask.
 func BootstrapConsulACL(ctx context.Context, c *consulapi.Client, src SecretSource) (cluster.Secret, error) {
 	tok, err := src.Token(cluster.TokenConsulBootstrap)
 	if err != nil {
 		return "", err
 	}
+	var refusedSince time.Time
 	err = poll(ctx, "wait until Consul accepts its initial management token", func() (bool, error) {
 		self, _, err := c.ACL().TokenReadSelf((&consulapi.QueryOptions{Token: tok.Reveal()}).WithContext(ctx))
 		if err == nil {
@@ -132,12 +133,16 @@ func BootstrapConsulACL(ctx context.Context, c *consulapi.Client, src SecretSour
 			return true, nil
 		}
 		if code := statusCode(err); code != http.StatusForbidden && code != http.StatusUnauthorized {
+			refusedSince = time.Time{}
 			return false, err // no leader yet: retry
 		}
-		if _, _, aerr := c.ACL().TokenReadSelf((&consulapi.QueryOptions{}).WithContext(ctx)); aerr == nil {
-			return false, permanent(fmt.Errorf("consul's ACLs were bootstrapped outside steppe: they refuse the state directory's management token (%v) that its servers were given as acl.tokens.initial_management; use the state directory that made this cluster, or reset with Consul's acl-bootstrap-reset procedure", err))
+		if refusedSince.IsZero() {
+			refusedSince = time.Now()
 		}
-		return false, err // ACLs not set up yet
+		if time.Since(refusedSince) > consulACLSetupGrace {
+			return false, permanent(fmt.Errorf("consul's ACLs were bootstrapped outside steppe: for %v they refused the state directory's management token (%v), which its servers were given as acl.tokens.initial_management; use the state directory that made this cluster, or reset with Consul's acl-bootstrap-reset procedure", consulACLSetupGrace, err))
+		}
+		return false, err // the leader has not set up ACLs yet
 	})
 	if err != nil {
 		return "", err
@@ -202,6 +207,11 @@ func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.Cons
 	}
 	return applyAnonymous(ctx, acl, plan.Anonymous)
 }
+
+// consulACLSetupGrace is how long a leader may take to create the initial
+// management token: it does so as it takes up leadership, in well under a
+// second; a loaded machine gets thirty times that.
+const consulACLSetupGrace = 30 * time.Second
 
 // consulAnonymousAccessor is the accessor ID Consul gives its anonymous
 // token in every cluster.

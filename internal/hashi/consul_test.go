@@ -155,9 +155,16 @@ func TestConsulServersSecured(t *testing.T) {
 	if _, _, err := anon.ACL().TokenList(nil); hashi.StatusCode(err) != http.StatusForbidden {
 		fail("token list without a token: %v, want 403", err)
 	}
-	// Reads are filtered to nothing rather than refused.
-	if nodes, _, err := anon.Catalog().Nodes(nil); err != nil || len(nodes) != 0 {
-		fail("catalog without a token: %d nodes, %v; want none", len(nodes), err)
+	// The anonymous token reads the catalog, which Consul 1.14's DNS
+	// answers from, and nothing else: KV reads are filtered to nothing.
+	if nodes, _, err := anon.Catalog().Nodes(nil); err != nil || len(nodes) != 3 {
+		fail("catalog without a token: %d nodes, %v; want the 3 that DNS answers", len(nodes), err)
+	}
+	if _, err := admin.KV().Put(&consulapi.KVPair{Key: "steppe-test/secret", Value: []byte("y")}, nil); err != nil {
+		fail("KV put with the management token: %v", err)
+	}
+	if kvs, _, err := anon.KV().List("steppe-test/", nil); err != nil || len(kvs) != 0 {
+		fail("KV list without a token: %d keys, %v; want none", len(kvs), err)
 	}
 
 	// Refused: plaintext HTTP, on the HTTPS port and on the default one.
@@ -175,7 +182,16 @@ func TestConsulServersSecured(t *testing.T) {
 		fail("Consul listens on the plaintext port 8500")
 	}
 
-	// Refused: a client certificate from another CA, and none at all.
+	// HTTPS asks for no client certificate (a browser opens the UI; the
+	// token authorises): a request with none and the token succeeds.
+	bare, err := hashi.ConsulClient(addr+":8501", hashi.TLSFiles{CAFile: st.CAFile()}, mgmt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bare.Status().Leader(); err != nil {
+		fail("HTTPS with the token and no client certificate: %v", err)
+	}
+	// Refused: a server the client does not trust.
 	other, err := cluster.OpenState(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -185,8 +201,6 @@ func TestConsulServersSecured(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, files := range map[string]hashi.TLSFiles{
-		"other CA":    {CAFile: st.CAFile(), CertFile: oc.CertFile, KeyFile: oc.KeyFile},
-		"no cert":     {CAFile: st.CAFile()},
 		"other trust": {CAFile: other.CAFile(), CertFile: c.Op.CertFile, KeyFile: c.Op.KeyFile},
 	} {
 		refused, err := hashi.ConsulClient(addr+":8501", files, mgmt)
@@ -199,8 +213,9 @@ func TestConsulServersSecured(t *testing.T) {
 			t.Logf("%s: refused: %v", name, err)
 		}
 	}
-	// The same refusal at the TLS layer, without the client library.
-	checkTLSRefused(t, addr+":8501", st.CACertPEM(), oc.CertFile, oc.KeyFile)
+	// RPC keeps mutual TLS: a client certificate of another CA is
+	// refused at the TLS layer.
+	checkTLSRefused(t, fmt.Sprintf("%s:%d", addr, cluster.ConsulRPCPort), consulRPCTLS, st.CACertPEM(), oc.CertFile, oc.KeyFile)
 
 	// Least privilege: a Nomad client's token registers services, and
 	// nothing else.
@@ -258,9 +273,17 @@ func TestConsulServersSecured(t *testing.T) {
 	}
 }
 
-// checkTLSRefused dials addr with a client certificate and checks that the
-// server refuses the handshake or the first request.
-func checkTLSRefused(t *testing.T, addr string, caPEM []byte, certFile, keyFile string) {
+// The first byte of an RPC connection that asks for TLS (Consul's
+// pool.RPCTLS, Nomad's pool.RpcTLS).
+const (
+	consulRPCTLS = 0x03
+	nomadRPCTLS  = 0x04
+)
+
+// checkTLSRefused dials an RPC port, asks for TLS with the protocol byte
+// rpcTLS, and checks that the server refuses a client certificate of
+// another CA: in the handshake, or on the first read (TLS 1.3).
+func checkTLSRefused(t *testing.T, addr string, rpcTLS byte, caPEM []byte, certFile, keyFile string) {
 	t.Helper()
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(caPEM)
@@ -272,19 +295,27 @@ func checkTLSRefused(t *testing.T, addr string, caPEM []byte, certFile, keyFile 
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: host})
+	raw, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("%s: %v", addr, err)
+	}
+	if _, err := raw.Write([]byte{rpcTLS}); err != nil {
+		t.Fatalf("%s: %v", addr, err)
+	}
+	raw.SetDeadline(time.Now().Add(10 * time.Second))
+	conn := tls.Client(raw, &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, ServerName: host})
+	err = conn.Handshake()
 	var verr *tls.CertificateVerificationError
 	if errors.As(err, &verr) {
 		// The client refusing the server proves nothing about the server.
 		t.Fatalf("%s: the server's certificate does not verify: %v", addr, err)
 	}
 	if err != nil {
+		raw.Close()
 		return
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	// TLS 1.3 reports a rejected client certificate on the first read.
-	fmt.Fprintf(conn, "GET /v1/status/leader HTTP/1.1\r\nHost: x\r\n\r\n")
 	buf := make([]byte, 64)
 	_, err = conn.Read(buf)
 	if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
