@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -70,7 +72,8 @@ func testAgentMain(path string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 	exe, _ := os.Executable()
-	sup, err := New(ctx, Options{StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, Fallback: cfg.Fallback, Exec: []string{exe}})
+	illegal := &illegalTransitions{}
+	sup, err := New(ctx, Options{StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, Fallback: cfg.Fallback, Exec: []string{exe}, Logger: slog.New(illegal)})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -98,6 +101,9 @@ func testAgentMain(path string) int {
 			err = sup.Shutdown(ctx)
 		}
 		sup.Close()
+		if err == nil {
+			err = illegal.err()
+		}
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -119,6 +125,9 @@ func testAgentMain(path string) int {
 			err := sup.Shutdown(sctx)
 			cancel()
 			sup.Close()
+			if err == nil {
+				err = illegal.err()
+			}
 			if err != nil {
 				fmt.Fprintln(os.Stderr, "shutdown:", err)
 				return 1
@@ -251,7 +260,54 @@ func testOptions(t testing.TB) Options {
 	// wherever the test runs.
 	parent := fmt.Sprintf("/steppe-test/%s-%d", strings.ReplaceAll(t.Name(), "/", "_"), rand.IntN(1e9))
 	t.Cleanup(func() { cleanupCgroups(parent) })
-	return Options{StateDir: shortTempDir(t), CgroupParent: parent, Exec: testExec()}
+	// Registered before newSup's cleanup, so it runs after it: once every
+	// actor has ended.
+	illegal := &illegalTransitions{}
+	t.Cleanup(func() {
+		if err := illegal.err(); err != nil {
+			t.Error(err)
+		}
+	})
+	return Options{StateDir: shortTempDir(t), CgroupParent: parent, Exec: testExec(), Logger: slog.New(illegal)}
+}
+
+// illegalTransitions is a log handler that keeps what the state machine
+// reports as an illegal transition, and drops the rest.
+type illegalTransitions struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (h *illegalTransitions) Enabled(_ context.Context, l slog.Level) bool {
+	return l >= slog.LevelError
+}
+
+func (h *illegalTransitions) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "illegal state transition" {
+		return nil
+	}
+	var b strings.Builder
+	r.Attrs(func(a slog.Attr) bool {
+		fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+		return true
+	})
+	h.mu.Lock()
+	h.msgs = append(h.msgs, b.String())
+	h.mu.Unlock()
+	return nil
+}
+
+func (h *illegalTransitions) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *illegalTransitions) WithGroup(string) slog.Handler      { return h }
+
+// err lists the illegal transitions seen, nil if none.
+func (h *illegalTransitions) err() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.msgs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("illegal state transitions:\n%s", strings.Join(h.msgs, "\n"))
 }
 
 // shortTempDir keeps notify socket paths below the 107-byte limit.
