@@ -48,7 +48,8 @@ type ConsulACLPlan struct {
 	Policies []ConsulPolicy
 	Tokens   []ConsulToken
 	// Anonymous are the policies of Consul's anonymous token, which
-	// answers every request that carries no token, DNS queries included.
+	// answers every request that carries no token, DNS queries included;
+	// nil leaves the token as it is (a plan of only some policies).
 	Anonymous []string
 }
 

@@ -205,6 +205,9 @@ func ApplyConsulACL(ctx context.Context, c *consulapi.Client, plan *cluster.Cons
 			return fmt.Errorf("update consul token %s: %w", t.Name, err)
 		}
 	}
+	if plan.Anonymous == nil {
+		return nil
+	}
 	return applyAnonymous(ctx, acl, plan.Anonymous)
 }
 

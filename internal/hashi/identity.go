@@ -2,13 +2,7 @@ package hashi
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rsa"
-	"crypto/x509"
-	"encoding/base64"
-	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net/http"
 	"slices"
 	"strings"
@@ -35,81 +29,36 @@ const nomadTasksRules = `service_prefix "" { policy = "read" }
 node_prefix "" { policy = "read" }
 `
 
-// jwk is the part of a JSON Web Key Nomad publishes that matters here.
-type jwk struct {
-	Kty string `json:"kty"`
-	Kid string `json:"kid"`
-	Alg string `json:"alg"`
-	Crv string `json:"crv"`
-	N   string `json:"n"`
-	E   string `json:"e"`
-	X   string `json:"x"`
-}
-
-// NomadJWKSPEM reads the public keys Nomad signs workload identities with
-// (/.well-known/jwks.json) and returns them as PEM.
+// nomadSigningKeys are the IDs of the RS256 keys in Nomad's JWKS (the
+// keys that sign workload identities), sorted.
 //
 // A Nomad leader makes its signing keys moments after it is elected: until
-// ctx ends, an answer with no key (or no answer) is asked again.
-func NomadJWKSPEM(ctx context.Context, c *nomadapi.Client) ([]string, error) {
-	var pems []string
+// ctx ends, an answer with no such key (or no answer) is asked again.
+func nomadSigningKeys(ctx context.Context, c *nomadapi.Client) ([]string, error) {
+	var kids []string
 	err := poll(ctx, "nomad jwks", func() (bool, error) {
-		p, err := nomadJWKSOnce(ctx, c)
-		if err != nil {
+		var set struct {
+			Keys []struct {
+				Kid string `json:"kid"`
+				Alg string `json:"alg"`
+			} `json:"keys"`
+		}
+		if _, err := c.Raw().Query("/.well-known/jwks.json", &set, (&nomadapi.QueryOptions{}).WithContext(ctx)); err != nil {
 			return false, err
 		}
-		pems = p
+		kids = nil
+		for _, k := range set.Keys {
+			if k.Alg == "RS256" {
+				kids = append(kids, k.Kid)
+			}
+		}
+		if len(kids) == 0 {
+			return false, fmt.Errorf("nomad jwks: no RS256 key among %d", len(set.Keys))
+		}
+		slices.Sort(kids)
 		return true, nil
 	})
-	return pems, err
-}
-
-// nomadJWKSOnce reads Nomad's public keys once; a key it cannot decode is
-// a permanent error.
-func nomadJWKSOnce(ctx context.Context, c *nomadapi.Client) ([]string, error) {
-	var set struct {
-		Keys []jwk `json:"keys"`
-	}
-	if _, err := c.Raw().Query("/.well-known/jwks.json", &set, (&nomadapi.QueryOptions{}).WithContext(ctx)); err != nil {
-		return nil, err
-	}
-	var pems []string
-	for _, k := range set.Keys {
-		var pub any
-		switch k.Kty {
-		case "RSA":
-			n, err := base64.RawURLEncoding.DecodeString(k.N)
-			if err != nil {
-				return nil, permanent(fmt.Errorf("nomad jwks key %s: n: %w", k.Kid, err))
-			}
-			e, err := base64.RawURLEncoding.DecodeString(k.E)
-			if err != nil {
-				return nil, permanent(fmt.Errorf("nomad jwks key %s: e: %w", k.Kid, err))
-			}
-			pub = &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
-		case "OKP":
-			if k.Crv != "Ed25519" {
-				continue
-			}
-			x, err := base64.RawURLEncoding.DecodeString(k.X)
-			if err != nil || len(x) != ed25519.PublicKeySize {
-				return nil, permanent(fmt.Errorf("nomad jwks key %s: bad Ed25519 key", k.Kid))
-			}
-			pub = ed25519.PublicKey(x)
-		default:
-			continue
-		}
-		der, err := x509.MarshalPKIXPublicKey(pub)
-		if err != nil {
-			return nil, permanent(fmt.Errorf("nomad jwks key %s: %w", k.Kid, err))
-		}
-		pems = append(pems, string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})))
-	}
-	if len(pems) == 0 {
-		return nil, fmt.Errorf("nomad jwks: no RSA or Ed25519 key among %d", len(set.Keys))
-	}
-	slices.Sort(pems)
-	return pems, nil
+	return kids, err
 }
 
 // SetupConsulWorkloadIdentity lets Nomad workloads log in to Consul with
@@ -120,17 +69,21 @@ func nomadJWKSOnce(ctx context.Context, c *nomadapi.Client) ([]string, error) {
 //
 // The auth method fetches Nomad's JWKS URL (the server nomad talks to,
 // https://ADDR:4646/.well-known/jwks.json) trusting the cluster's CA
-// (caPEM), not a copy of the keys: when Nomad rotates its root keys, a
-// workload identity signed with a key Consul has not seen makes Consul
-// fetch the key set again, so new allocations keep getting tokens. Nomad's
-// HTTPS API takes requests without a client certificate for this
-// (verify_https_client = false; ACLs guard the API). The URL names one
-// server: Consul caches the keys it fetched, so that server being down
-// matters only for a key rotated while it is. Idempotent.
+// (caPEM), not a copy of the keys. Consul keeps the key set it fetched for
+// as long as Nomad's Cache-Control says, which Nomad sets to half the time
+// left until its next scheduled rotation; Nomad publishes the next key
+// before it signs with it (root_key_rotation_threshold), so Consul has it
+// in time and a scheduled rotation needs nothing from steppe. A rotation
+// with -now signs at once with a key Consul has not fetched: the method's
+// description names the key IDs it was set up with, and a run after such a
+// rotation (each `up` does one) rewrites it, which makes Consul build its
+// validator, and fetch the keys, anew. Nomad's HTTPS API takes requests
+// without a client certificate for this (verify_https_client = false;
+// ACLs guard the API). The URL names one server: Consul fetches only when
+// its copy expires or the method changes. Idempotent.
 func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, nomad *nomadapi.Client, caPEM []byte, namespaces []string) error {
-	// Nomad's leader makes its keys moments after its election: wait for
-	// them, so that Consul's first fetch finds one.
-	if _, err := NomadJWKSPEM(ctx, nomad); err != nil {
+	kids, err := nomadSigningKeys(ctx, nomad)
+	if err != nil {
 		return err
 	}
 	jwksURL := strings.TrimSuffix(nomad.Address(), "/") + "/.well-known/jwks.json"
@@ -142,7 +95,7 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 		Name:          ConsulAuthMethod,
 		Type:          "jwt",
 		DisplayName:   "Nomad workload identities",
-		Description:   "steppe: Nomad workload identities",
+		Description:   "steppe: Nomad workload identities (keys " + strings.Join(kids, ", ") + ")",
 		TokenLocality: "local",
 		Config: map[string]any{
 			"JWKSURL":          jwksURL,
@@ -165,7 +118,7 @@ func SetupConsulWorkloadIdentity(ctx context.Context, consul *consulapi.Client, 
 		if _, _, err := acl.AuthMethodCreate(method, wo); err != nil {
 			return fmt.Errorf("create consul auth method %s: %w", ConsulAuthMethod, err)
 		}
-	} else if existing.Config["JWKSURL"] != jwksURL || existing.Config["JWKSCACert"] != string(caPEM) || existing.Config["JWTValidationPubKeys"] != nil {
+	} else if existing.Description != method.Description || existing.Config["JWKSURL"] != jwksURL || existing.Config["JWKSCACert"] != string(caPEM) || existing.Config["JWTValidationPubKeys"] != nil {
 		if _, _, err := acl.AuthMethodUpdate(method, wo); err != nil {
 			return fmt.Errorf("update consul auth method %s: %w", ConsulAuthMethod, err)
 		}

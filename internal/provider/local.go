@@ -363,7 +363,9 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Written by steppe's local provider for machine %s.\n", m.Name)
 	fmt.Fprintf(&b, "agent {\n  state_dir = %s\n  socket    = %s\n  cgroup    = %s\n}\n\n",
-		hclString(l.StateDir(m.Name)), hclString(m.Socket), hclString(l.CgroupParent()+"/"+m.Name))
+		// Absolute (below the v2 mount): local machines share the host,
+		// and down finds their cgroups there wherever up ran.
+		hclString(l.StateDir(m.Name)), hclString(m.Socket), hclString("/"+l.CgroupParent()+"/"+m.Name))
 	// A client's tasks listen on its own interface (see link.go).
 	tags := ""
 	if m.Role == cluster.RoleClient {

@@ -136,7 +136,7 @@ func TestAgentConfigParses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Machine.Pool != "p${x}" || cfg.Machine.Address != "127.0.0.5" || cfg.Bundle.Role != "server" || cfg.Cgroup != l.CgroupParent()+"/m1" {
+	if cfg.Machine.Pool != "p${x}" || cfg.Machine.Address != "127.0.0.5" || cfg.Bundle.Role != "server" || cfg.Cgroup != "/"+l.CgroupParent()+"/m1" {
 		t.Errorf("config %+v %+v", cfg.Machine, cfg.Bundle)
 	}
 }
