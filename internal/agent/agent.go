@@ -281,6 +281,18 @@ func (a *Agent) newPuller(cfg *Config) (*puller, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The floor its creator gave the machine: nothing at or below
+	// MinVersion-1 is ever accepted, as if it had been.
+	if src.MinVersion > 1 {
+		dir := filepath.Join(cfg.StateDir, "bundle")
+		if v, err := bundle.LoadAccepted(dir); err != nil {
+			return nil, err
+		} else if v < src.MinVersion-1 {
+			if err := bundle.SaveAccepted(dir, src.MinVersion-1); err != nil {
+				return nil, err
+			}
+		}
+	}
 	a.mu.Lock()
 	a.bundle = &BundleStatus{Store: src.Store, Cluster: src.Cluster, Role: src.Role}
 	a.mu.Unlock()

@@ -65,6 +65,10 @@ type BundleSource struct {
 	HealthTimeout time.Duration
 	// Keep is how many releases stay on disk, the current one included.
 	Keep int
+	// MinVersion is the lowest bundle version the machine accepts, given
+	// by whoever created it: a new machine must not take an older signed
+	// bundle (valid until it expires) that a store replays.
+	MinVersion uint64
 }
 
 // ConfigError is every problem found in a config file, each with its
@@ -147,6 +151,7 @@ var bundleSchema = &hcl.BodySchema{
 		{Name: "wait"},
 		{Name: "health_timeout"},
 		{Name: "keep"},
+		{Name: "min_version"},
 	},
 }
 
@@ -360,6 +365,9 @@ func (p *parser) bundle(b *hcl.Block) *BundleSource {
 	p.duration(at, "health_timeout", &src.HealthTimeout)
 	if a, ok := at["keep"]; ok && p.decode(a, &src.Keep) && src.Keep < 1 {
 		p.errorf(a.Expr.Range(), "Invalid keep", "bundle keep = %d: keep at least the current release (1)", src.Keep)
+	}
+	if a, ok := at["min_version"]; ok {
+		p.decode(a, &src.MinVersion)
 	}
 	return src
 }

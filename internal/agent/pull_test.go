@@ -231,8 +231,9 @@ func (s *syncBuffer) String() string {
 }
 
 // runAgent runs the agent in this process, pulling from s, until the test
-// ends; it returns a client of its local API and its log.
-func runAgent(t *testing.T, s *testStore) (*Client, *syncBuffer) {
+// ends; it returns a client of its local API and its log. bundleLines are
+// more attributes of its bundle block.
+func runAgent(t *testing.T, s *testStore, bundleLines ...string) (*Client, *syncBuffer) {
 	t.Helper()
 	testenv.NeedRoot(t, "the agent (cgroups)")
 	dir := t.TempDir()
@@ -254,8 +255,9 @@ bundle {
   keys           = [%q]
   wait           = "1s"
   health_timeout = "10s"
+  %s
 }
-`, filepath.Join(dir, "state"), sock, fmt.Sprintf("steppe-test/%s-%d", t.Name(), time.Now().UnixNano()), s.url, s.pubFile)
+`, filepath.Join(dir, "state"), sock, fmt.Sprintf("steppe-test/%s-%d", t.Name(), time.Now().UnixNano()), s.url, s.pubFile, strings.Join(bundleLines, "\n  "))
 	path := filepath.Join(dir, "agent.hcl")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -390,5 +392,26 @@ func TestPullBacksOffOnRepeatedCuts(t *testing.T) {
 	s.cutNext.Store(0)
 	waitBundle(t, c, "release 1 running once the store sends it whole", 20*time.Second, func(b BundleStatus, running []string) bool {
 		return b.Version == 1 && b.Pending == 0 && len(running) == 1
+	})
+}
+
+// A machine created with a floor (bundle min_version, which its provider
+// writes) refuses an older bundle that is signed and not expired, as a
+// store replaying a removed machine's bundles would serve it, and takes
+// the first at or above the floor.
+func TestPullMinVersion(t *testing.T) {
+	s := newTestStore(t)
+	s.publish(s.build(3, nil))
+	c, _ := runAgent(t, s, "min_version = 5")
+	b := waitBundle(t, c, "version 3 refused below the floor", 20*time.Second, func(b BundleStatus, _ []string) bool {
+		return b.LastError != ""
+	})
+	if b.Version != 0 || !strings.Contains(b.LastError, "3") {
+		t.Fatalf("below the floor: running %d, error %q", b.Version, b.LastError)
+	}
+	t.Logf("refused: %s", b.LastError)
+	s.publish(s.build(5, nil))
+	waitBundle(t, c, "release 5 running", 20*time.Second, func(b BundleStatus, running []string) bool {
+		return b.Version == 5 && b.LastError == "" && len(running) == 1
 	})
 }

@@ -237,7 +237,12 @@ type published struct {
 // it into the directory store, unless the latest published bundle already
 // has the same content (and is far from expiry): `up` run again publishes
 // nothing, and no agent restarts anything.
-func publishRole(ctx context.Context, storeDir, clusterName string, p cluster.RolePlan, artifactStore string, key bundle.PrivateKey) (published, error) {
+// publishRole publishes p as its role's next bundle version, unless the
+// store's latest has the same content and is not about to expire. The
+// version continues above both the store's latest and after, the highest
+// ever published under the name (a removed machine's bundles leave the
+// store, its numbers must not come back).
+func publishRole(ctx context.Context, storeDir, clusterName string, p cluster.RolePlan, artifactStore string, key bundle.PrivateKey, after uint64) (published, error) {
 	tmp, err := os.MkdirTemp("", "steppe-bundle-"+p.Role+"-")
 	if err != nil {
 		return published{}, err
@@ -284,8 +289,9 @@ func publishRole(ctx context.Context, storeDir, clusterName string, p cluster.Ro
 	if prev != nil && sameContent(prev, built) && time.Until(prev.Expires) > bundleRenewBefore {
 		return published{Role: p.Role, Version: prev.Version}, nil
 	}
+	m.Version = after + 1
 	if prev != nil {
-		m.Version = prev.Version + 1
+		m.Version = max(prev.Version, after) + 1
 	}
 	var out bytes.Buffer
 	if _, err := bundle.Build(&out, tmp, m, &key); err != nil {

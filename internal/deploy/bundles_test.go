@@ -65,20 +65,25 @@ func TestPublishRoleOnlyWhenChanged(t *testing.T) {
 	}
 	ctx := context.Background()
 	p := testPlan(t)
-	first, err := publishRole(ctx, dir, "c1", p, "file:///store", key)
+	first, err := publishRole(ctx, dir, "c1", p, "file:///store", key, 0)
 	if err != nil || !first.Changed || first.Version != 1 {
 		t.Fatalf("first publish %+v %v", first, err)
 	}
-	again, err := publishRole(ctx, dir, "c1", p, "file:///store", key)
+	again, err := publishRole(ctx, dir, "c1", p, "file:///store", key, 0)
 	if err != nil || again.Changed || again.Version != 1 {
 		t.Fatalf("same plan again %+v %v", again, err)
 	}
 	p.Vars["nomad_version"] = "1.10.6"
-	next, err := publishRole(ctx, dir, "c1", p, "file:///store", key)
+	next, err := publishRole(ctx, dir, "c1", p, "file:///store", key, 0)
 	if err != nil || !next.Changed || next.Version != 2 {
 		t.Fatalf("changed plan %+v %v", next, err)
 	}
-	if moved, err := publishRole(ctx, dir, "c1", p, "file:///elsewhere", key); err != nil || !moved.Changed || moved.Version != 3 {
+	if moved, err := publishRole(ctx, dir, "c1", p, "file:///elsewhere", key, 0); err != nil || !moved.Changed || moved.Version != 3 {
 		t.Fatalf("artifact store moved %+v %v", moved, err)
+	}
+	// A name whose bundles left the store (a removed machine) continues
+	// above the highest version it ever had.
+	if again, err := publishRole(ctx, t.TempDir(), "c1", p, "file:///store", key, 7); err != nil || !again.Changed || again.Version != 8 {
+		t.Fatalf("publish after 7 in an empty store %+v %v", again, err)
 	}
 }

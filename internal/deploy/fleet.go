@@ -37,6 +37,11 @@ type fleet struct {
 	// Pools are the client pools' sizes.
 	Pools    map[string]int `json:"pools"`
 	Machines []fleetMachine `json:"machines"`
+	// BundleVersions is the highest bundle version ever published for
+	// each machine name, kept after the machine is removed: a machine
+	// made again under a name continues above it, and is told to accept
+	// nothing lower (fleetMachine.MinBundle).
+	BundleVersions map[string]uint64 `json:"bundle_versions,omitempty"`
 }
 
 // fleetMachine is one machine of the fleet.
@@ -49,6 +54,11 @@ type fleetMachine struct {
 	// that machine is removed: recorded before the machine is created,
 	// so that a resumed upgrade finds it instead of making another.
 	Replaces string `json:"replaces,omitempty"`
+	// MinBundle is the lowest bundle version the machine accepts, fixed
+	// when it joins the fleet (its first bundle's version): a store that
+	// replays an older bundle of its name, signed and not yet expired,
+	// is refused.
+	MinBundle uint64 `json:"min_bundle,omitempty"`
 }
 
 func (m fleetMachine) cluster() cluster.Machine {
@@ -159,9 +169,18 @@ func (f *fleet) add(clusterName string, role cluster.Role, pool string, versions
 			n = max(n, machineNumber(m.Name))
 		}
 	}
-	m := fleetMachine{Name: prefix + strconv.Itoa(n+1), Role: role, Pool: pool, Versions: maps.Clone(versions), Replaces: replaces}
+	name := prefix + strconv.Itoa(n+1)
+	m := fleetMachine{Name: name, Role: role, Pool: pool, Versions: maps.Clone(versions), Replaces: replaces, MinBundle: f.BundleVersions[name] + 1}
 	f.Machines = append(f.Machines, m)
 	return m
+}
+
+// published records that version was published for machine name.
+func (f *fleet) published(name string, version uint64) {
+	if f.BundleVersions == nil {
+		f.BundleVersions = map[string]uint64{}
+	}
+	f.BundleVersions[name] = max(f.BundleVersions[name], version)
 }
 
 func (f *fleet) machine(name string) *fleetMachine {

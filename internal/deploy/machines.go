@@ -268,6 +268,7 @@ func (o *fleetOps) create(ctx context.Context, ms []cluster.Machine) ([]provider
 	errs := make([]error, len(want))
 	var wg sync.WaitGroup
 	for i, m := range want {
+		fm, _ := o.fleetMachine(m.Name)
 		wg.Go(func() {
 			out[i], errs[i] = o.local.Create(ctx, provider.CreateRequest{
 				Machine: m,
@@ -275,7 +276,7 @@ func (o *fleetOps) create(ctx context.Context, ms []cluster.Machine) ([]provider
 					Cluster: o.spec.Name, Region: o.spec.Region, Datacenter: o.spec.Datacenter,
 					BundleRole: m.Name, BundleStore: store,
 					BundleKeys: []string{o.bundlePub}, ArtifactKeys: o.artifactKeys,
-					HealthTimeout: o.machineTimeout,
+					HealthTimeout: o.machineTimeout, MinBundleVersion: fm.MinBundle,
 				},
 				Secrets: func(cm cluster.Machine, dir string) (map[string][]byte, error) {
 					return cluster.MachineSecrets(o.spec, o.st, cm, dir)
@@ -319,7 +320,14 @@ func (o *fleetOps) publish(ctx context.Context, name string, servers []cluster.M
 	if err != nil {
 		return published{}, err
 	}
-	return publishRole(ctx, store, o.spec.Name, p, o.storeURL, o.key)
+	o.mu.Lock()
+	after := o.fleet.BundleVersions[name]
+	o.mu.Unlock()
+	pub, err := publishRole(ctx, store, o.spec.Name, p, o.storeURL, o.key, after)
+	if err != nil || !pub.Changed {
+		return pub, err
+	}
+	return pub, o.withFleet(func(f *fleet) { f.published(name, pub.Version) })
 }
 
 // waitMachine waits until a machine runs its published release (version

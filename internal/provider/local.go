@@ -373,8 +373,12 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 	}
 	fmt.Fprintf(&b, "machine {\n  name       = %s\n  address    = %s\n  pool       = %s\n  region     = %s\n  datacenter = %s\n%s}\n\n",
 		hclString(m.Name), hclString(m.Address), hclString(m.Pool), hclString(a.Region), hclString(a.Datacenter), tags)
-	fmt.Fprintf(&b, "bundle {\n  store          = %s\n  cluster        = %s\n  role           = %s\n  keys           = %s\n  wait           = \"30s\"\n  health_timeout = %s\n}\n",
+	fmt.Fprintf(&b, "bundle {\n  store          = %s\n  cluster        = %s\n  role           = %s\n  keys           = %s\n  wait           = \"30s\"\n  health_timeout = %s\n",
 		hclString(a.BundleStore), hclString(a.Cluster), hclString(a.BundleRole), hclList(a.BundleKeys), hclString(health.String()))
+	if a.MinBundleVersion > 0 {
+		fmt.Fprintf(&b, "  min_version    = %d\n", a.MinBundleVersion)
+	}
+	b.WriteString("}\n")
 	if len(a.ArtifactKeys) > 0 {
 		fmt.Fprintf(&b, "\nartifacts {\n  keys = %s\n}\n", hclList(a.ArtifactKeys))
 	}

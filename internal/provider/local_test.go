@@ -128,7 +128,7 @@ func TestAgentConfigParses(t *testing.T) {
 		t.Fatal(err)
 	}
 	err := l.writeAgentConfig(m, AgentConfig{Cluster: "c1", Region: "global", Datacenter: "dc1", BundleRole: "server",
-		BundleStore: "/srv/bundles", BundleKeys: []string{keys}})
+		BundleStore: "/srv/bundles", BundleKeys: []string{keys}, MinBundleVersion: 4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestAgentConfigParses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Machine.Pool != "p${x}" || cfg.Machine.Address != "127.0.0.5" || cfg.Bundle.Role != "server" || cfg.Cgroup != "/"+l.CgroupParent()+"/m1" {
+	if cfg.Machine.Pool != "p${x}" || cfg.Machine.Address != "127.0.0.5" || cfg.Bundle.Role != "server" || cfg.Bundle.MinVersion != 4 || cfg.Cgroup != "/"+l.CgroupParent()+"/m1" {
 		t.Errorf("config %+v %+v", cfg.Machine, cfg.Bundle)
 	}
 }

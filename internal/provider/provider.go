@@ -83,4 +83,7 @@ type AgentConfig struct {
 	ArtifactKeys []string
 	// HealthTimeout bounds each release's health gate on the machine.
 	HealthTimeout time.Duration
+	// MinBundleVersion is the lowest bundle version the machine may
+	// accept: the version its first bundle will have (0: any).
+	MinBundleVersion uint64
 }
