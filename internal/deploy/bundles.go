@@ -17,6 +17,7 @@ import (
 
 	"github.com/steppe/steppe/internal/bundle"
 	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/hcllit"
 )
 
 // Bundles are valid for a year and published again by `up` when less
@@ -60,26 +61,26 @@ func hclTemplate(s string) (string, error) {
 		if matched {
 			continue
 		}
-		switch {
-		case strings.HasPrefix(s[i:], "{{"):
+		if strings.HasPrefix(s[i:], "{{") {
 			return "", fmt.Errorf("%q: only the facts %v can be used in a service's arguments", s, factNames())
-		case strings.HasPrefix(s[i:], "${"), strings.HasPrefix(s[i:], "%{"):
-			b.WriteString(s[i:i+1] + s[i:i+2])
-			i += 2
-		case s[i] == '"' || s[i] == '\\':
-			b.WriteByte('\\')
-			b.WriteByte(s[i])
-			i++
-		case s[i] == '\n':
-			b.WriteString(`\n`)
-			i++
-		case s[i] < 0x20:
-			fmt.Fprintf(&b, `\u%04x`, s[i])
-			i++
-		default:
-			b.WriteByte(s[i])
-			i++
 		}
+		// The literal text up to the next action, quoted as it is.
+		j := strings.Index(s[i+1:], "{{")
+		if j < 0 {
+			j = len(s)
+		} else {
+			j += i + 1
+		}
+		lit := s[i:j]
+		// "$" or "%" just before an interpolation would make "$${", HCL's
+		// escape for a literal "${": each is written as an interpolated
+		// string instead.
+		last := ""
+		for j < len(s) && (strings.HasSuffix(lit, "$") || strings.HasSuffix(lit, "%")) {
+			lit, last = lit[:len(lit)-1], `${"`+lit[len(lit)-1:]+`"}`+last
+		}
+		b.WriteString(hcllit.Escape(lit) + last)
+		i = j
 	}
 	b.WriteByte('"')
 	return b.String(), nil

@@ -15,6 +15,7 @@ func TestHCLTemplate(t *testing.T) {
 		"{{ .Machine.Tags.secrets_dir }}/x":                       `"${secrets}/x"`,
 		"{{ .Machine.Address }}:4646":                             `"${machine.address}:4646"`,
 		`a "q" \ ${literal} %{x}`:                                 `"a \"q\" \\ $${literal} %%{x}"`,
+		"cost$${{ .Machine.Name }}":                               `"cost${"$"}${"$"}${machine.name}"`,
 	}
 	for in, want := range cases {
 		got, err := hclTemplate(in)

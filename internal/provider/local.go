@@ -24,6 +24,7 @@ import (
 	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/hcllit"
 )
 
 // DefaultFirstAddress is where the local provider starts numbering its
@@ -365,22 +366,22 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 	fmt.Fprintf(&b, "agent {\n  state_dir = %s\n  socket    = %s\n  cgroup    = %s\n}\n\n",
 		// Absolute (below the v2 mount): local machines share the host,
 		// and down finds their cgroups there wherever up ran.
-		hclString(l.StateDir(m.Name)), hclString(m.Socket), hclString("/"+l.CgroupParent()+"/"+m.Name))
+		hcllit.String(l.StateDir(m.Name)), hcllit.String(m.Socket), hcllit.String("/"+l.CgroupParent()+"/"+m.Name))
 	// A client's tasks listen on its own interface (see link.go).
 	tags := ""
 	if m.Role == cluster.RoleClient {
-		tags = fmt.Sprintf("  tags       = { task_interface = %s }\n", hclString(LinkName(m.Name)))
+		tags = fmt.Sprintf("  tags       = { task_interface = %s }\n", hcllit.String(LinkName(m.Name)))
 	}
 	fmt.Fprintf(&b, "machine {\n  name       = %s\n  address    = %s\n  pool       = %s\n  region     = %s\n  datacenter = %s\n%s}\n\n",
-		hclString(m.Name), hclString(m.Address), hclString(m.Pool), hclString(a.Region), hclString(a.Datacenter), tags)
+		hcllit.String(m.Name), hcllit.String(m.Address), hcllit.String(m.Pool), hcllit.String(a.Region), hcllit.String(a.Datacenter), tags)
 	fmt.Fprintf(&b, "bundle {\n  store          = %s\n  cluster        = %s\n  role           = %s\n  keys           = %s\n  wait           = \"30s\"\n  health_timeout = %s\n",
-		hclString(a.BundleStore), hclString(a.Cluster), hclString(a.BundleRole), hclList(a.BundleKeys), hclString(health.String()))
+		hcllit.String(a.BundleStore), hcllit.String(a.Cluster), hcllit.String(a.BundleRole), hcllit.List(a.BundleKeys), hcllit.String(health.String()))
 	if a.MinBundleVersion > 0 {
 		fmt.Fprintf(&b, "  min_version    = %d\n", a.MinBundleVersion)
 	}
 	b.WriteString("}\n")
 	if len(a.ArtifactKeys) > 0 {
-		fmt.Fprintf(&b, "\nartifacts {\n  keys = %s\n}\n", hclList(a.ArtifactKeys))
+		fmt.Fprintf(&b, "\nartifacts {\n  keys = %s\n}\n", hcllit.List(a.ArtifactKeys))
 	}
 	cfg := filepath.Join(m.Dir, agentConfig)
 	if _, err := agent.ParseConfig(cfg, []byte(b.String())); err != nil {
@@ -390,22 +391,6 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 		return fmt.Errorf("local machine %s: %w", m.Name, err)
 	}
 	return nil
-}
-
-// hclString quotes s for HCL: the escapes JSON and HCL share, and template
-// sequences made literal.
-func hclString(s string) string {
-	b, _ := json.Marshal(s)
-	q := strings.ReplaceAll(string(b), "${", "$${")
-	return strings.ReplaceAll(q, "%{", "%%{")
-}
-
-func hclList(ss []string) string {
-	q := make([]string, len(ss))
-	for i, s := range ss {
-		q[i] = hclString(s)
-	}
-	return "[" + strings.Join(q, ", ") + "]"
 }
 
 // start runs the machine's agent detached: its own session (no terminal
