@@ -280,7 +280,7 @@ func (p *parser) signal(attrs hcl.Attributes, name string, dst *syscall.Signal) 
 }
 
 func (p *parser) size(attrs hcl.Attributes, name string, dst *int64) {
-	scalar(p, attrs, name, "Invalid size", parseSize, dst)
+	scalar(p, attrs, name, "Invalid size", hcldecode.ParseSize, dst)
 }
 
 func parseDuration(s string) (time.Duration, error) {
@@ -683,31 +683,6 @@ func parseSignal(s string) (syscall.Signal, error) {
 		return 0, fmt.Errorf("unknown signal (want a name such as SIGTERM, SIGINT or SIGHUP)")
 	}
 	return sig, nil
-}
-
-// parseSize reads "512MiB", "1G", "64k" or a plain number of bytes.
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	i := strings.IndexFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
-	num, unit := t, ""
-	if i >= 0 {
-		num, unit = t[:i], strings.TrimSpace(t[i:])
-	}
-	mult := map[string]float64{
-		"": 1, "b": 1,
-		"k": 1 << 10, "kb": 1e3, "kib": 1 << 10,
-		"m": 1 << 20, "mb": 1e6, "mib": 1 << 20,
-		"g": 1 << 30, "gb": 1e9, "gib": 1 << 30,
-		"t": 1 << 40, "tb": 1e12, "tib": 1 << 40,
-	}[strings.ToLower(unit)]
-	if mult == 0 {
-		return 0, fmt.Errorf("unknown unit %q (want B, KiB, MiB, GiB, TiB, or KB, MB, GB, TB)", unit)
-	}
-	f, err := strconv.ParseFloat(num, 64)
-	if err != nil || f < 0 {
-		return 0, fmt.Errorf("want a size such as \"256MiB\"")
-	}
-	return int64(f * mult), nil
 }
 
 func checkHostPort(addr string) error {

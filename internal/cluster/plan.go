@@ -133,6 +133,9 @@ type ServiceDef struct {
 	ReloadSignal syscall.Signal
 	Restart      string
 	Ready        *Readiness
+	// MemoryMax is the service's memory limit in bytes (0: none); a kill
+	// by the OOM killer is reported as such.
+	MemoryMax int64
 }
 
 // Readiness mirrors supervise.Readiness: exactly one of Notify, TCP, HTTP
@@ -210,7 +213,19 @@ func planRole(spec *Spec, role Role, pool Pool, join []string) (RolePlan, error)
 			"nomad_version":  spec.Versions.Nomad,
 		},
 	}
-	p.Services = []ServiceDef{consulService(), nomadService(role)}
+	mem := pool.Memory
+	if role == RoleServer {
+		mem = spec.Servers.Memory
+	}
+	if mem == nil { // a pool the spec no longer names, or a spec made in code
+		mem = defaultClientMemory()
+		if role == RoleServer {
+			mem = defaultServerMemory()
+		}
+	}
+	cs, ns := consulService(), nomadService(role)
+	cs.MemoryMax, ns.MemoryMax = mem[ConsulProduct], mem[NomadProduct]
+	p.Services = []ServiceDef{cs, ns}
 	return p, nil
 }
 

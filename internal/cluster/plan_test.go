@@ -84,6 +84,18 @@ pool "batch" {}
 	for _, p := range plans {
 		roles = append(roles, p.Role)
 	}
+	// Every daemon has a memory limit: the role's defaults here.
+	for _, p := range plans {
+		for _, sv := range p.Services {
+			want := map[string]int64{"server/consul": DefaultServerConsulMemory, "server/nomad": DefaultServerNomadMemory}[p.Role+"/"+sv.Name]
+			if p.Role != "server" {
+				want = map[string]int64{"consul": DefaultClientConsulMemory, "nomad": DefaultClientNomadMemory}[sv.Name]
+			}
+			if sv.MemoryMax != want || want == 0 {
+				t.Errorf("%s/%s: memory limit %d, want %d", p.Role, sv.Name, sv.MemoryMax, want)
+			}
+		}
+	}
 	if strings.Join(roles, ",") != "server,client-web,client-batch" {
 		t.Fatalf("roles %v", roles)
 	}

@@ -73,6 +73,8 @@ type Versions struct {
 // Servers are the machines that run the Consul and Nomad servers.
 type Servers struct {
 	Count int
+	// Memory is each daemon's memory limit in bytes, by product.
+	Memory map[string]int64
 }
 
 // Pool is a group of Nomad client machines configured alike.
@@ -81,6 +83,54 @@ type Pool struct {
 	Count     int
 	NodeClass string
 	Meta      map[string]string
+	// Memory is each daemon's memory limit in bytes, by product.
+	Memory map[string]int64
+}
+
+// Default memory limits of the daemons (spec: servers and pool blocks,
+// memory = { consul = "1GiB", nomad = "2GiB" }). The seed's Consul "died
+// several times", probably of memory, and nothing said why: a limit makes
+// a runaway daemon an OOM kill that steppe reports, before it takes the
+// machine with it. Sized for a small production machine (4-8 GiB): a
+// Consul server of a few thousand services uses a few hundred MiB, a Nomad
+// server holds its state in memory. A Nomad client's limit covers the
+// client alone: its tasks run in cgroups of their own.
+const (
+	DefaultServerConsulMemory = 1 << 30
+	DefaultServerNomadMemory  = 2 << 30
+	DefaultClientConsulMemory = 512 << 20
+	DefaultClientNomadMemory  = 1 << 30
+)
+
+func defaultServerMemory() map[string]int64 {
+	return map[string]int64{ConsulProduct: DefaultServerConsulMemory, NomadProduct: DefaultServerNomadMemory}
+}
+
+func defaultClientMemory() map[string]int64 {
+	return map[string]int64{ConsulProduct: DefaultClientConsulMemory, NomadProduct: DefaultClientNomadMemory}
+}
+
+// decodeMemory reads memory = { consul = "1GiB", nomad = "2GiB" } over the
+// defaults in dst.
+func decodeMemory(a *hcl.Attribute, dst map[string]int64) hcl.Diagnostics {
+	var m map[string]string
+	diags := hcldecode.Expr(a.Expr, nil, &m)
+	for k, v := range m {
+		if _, ok := dst[k]; !ok {
+			diags = append(diags, errAt(a.Expr.Range(), "Invalid memory", fmt.Sprintf("%q: give limits for %s or %s", k, ConsulProduct, NomadProduct))...)
+			continue
+		}
+		n, err := hcldecode.ParseSize(v)
+		if err == nil && n < 64<<20 {
+			err = errors.New("below 64MiB no daemon starts")
+		}
+		if err != nil {
+			diags = append(diags, errAt(a.Expr.Range(), "Invalid memory", fmt.Sprintf("%s = %q: %v", k, v, err))...)
+			continue
+		}
+		dst[k] = n
+	}
+	return diags
 }
 
 // Provider says where machines come from, with provider-specific options.
@@ -100,8 +150,8 @@ func DefaultSpec() *Spec {
 			Nomad:  DefaultNomadVersion,
 			Consul: DefaultConsulVersion,
 		},
-		Servers:       Servers{Count: DefaultServers},
-		Pools:         []Pool{{Name: DefaultPoolName, Count: DefaultPoolCount, Meta: map[string]string{}}},
+		Servers:       Servers{Count: DefaultServers, Memory: defaultServerMemory()},
+		Pools:         []Pool{{Name: DefaultPoolName, Count: DefaultPoolCount, Meta: map[string]string{}, Memory: defaultClientMemory()}},
 		ArtifactStore: DefaultArtifactStore,
 		BundleStore:   DefaultBundleStore,
 		Provider:      Provider{Name: DefaultProvider, Options: map[string]string{}},
@@ -176,8 +226,8 @@ var (
 		},
 	}
 	versionsSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "nomad"}, {Name: "consul"}, {Name: "vault"}}}
-	serversSchema  = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}}}
-	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}}}
+	serversSchema  = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "memory"}}}
+	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}, {Name: "memory"}}}
 )
 
 // validName is what cluster, pool, region and datacenter names may be
@@ -260,6 +310,9 @@ func decodeSpec(body hcl.Body) (*Spec, hcl.Diagnostics) {
 		case "servers":
 			c, d := b.Body.Content(serversSchema)
 			diags = append(diags, d...)
+			if a, ok := c.Attributes["memory"]; ok {
+				diags = append(diags, decodeMemory(a, s.Servers.Memory)...)
+			}
 			if a, ok := c.Attributes["count"]; ok {
 				n, d := decodeCount(a, "servers count")
 				diags = append(diags, d...)
@@ -402,7 +455,7 @@ func checkVersion(s string) error {
 }
 
 func decodePool(b *hcl.Block) (Pool, hcl.Diagnostics) {
-	p := Pool{Name: b.Labels[0], Count: 1, Meta: map[string]string{}}
+	p := Pool{Name: b.Labels[0], Count: 1, Meta: map[string]string{}, Memory: defaultClientMemory()}
 	diags := checkName("pool name")(p.Name, b.LabelRanges[0])
 	if p.Name == "server" {
 		// Machine names are <cluster>-server-N for servers.
@@ -420,6 +473,9 @@ func decodePool(b *hcl.Block) (Pool, hcl.Diagnostics) {
 	}
 	if a, ok := c.Attributes["meta"]; ok {
 		diags = append(diags, hcldecode.Expr(a.Expr, nil, &p.Meta)...)
+	}
+	if a, ok := c.Attributes["memory"]; ok {
+		diags = append(diags, decodeMemory(a, p.Memory)...)
 	}
 	return p, diags
 }

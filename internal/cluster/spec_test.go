@@ -50,12 +50,14 @@ versions {
 }
 
 servers {
-  count = 5
+  count  = 5
+  memory = { consul = "3GiB" }
 }
 
 pool "web" {
   count      = 4
   node_class = "web"
+  memory     = { nomad = "512MiB", consul = "256MiB" }
   meta = {
     rack = "r1"
     tier = "front"
@@ -77,13 +79,13 @@ provider "local" {
 	want := &Spec{
 		Name: "prod", Region: "eu", Datacenter: "fra1",
 		Versions:      Versions{Nomad: "1.9.3", Consul: "1.14.8", Vault: "1.21.0"},
-		Servers:       Servers{Count: 5},
+		Servers:       Servers{Count: 5, Memory: map[string]int64{"consul": 3 << 30, "nomad": DefaultServerNomadMemory}},
 		ArtifactStore: "http://127.0.0.1:9000/releases",
 		ArtifactKeys:  []string{"keys/mirror.asc"},
 		BundleStore:   "/srv/bundles",
 		Pools: []Pool{
-			{Name: "web", Count: 4, NodeClass: "web", Meta: map[string]string{"rack": "r1", "tier": "front"}},
-			{Name: "batch", Count: 1, Meta: map[string]string{}},
+			{Name: "web", Count: 4, NodeClass: "web", Meta: map[string]string{"rack": "r1", "tier": "front"}, Memory: map[string]int64{"consul": 256 << 20, "nomad": 512 << 20}},
+			{Name: "batch", Count: 1, Meta: map[string]string{}, Memory: defaultClientMemory()},
 		},
 		Provider: Provider{Name: "local", Options: map[string]string{"first_address": "127.0.0.20", "detach": "true", "base_port": "4000"}},
 	}
@@ -116,6 +118,9 @@ func TestSpecErrorsNamePosition(t *testing.T) {
 		{"provider without label", "provider {}\n", "cluster.hcl:1:10: Missing name for provider"},
 		{"syntax", "servers {\n  count = \n}\n", "cluster.hcl:2:"},
 		{"empty bundle store", "bundle_store = \"\"\n", "cluster.hcl:1:16: Empty bundle_store"},
+		{"memory of an unknown daemon", "servers {\n  memory = { vaultt = \"1GiB\" }\n}\n", "cluster.hcl:2:12: Invalid memory: \"vaultt\""},
+		{"memory too small", "pool \"a\" {\n  memory = { nomad = \"16MiB\" }\n}\n", "cluster.hcl:2:12: Invalid memory: nomad = \"16MiB\": below 64MiB"},
+		{"memory not a size", "pool \"a\" {\n  memory = { nomad = \"lots\" }\n}\n", "cluster.hcl:2:12: Invalid memory: nomad = \"lots\""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -180,6 +180,9 @@ func writeService(b *strings.Builder, d cluster.ServiceDef) error {
 	if d.Restart != "" {
 		fmt.Fprintf(b, "  restart = %q\n", d.Restart)
 	}
+	if d.MemoryMax > 0 {
+		fmt.Fprintf(b, "  memory_max = \"%d\"\n", d.MemoryMax)
+	}
 	if files := releaseFiles(d.Args); len(files) > 0 {
 		fl, err := hclList(files)
 		if err != nil {

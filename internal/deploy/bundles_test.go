@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -49,7 +50,8 @@ func TestServiceHCLNamesTheReleaseFiles(t *testing.T) {
 	}
 	s := string(b)
 	for _, want := range []string{`command = artifact.consul`, `files = ["consul.json"]`, `files = ["nomad.json"]`, `after = ["consul"]`,
-		`"-config-file=${secrets}/consul.json"`, `stop_signal = "SIGINT"`, "notify = true", `env = {`} {
+		`"-config-file=${secrets}/consul.json"`, `stop_signal = "SIGINT"`, "notify = true", `env = {`,
+		fmt.Sprintf(`memory_max = "%d"`, cluster.DefaultServerConsulMemory), fmt.Sprintf(`memory_max = "%d"`, cluster.DefaultServerNomadMemory)} {
 		if !strings.Contains(s, want) {
 			t.Errorf("service file lacks %s:\n%s", want, s)
 		}

@@ -99,6 +99,11 @@ type ServiceStatus struct {
 	Ready    bool   `json:"ready"`
 	PID      int    `json:"pid,omitempty"`
 	Restarts int    `json:"restarts"`
+	// LastExit is how its last run ended ("oom" for a kill by the OOM
+	// killer, its cgroup's limit or the whole machine's memory), and
+	// OOMKills how many runs ended so.
+	LastExit string `json:"last_exit,omitempty"`
+	OOMKills int    `json:"oom_kills,omitempty"`
 }
 
 // GetStatus asks every agent, and Nomad and Consul with the management
@@ -174,6 +179,14 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 		}
 	}
 	s.fillRuns()
+	for _, a := range s.Agents {
+		for _, sv := range a.Services {
+			if sv.OOMKills > 0 {
+				s.Problems = append(s.Problems, fmt.Sprintf("%s/%s was killed by the OOM killer %d times (last run ended: %s): raise its memory in the spec (servers or pool block, memory = { %s = \"...\" }) or find what grows (steppe agent logs %s)",
+					a.Machine, sv.Name, sv.OOMKills, sv.LastExit, sv.Name, sv.Name))
+			}
+		}
+	}
 	if st, err := pendingUpgrade(e.stateDir); err == nil && st != nil {
 		s.Problems = append(s.Problems, fmt.Sprintf("an upgrade to %s is unfinished: run steppe upgrade to finish it", upgrade.DescribeVersions(st.Target)))
 	}
@@ -249,7 +262,8 @@ func agentStatus(ctx context.Context, m provider.Machine) AgentStatus {
 		}
 	}
 	for _, sv := range st.Services {
-		a.Services = append(a.Services, ServiceStatus{Name: sv.Name, State: string(sv.State), Ready: sv.Ready, PID: sv.PID, Restarts: sv.Restarts})
+		a.Services = append(a.Services, ServiceStatus{Name: sv.Name, State: string(sv.State), Ready: sv.Ready, PID: sv.PID, Restarts: sv.Restarts,
+			LastExit: sv.LastExit, OOMKills: sv.OOMKills})
 	}
 	return a
 }

@@ -99,15 +99,16 @@ func (u *Upgrader) clientSteps(ctx context.Context, i int, s Step, prev StepStat
 	if err != nil {
 		return err
 	}
-	// What the daemons report decides, not what the state file says was
-	// done: a restart may have been cut short before it took effect.
+	// A restart phase is recorded only once it completed (see phase), so
+	// a step cut short before that is restarted again; one cut short
+	// after it goes on to wait for the daemons to report the target.
 	switch {
+	case prev == StatusRunning && hasPhase(s.Phases, "restart"):
+		u.update(i, func(st *Step) {
+			st.Note = joinNote(st.Note, "interrupted after its restart: verified, not restarted again")
+		})
 	case state.on(want):
-		note := "found on the target versions: verified, not restarted"
-		if prev == StatusRunning && hasPhase(s.Phases, "restart") {
-			note = "interrupted after its restart: verified, not restarted again"
-		}
-		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, note) })
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on the target versions: verified, not restarted") })
 	default:
 		if nomadToo {
 			if state.node == nil {

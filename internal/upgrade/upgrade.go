@@ -432,15 +432,17 @@ func (u *Upgrader) server(ctx context.Context, i int, s Step, prev StepStatus) e
 		return err
 	}
 	current := memberAt(members, s.Address)
-	// What the daemon reports decides, not what the state file says was
-	// done: a restart may have been cut short before it took effect.
+	// A restart phase is recorded only once it completed (see phase), so
+	// a step cut short before that is restarted again; one cut short
+	// after it, or whose daemon already reports the target, goes to the
+	// gate, which decides from what the daemon reports.
 	switch {
+	case prev == StatusRunning && hasPhase(s.Phases, "restart"):
+		u.update(i, func(st *Step) {
+			st.Note = joinNote(st.Note, "interrupted after its restart: verified, not restarted again")
+		})
 	case current != nil && current.Alive && current.Version == s.To:
-		note := "found on " + s.To + ": verified, not restarted"
-		if prev == StatusRunning && hasPhase(s.Phases, "restart") {
-			note = "interrupted after its restart: verified, not restarted again"
-		}
-		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, note) })
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "found on "+s.To+": verified, not restarted") })
 	default:
 		// Nothing proceeds on an unhealthy cluster.
 		h, err := p.health(ctx, "")
