@@ -217,7 +217,7 @@ func TestUpStatusEnvDown(t *testing.T) {
 	metadata := startMetadataTrap(t)
 	out, took := c.up()
 	t.Logf("steppe up took %v:\n%s", took.Round(time.Millisecond), out)
-	for _, want := range []string{"==> agents healthy", "==> consul ACLs", "==> nomad ACLs", "==> workload identity", "is up in", `eval "$(steppe env`} {
+	for _, want := range []string{"==> agents healthy", "==> consul ACLs", "==> nomad ACLs", "==> workload identity", "is up in", `eval "$(steppe env`, "/ui/\n", "trust the cluster CA"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("up output lacks %q", want)
 		}
@@ -245,6 +245,7 @@ func TestUpStatusEnvDown(t *testing.T) {
 	env := c.envMap()
 	c.checkRefusals(env)
 	allocs := c.runWebJob(env)
+	c.checkUIs(env)
 	c.checkDNS()
 	c.checkKeyRotation()
 
@@ -657,6 +658,31 @@ func (c *upCluster) scanSecrets() {
 		t.Errorf("state dir: %v %v, want mode 0700", fi.Mode(), err)
 	}
 	t.Logf("secret scan: %d files (%d bundles) clean of %d secrets and any private key", scanned, bundles, len(secrets))
+}
+
+// checkUIs loads both web UIs as a browser that trusts the cluster's CA
+// and has no client certificate would: both answer 200 with their pages.
+func (c *upCluster) checkUIs(env map[string]string) {
+	t := c.t
+	ca, err := os.ReadFile(env["NOMAD_CACERT"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	for _, u := range []string{fmt.Sprintf("https://%s:%d/ui/", c.addrs[0], cluster.NomadHTTPPort), fmt.Sprintf("https://%s:%d/ui/", c.addrs[0], cluster.ConsulHTTPSPort)} {
+		resp, err := hc.Get(u)
+		if err != nil {
+			t.Errorf("UI %s without a client certificate: %v", u, err)
+			continue
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(strings.ToLower(string(body)), "<html") {
+			t.Errorf("UI %s: %d, %.200q", u, resp.StatusCode, body)
+		}
+	}
 }
 
 // checkDNS asks every machine's Consul DNS, with the real dig, for the web

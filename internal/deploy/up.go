@@ -525,5 +525,12 @@ func (u *upRun) summary() {
 	}
 	fmt.Fprintf(&b, "\nuse the real CLIs:\n  eval \"$(steppe env%s)\"\n  nomad server members\n  nomad node status\n  consul members\n", flag)
 	fmt.Fprintf(&b, "and: steppe status%s, steppe down%s\n", flag, flag)
+	if srv := u.servers(); len(srv) > 0 {
+		// The UIs need no client certificate; a browser must trust the
+		// cluster's CA, and each UI asks for a token (steppe env has them).
+		fmt.Fprintf(&b, "\nthe web UIs (log in with NOMAD_TOKEN and CONSUL_HTTP_TOKEN from steppe env):\n  Nomad   https://%s:%d/ui/\n  Consul  https://%s:%d/ui/\n",
+			srv[0].Address, cluster.NomadHTTPPort, srv[0].Address, cluster.ConsulHTTPSPort)
+		fmt.Fprintf(&b, "trust the cluster CA %s in the browser first, for example:\n  certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n steppe-%s -i %s\n", u.st.CAFile(), u.spec.Name, u.st.CAFile())
+	}
 	u.out.Write(b.Bytes())
 }
