@@ -109,7 +109,7 @@ func (f *Fetcher) install(ctx context.Context, rawURL, digest, name string) (str
 	}
 	// Makes the new entry durable; were it lost in a crash, the next
 	// fetch would just download again.
-	if err := syncDir(filepath.Dir(final)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(final)); err != nil {
 		return "", false, fmt.Errorf("install %s: %w", final, err)
 	}
 	return bin, true, nil
@@ -204,16 +204,4 @@ func isZip(path string) bool {
 		return false
 	}
 	return bytes.Equal(magic, []byte("PK\x03\x04"))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	return nil
 }

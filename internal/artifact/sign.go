@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -11,6 +12,8 @@ import (
 	"github.com/ProtonMail/go-crypto/openpgp"
 	"github.com/ProtonMail/go-crypto/openpgp/armor"
 	"github.com/ProtonMail/go-crypto/openpgp/packet"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 func pgpConfig() *packet.Config {
@@ -18,8 +21,9 @@ func pgpConfig() *packet.Config {
 }
 
 // loadOrCreateKey reads the store's signing key from path, creating it on
-// first use. The key is written under a temporary name and linked into
-// place, so two builders starting at once agree on one key.
+// first use. The key is written under a temporary name, synced, and linked
+// into place (atomicfile.Pending.CommitNew), so two builders starting at
+// once agree on one key and a crash leaves no empty key file behind.
 func loadOrCreateKey(path string) (*openpgp.Entity, error) {
 	e, err := readPrivateKey(path)
 	if err == nil || !errors.Is(err, fs.ErrNotExist) {
@@ -43,24 +47,17 @@ func loadOrCreateKey(path string) (*openpgp.Entity, error) {
 	if err := w.Close(); err != nil {
 		return nil, err
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".store-key-*")
+	p, err := atomicfile.Create(path, 0o600, func(w io.Writer) error {
+		_, err := w.Write(buf.Bytes())
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("store key: %w", err)
 	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return nil, err
-	}
-	if _, err := f.Write(buf.Bytes()); err != nil {
-		f.Close()
-		return nil, err
-	}
-	if err := f.Close(); err != nil {
-		return nil, err
-	}
-	if err := os.Link(tmp, path); err != nil && !errors.Is(err, fs.ErrExist) {
+	defer p.Discard()
+	// Linked, not renamed, into place: a builder that lost the race reads
+	// the winner's key.
+	if err := p.CommitNew(); err != nil && !errors.Is(err, fs.ErrExist) {
 		return nil, fmt.Errorf("store key: %w", err)
 	}
 	return readPrivateKey(path)

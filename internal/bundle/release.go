@@ -96,7 +96,7 @@ func unpack(ctx context.Context, r io.Reader, releasesDir string, o readOptions)
 		return nil, fmt.Errorf("unpack: %w", err)
 	}
 	ok = true
-	if err := syncDir(releasesDir); err != nil {
+	if err := atomicfile.SyncDir(releasesDir); err != nil {
 		return nil, fmt.Errorf("unpack: %w", err)
 	}
 	return &Release{Version: m.Version, Dir: final, Manifest: m, KeyID: keyID}, nil
@@ -271,17 +271,8 @@ func Activate(releasesDir string, version uint64) error {
 	if !fi.IsDir() {
 		return fmt.Errorf("activate %d: %s is not a directory", version, filepath.Join(releasesDir, name))
 	}
-	tmp := filepath.Join(releasesDir, "."+CurrentName+".tmp-"+name)
-	os.Remove(tmp)
 	// Relative target: the releases directory can be moved as a whole.
-	if err := os.Symlink(name, tmp); err != nil {
-		return fmt.Errorf("activate %d: %w", version, err)
-	}
-	if err := os.Rename(tmp, filepath.Join(releasesDir, CurrentName)); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("activate %d: %w", version, err)
-	}
-	if err := syncDir(releasesDir); err != nil {
+	if err := atomicfile.Symlink(name, filepath.Join(releasesDir, CurrentName)); err != nil {
 		return fmt.Errorf("activate %d: %w", version, err)
 	}
 	return nil

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 // ErrNotModified means the store's latest bundle still has the ETag the
@@ -217,7 +219,7 @@ func (d *DirStore) Publish(ctx context.Context, r io.Reader, o PublishOptions) (
 		os.Remove(link)
 		return nil, fmt.Errorf("publish: %w", err)
 	}
-	if err := syncDir(dir); err != nil {
+	if err := atomicfile.SyncDir(dir); err != nil {
 		return nil, fmt.Errorf("publish: %w", err)
 	}
 	return m, nil

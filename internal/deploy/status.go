@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/upgrade"
 
 	"github.com/steppe/steppe/internal/agent"
@@ -432,12 +433,7 @@ func CLIBinDir(opts Options) (string, error) {
 		if cur, err := os.Readlink(link); err == nil && cur == bin {
 			continue
 		}
-		tmp := link + ".tmp"
-		os.Remove(tmp)
-		if err := os.Symlink(bin, tmp); err != nil {
-			return "", fmt.Errorf("cli bin dir: %w", err)
-		}
-		if err := os.Rename(tmp, link); err != nil {
+		if err := atomicfile.Symlink(bin, link); err != nil {
 			return "", fmt.Errorf("cli bin dir: %w", err)
 		}
 	}

@@ -19,6 +19,8 @@ import (
 
 	consulapi "github.com/hashicorp/consul/api"
 	nomadapi "github.com/hashicorp/nomad/api"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 // ServerHealth is one server as autopilot reports it, the same for Consul
@@ -358,34 +360,24 @@ func saveSnapshot(r io.Reader, path string) (SnapshotInfo, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return info, fmt.Errorf("snapshot %s: %w", path, err)
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
+	p, err := atomicfile.Create(path, 0o600, func(w io.Writer) error {
+		n, err := io.Copy(w, r)
+		info.Bytes = n
+		return err
+	})
 	if err != nil {
 		return info, fmt.Errorf("snapshot %s: %w", path, err)
 	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	n, err := io.Copy(f, r)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return info, fmt.Errorf("snapshot %s: %w", path, err)
-	}
-	info.Bytes = n
-	files, err := CheckSnapshot(tmp)
+	defer p.Discard()
+	// Checked under its temporary name: a damaged snapshot never takes
+	// the place of a good one.
+	files, err := CheckSnapshot(p.TempName())
 	if err != nil {
 		return info, err
 	}
 	info.Files = files
-	if err := os.Rename(tmp, path); err != nil {
+	if err := p.Commit(); err != nil {
 		return info, fmt.Errorf("snapshot %s: %w", path, err)
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
 	}
 	return info, nil
 }

@@ -30,8 +30,6 @@ package render
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -39,12 +37,13 @@ import (
 	"io/fs"
 	"maps"
 	"os"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
 	"text/template"
 	"text/template/parse"
+
+	"github.com/steppe/steppe/internal/atomicfile"
 )
 
 // Suffix ends every template's name; the output takes the name without it.
@@ -309,16 +308,13 @@ func Render(releaseDir string, templates []string, facts Facts, vars map[string]
 		return nil, fmt.Errorf("render: %w", err)
 	}
 	defer root.Close()
-	type pending struct{ tmp, out string }
-	var done []pending
-	ok := false
+	var done []*atomicfile.Pending
 	defer func() {
-		if !ok {
-			for _, p := range done {
-				root.Remove(p.tmp)
-			}
+		for _, p := range done {
+			p.Discard() // nothing, once committed
 		}
 	}()
+	var written []string
 	for _, name := range templates {
 		out, isTmpl := strings.CutSuffix(name, Suffix)
 		if !isTmpl || out == "" || strings.HasSuffix(out, "/") {
@@ -332,28 +328,20 @@ func Render(releaseDir string, templates []string, facts Facts, vars map[string]
 		if err != nil {
 			return nil, err
 		}
-		tmp, err := writeTemp(root, out, b, mode)
+		// Through the root: the temporary file, the rename and the sync
+		// of the directory all stay inside releaseDir.
+		p, err := atomicfile.CreateIn(root, out, mode, func(w io.Writer) error {
+			_, err := w.Write(b)
+			return err
+		})
 		if err != nil {
 			return nil, fmt.Errorf("render %s: %w", name, err)
 		}
-		done = append(done, pending{tmp: tmp, out: out})
+		done = append(done, p)
+		written = append(written, out)
 	}
-	var written []string
-	for _, p := range done {
-		if err := root.Rename(p.tmp, p.out); err != nil {
-			return nil, fmt.Errorf("render %s: %w", p.out, err)
-		}
-		written = append(written, p.out)
-	}
-	ok = true
-	dirs := map[string]bool{}
-	for _, w := range written {
-		dirs[path.Dir(w)] = true
-	}
-	for d := range dirs {
-		if err := syncDir(root, d); err != nil {
-			return written, fmt.Errorf("render: %w", err)
-		}
+	if err := atomicfile.CommitAll(done...); err != nil {
+		return nil, fmt.Errorf("render: %w", err)
 	}
 	return written, nil
 }
@@ -379,38 +367,4 @@ func readTemplate(root *os.Root, name string) (string, fs.FileMode, error) {
 		return "", 0, fmt.Errorf("more than the limit of %d bytes", MaxTemplateBytes)
 	}
 	return string(b), fi.Mode().Perm(), nil
-}
-
-func writeTemp(root *os.Root, out string, b []byte, mode fs.FileMode) (string, error) {
-	var rnd [6]byte
-	rand.Read(rnd[:])
-	tmp := path.Join(path.Dir(out), "."+path.Base(out)+".render-"+hex.EncodeToString(rnd[:]))
-	f, err := root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return "", err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Chmod(mode)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		root.Remove(tmp)
-		return "", err
-	}
-	return tmp, nil
-}
-
-func syncDir(root *os.Root, dir string) error {
-	d, err := root.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
