@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/steppe/steppe/internal/backoff"
 	"github.com/steppe/steppe/internal/supervise"
 )
 
@@ -83,7 +84,10 @@ type apiServer struct {
 // serve answers connections from ln until ln is closed. Requests run with
 // ctx: the agent's, which ends when it stops.
 func (s *apiServer) serve(ctx context.Context, ln net.Listener) {
-	var backoff time.Duration
+	// As net/http's server: 5ms doubling to 1s, no jitter (one listener,
+	// no crowd to spread).
+	pause := backoff.Policy{Min: 5 * time.Millisecond, Max: time.Second, Factor: 2}
+	fails := 0
 	for {
 		c, err := ln.Accept()
 		if errors.Is(err, net.ErrClosed) {
@@ -92,12 +96,13 @@ func (s *apiServer) serve(ctx context.Context, ln net.Listener) {
 		if err != nil {
 			// Out of descriptors, say: the API must come back once the
 			// pressure is gone, as net/http's server does.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.log.Warn("local api: accept", "err", err, "retry_in", backoff)
-			time.Sleep(backoff)
+			delay := pause.Delay(fails)
+			fails++
+			s.log.Warn("local api: accept", "err", err, "retry_in", delay)
+			time.Sleep(delay)
 			continue
 		}
-		backoff = 0
+		fails = 0
 		go s.handle(ctx, c)
 	}
 }

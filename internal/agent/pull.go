@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -23,6 +22,7 @@ import (
 
 	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/atomicfile"
+	"github.com/steppe/steppe/internal/backoff"
 	"github.com/steppe/steppe/internal/bundle"
 	"github.com/steppe/steppe/internal/render"
 	"github.com/steppe/steppe/internal/supervise"
@@ -183,14 +183,18 @@ func (p *puller) boot(ctx context.Context) error {
 // running its last good release and the error shows in status.
 func (p *puller) run(ctx context.Context) {
 	etag := ""
-	backoff := time.Duration(0)
+	fails := 0 // in a row, pulls and installs alike
+	// 250ms first, doubling up to 30s, up to half off at random: a store
+	// away for a moment is asked again soon, one away for long seldom,
+	// and machines that lost it together do not come back in step.
+	pause := backoff.Policy{Min: 250 * time.Millisecond, Max: 30 * time.Second, Factor: 2, Jitter: 0.5}
 	for ctx.Err() == nil {
 		f, err := p.store.Fetch(ctx, p.src.Cluster, p.src.Role, etag, p.src.Wait)
 		now := time.Now()
 		switch {
 		case errors.Is(err, bundle.ErrNotModified):
 			p.onStatus(func(bs *BundleStatus) { bs.LastPull = now })
-			backoff = 0
+			fails = 0
 			continue
 		case errors.Is(err, bundle.ErrNotFound):
 			err = fmt.Errorf("no bundle published yet for %s/%s at %s", p.src.Cluster, p.src.Role, p.src.Store)
@@ -200,12 +204,13 @@ func (p *puller) run(ctx context.Context) {
 				return
 			}
 			p.onStatus(func(bs *BundleStatus) { bs.LastPull, bs.LastError = now, err.Error() })
-			backoff = nextBackoff(backoff)
-			p.log.Warn("pull failed; running the last good release", "err", err, "retry_in", backoff.Round(time.Millisecond))
+			delay := pause.Delay(fails)
+			fails++
+			p.log.Warn("pull failed; running the last good release", "err", err, "retry_in", delay.Round(time.Millisecond))
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(backoff):
+			case <-time.After(delay):
 			}
 			continue
 		}
@@ -233,23 +238,24 @@ func (p *puller) run(ctx context.Context) {
 			}
 		})
 		if err == nil || ctx.Err() != nil {
-			backoff = 0
+			fails = 0
 			continue
 		}
 		if !retry && etag != "" {
-			backoff = 0
+			fails = 0
 			p.log.Error("bundle refused; running the last good release until a new one is published", "err", err)
 			continue
 		}
 		// One backoff for pulls and installs: it grows while fetches
 		// succeed and installs fail, so a store that cuts every download
 		// is not asked for the whole bundle four times a second.
-		backoff = nextBackoff(backoff)
-		p.log.Warn("bundle not installed; running the last good release", "err", err, "retry_in", backoff.Round(time.Millisecond))
+		delay := pause.Delay(fails)
+		fails++
+		p.log.Warn("bundle not installed; running the last good release", "err", err, "retry_in", delay.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(backoff):
+		case <-time.After(delay):
 		}
 	}
 }
@@ -258,16 +264,6 @@ func (p *puller) run(ctx context.Context) {
 func (p *puller) running(version uint64) bool {
 	st, err := p.loadState()
 	return err == nil && st.Good == version && st.Pending == 0
-}
-
-func nextBackoff(d time.Duration) time.Duration {
-	switch {
-	case d == 0:
-		d = 250 * time.Millisecond
-	case d < 15*time.Second:
-		d *= 2
-	}
-	return d/2 + rand.N(d/2+1)
 }
 
 // install takes one fetched bundle to the running release, or refuses it

@@ -9,12 +9,13 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
 	"strings"
 	"time"
+
+	"github.com/steppe/steppe/internal/backoff"
 )
 
 // Fetcher downloads verified binaries from a release-style store (the
@@ -26,8 +27,8 @@ type Fetcher struct {
 	Client *http.Client
 	// Attempts per request (network errors, 5xx, 429); 0 means 5.
 	Attempts int
-	// Backoff is the first retry's delay, doubled each time with jitter;
-	// 0 means 500ms.
+	// Backoff is the first retry's delay, doubled each time (up to a
+	// minute), with jitter of half of it either way; 0 means 500ms.
 	Backoff time.Duration
 	// Log receives what was fetched; nil means slog.Default().
 	Log *slog.Logger
@@ -270,10 +271,14 @@ func (f *Fetcher) retry(ctx context.Context, what string, op func() error) error
 	if attempts <= 0 {
 		attempts = 5
 	}
-	delay := f.Backoff
-	if delay <= 0 {
-		delay = 500 * time.Millisecond
+	first := f.Backoff
+	if first <= 0 {
+		first = 500 * time.Millisecond
 	}
+	// Each wait lies between half and one and a half times the doubled
+	// delay: a nominal 3/2 of it with up to 2/3 taken off. Capped at a
+	// minute, so that many Attempts do not wait for hours.
+	pause := backoff.Policy{Min: first * 3 / 2, Max: time.Minute, Factor: 2, Jitter: 2.0 / 3}
 	var err error
 	for i := 1; ; i++ {
 		if err = op(); err == nil || !retryable(err) || i >= attempts {
@@ -282,14 +287,13 @@ func (f *Fetcher) retry(ctx context.Context, what string, op func() error) error
 			}
 			return err
 		}
-		wait := delay/2 + rand.N(delay)
+		wait := pause.Delay(i - 1)
 		f.logger().Warn("artifact fetch failed, retrying", "what", what, "attempt", i, "in", wait.Round(time.Millisecond), "err", err)
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
 		case <-time.After(wait):
 		}
-		delay *= 2
 	}
 }
 

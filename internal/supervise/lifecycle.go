@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -13,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/steppe/steppe/internal/backoff"
 )
 
 // restartNow stops the service if it runs and starts it again; from a
@@ -281,7 +282,7 @@ func (a *service) afterEnd() {
 	if !a.startedAt.IsZero() && time.Since(a.startedAt) >= a.spec.HealthyAfter {
 		a.crashes = 0
 	}
-	delay := backoff(a.spec, a.crashes)
+	delay := restartDelay(a.spec, a.crashes)
 	a.crashes++
 	a.restarts++
 	a.saveRecord()
@@ -303,25 +304,21 @@ func (a *service) backoffFired() {
 	}
 }
 
-// backoff is the delay before restart number n (0-based) of a crash loop:
-// BackoffMin first (0: at once), then doubling from max(BackoffMin, 100ms),
-// capped at BackoffMax, with jitter that takes up to a quarter off so that
-// services crashing together do not restart in lockstep. The delays still
-// grow: a quarter off the double is more than the single.
-func backoff(s Spec, n int) time.Duration {
+// restartDelay is the delay before restart number n (0-based) of a crash
+// loop: BackoffMin first (0: at once), then doubling from twice BackoffMin
+// (100ms when BackoffMin is 0, 200ms when it is below 100ms), capped at
+// BackoffMax, with jitter that takes up to a quarter off so that services
+// crashing together do not restart in lockstep. The delays still grow: a
+// quarter off the double is more than the single.
+func restartDelay(s Spec, n int) time.Duration {
 	if n == 0 {
 		return s.BackoffMin
 	}
-	step := max(s.BackoffMin, 100*time.Millisecond)
-	d := step
-	for i := 1; i < n && d < s.BackoffMax; i++ {
-		d *= 2
-	}
+	first := max(s.BackoffMin, 100*time.Millisecond)
 	if s.BackoffMin > 0 {
-		d *= 2
+		first *= 2
 	}
-	d = min(d, s.BackoffMax)
-	return d - time.Duration(rand.Int64N(int64(d)/4+1))
+	return backoff.Policy{Min: first, Max: s.BackoffMax, Factor: 2, Jitter: 0.25}.Delay(n - 1)
 }
 
 func (a *service) toStopped() {
