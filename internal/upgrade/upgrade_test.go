@@ -82,6 +82,15 @@ func TestRollingUpgradeConsulNomad(t *testing.T) {
 	if _, err := hashi.WaitConsulLeader(ctx, back); err != nil {
 		t.Fatal(err)
 	}
+	// Consul 1.14 has no raft pre-vote: the server that came back may call
+	// an election seconds later, and autopilot calls everyone unhealthy
+	// meanwhile. The upgrade must start from a settled cluster.
+	for range 3 {
+		time.Sleep(2 * time.Second)
+		if _, err := hashi.WaitConsulHealthy(ctx, consul, 3); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	// Before: the raft members and the leaders.
 	h0, err := hashi.ConsulAutopilotHealth(ctx, consul)
