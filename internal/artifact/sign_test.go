@@ -2,7 +2,6 @@ package artifact
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -32,28 +31,13 @@ func TestHelperCreateKey(t *testing.T) {
 // directory after: a crash cannot leave an empty key file that every
 // later build fails to read.
 func TestStoreKeyWrittenDurably(t *testing.T) {
-	strace, err := exec.LookPath("strace")
-	if err != nil {
-		testenv.Lacks(t, "strace not installed (apt-get install strace): %v", err)
-	}
 	dir := t.TempDir()
 	key := keyFile(dir)
-	trace := filepath.Join(t.TempDir(), "trace")
-	exe, _ := os.Executable()
-	cmd := exec.Command(strace, "-f", "-qq", "-y", "-s", "256", "-e", "trace=fsync,fdatasync,link,linkat", "-o", trace, exe, "-test.run=^TestHelperCreateKey$", "-test.count=1")
-	cmd.Env = append(os.Environ(), keyHelperEnv+"="+key)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("helper under strace: %v\n%s", err, out)
-	}
-	data, err := os.ReadFile(trace)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lines := testenv.Strace(t, "fsync,fdatasync,link,linkat", []string{keyHelperEnv + "=" + key}, "-test.run=^TestHelperCreateKey$", "-test.count=1")
 	link := regexp.MustCompile(`link(?:at)?\((?:AT_FDCWD(?:<[^>]*>)?, )?"([^"]+)", (?:AT_FDCWD(?:<[^>]*>)?, )?"([^"]+)"`)
 	fsync := regexp.MustCompile(`f(?:data)?sync\(\d+<([^>]+)>`)
 	var synced []string
 	linked := false
-	lines := strings.Split(string(data), "\n")
 	for i, line := range lines {
 		if m := fsync.FindStringSubmatch(line); m != nil {
 			synced = append(synced, m[1])
@@ -78,6 +62,6 @@ func TestStoreKeyWrittenDurably(t *testing.T) {
 		}
 	}
 	if !linked {
-		t.Fatalf("no link onto %s in the trace:\n%s", key, data)
+		t.Fatalf("no link onto %s in the trace:\n%s", key, strings.Join(lines, "\n"))
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -303,26 +302,11 @@ func TestHelperWrites(t *testing.T) {
 // Every file is synced before it is renamed or linked into place, and its
 // directory after, as strace sees it.
 func TestWritesAreDurable(t *testing.T) {
-	strace, err := exec.LookPath("strace")
-	if err != nil {
-		testenv.Lacks(t, "strace not installed (apt-get install strace): %v", err)
-	}
 	dir := t.TempDir()
 	if err := os.Mkdir(filepath.Join(dir, "sub"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	trace := filepath.Join(t.TempDir(), "trace")
-	exe, _ := os.Executable()
-	cmd := exec.Command(strace, "-f", "-qq", "-y", "-s", "256", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat,symlink,symlinkat", "-o", trace, exe, "-test.run=^TestHelperWrites$", "-test.count=1")
-	cmd.Env = append(os.Environ(), helperEnv+"="+dir)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("helper under strace: %v\n%s", err, out)
-	}
-	data, err := os.ReadFile(trace)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.Split(string(data), "\n")
+	lines := testenv.Strace(t, "fsync,fdatasync,rename,renameat,renameat2,link,linkat,symlink,symlinkat", []string{helperEnv + "=" + dir}, "-test.run=^TestHelperWrites$", "-test.count=1")
 	// A name in a call: either absolute, or after a directory descriptor
 	// (-y prints its path), as through an os.Root.
 	arg := `(?:(?:AT_FDCWD|\d+)(?:<([^>]+)>)?, )?"([^"]+)"`
@@ -376,7 +360,7 @@ func TestWritesAreDurable(t *testing.T) {
 	}
 	for _, n := range []string{"write", "new", "sub/a", "sub/b", "link"} {
 		if !placed[n] {
-			t.Errorf("no rename or link onto %s in the trace:\n%s", n, data)
+			t.Errorf("no rename or link onto %s in the trace:\n%s", n, strings.Join(lines, "\n"))
 		}
 	}
 }

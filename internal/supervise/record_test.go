@@ -3,7 +3,6 @@ package supervise
 import (
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -18,10 +17,6 @@ import (
 // cannot leave an empty record or lose a rename (as a plain write and
 // rename can). Seen with strace on a real agent.
 func TestRecordWrittenDurably(t *testing.T) {
-	strace, err := exec.LookPath("strace")
-	if err != nil {
-		testenv.Lacks(t, "strace not installed (apt-get install strace): %v", err)
-	}
 	opts := testOptions(t)
 	dir := t.TempDir()
 	cfg := agentConfig{StateDir: opts.StateDir, CgroupParent: opts.CgroupParent, Once: true,
@@ -31,17 +26,7 @@ func TestRecordWrittenDurably(t *testing.T) {
 	if err := os.WriteFile(path, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	trace := filepath.Join(dir, "trace")
-	exe, _ := os.Executable()
-	cmd := exec.Command(strace, "-f", "-qq", "-y", "-s", "256", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", "-o", trace, exe, "-test.run=^$")
-	cmd.Env = append(os.Environ(), "STEPPE_TEST_AGENT="+path)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("agent under strace: %v\n%s", err, out)
-	}
-	data, err := os.ReadFile(trace)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lines := testenv.Strace(t, "fsync,fdatasync,rename,renameat,renameat2", []string{"STEPPE_TEST_AGENT=" + path}, "-test.run=^$")
 	svcDir := filepath.Join(opts.StateDir, "rec")
 	record := filepath.Join(svcDir, "record.json")
 	// Every rename onto record.json: its source synced before, the
@@ -50,7 +35,6 @@ func TestRecordWrittenDurably(t *testing.T) {
 	fsync := regexp.MustCompile(`f(?:data)?sync\(\d+<([^>]+)>`)
 	renames := 0
 	var synced []string // paths fsynced so far
-	lines := strings.Split(string(data), "\n")
 	for i, line := range lines {
 		if m := fsync.FindStringSubmatch(line); m != nil {
 			synced = append(synced, m[1])
@@ -79,6 +63,6 @@ func TestRecordWrittenDurably(t *testing.T) {
 		}
 	}
 	if renames == 0 {
-		t.Fatalf("no record written under strace:\n%s", data)
+		t.Fatalf("no record written under strace:\n%s", strings.Join(lines, "\n"))
 	}
 }

@@ -6,6 +6,9 @@ package testenv
 import (
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -29,4 +32,32 @@ func NeedRoot(t testing.TB, why string) {
 	if os.Geteuid() != 0 {
 		Lacks(t, "%s needs root; run the tests as root (CI does)", why)
 	}
+}
+
+// Strace runs this test binary again under strace, following forks and
+// tracing only syscalls (a comma list), with env added to the environment
+// and args as its test flags, and returns the trace's lines. Descriptors
+// are printed with their paths (-y). Tests use it to see what really
+// reaches the kernel: an fsync before a rename, for one.
+func Strace(t testing.TB, syscalls string, env []string, args ...string) []string {
+	t.Helper()
+	strace, err := exec.LookPath("strace")
+	if err != nil {
+		Lacks(t, "strace not installed (apt-get install strace): %v", err)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	trace := filepath.Join(t.TempDir(), "trace")
+	cmd := exec.Command(strace, append([]string{"-f", "-qq", "-y", "-s", "256", "-e", "trace=" + syscalls, "-o", trace, exe}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s under strace: %v\n%s", filepath.Base(exe), err, out)
+	}
+	data, err := os.ReadFile(trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Split(string(data), "\n")
 }
