@@ -797,6 +797,15 @@ func TestUpgradeScale(t *testing.T) {
 	stRef := c.waitHealthy("the cluster healthy again after consul restarted on "+victim, 5*time.Minute, func(st *deploy.Status) bool {
 		return readyClients(st) == 3
 	})
+	// Consul 1.14 has no raft pre-vote: the server that came back may call
+	// an election seconds later, and autopilot calls it unhealthy
+	// meanwhile. The upgrade must start from a settled cluster.
+	for range 3 {
+		time.Sleep(3 * time.Second)
+		stRef = c.waitHealthy("the cluster still healthy after consul restarted on "+victim, 5*time.Minute, func(st *deploy.Status) bool {
+			return readyClients(st) == 3
+		})
+	}
 	checkDaemonVersions(t, "after the refusal (untouched)", stRef, upgConsulFrom, upgNomadFrom, false)
 	// The refusal window is not the upgrade's: the probe may have seen
 	// what a stopped Consul server does to its own catalog queries.
