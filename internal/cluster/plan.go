@@ -3,6 +3,7 @@ package cluster
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"path"
 	"strings"
 	"syscall"
@@ -13,21 +14,23 @@ import (
 type Role string
 
 const (
-	RoleServer Role = "server" // Consul server + Nomad server
+	RoleServer Role = "server" // Consul server + Nomad server (+ Vault)
 	RoleClient Role = "client" // Consul client + Nomad client
 )
 
 // Ports every machine uses on its own address. The local provider gives
 // each machine its own loopback address, so they never collide.
 const (
-	ConsulHTTPSPort = 8501
-	ConsulDNSPort   = 8600
-	ConsulRPCPort   = 8300
-	ConsulSerfLAN   = 8301
-	ConsulSerfWAN   = 8302
-	NomadHTTPPort   = 4646
-	NomadRPCPort    = 4647
-	NomadSerfPort   = 4648
+	ConsulHTTPSPort  = 8501
+	ConsulDNSPort    = 8600
+	ConsulRPCPort    = 8300
+	ConsulSerfLAN    = 8301
+	ConsulSerfWAN    = 8302
+	NomadHTTPPort    = 4646
+	NomadRPCPort     = 4647
+	NomadSerfPort    = 4648
+	VaultAPIPort     = 8200
+	VaultClusterPort = 8201
 )
 
 // Machine is one machine of the cluster as planning sees it.
@@ -92,6 +95,10 @@ const (
 	RoleNomadConfig     = "nomad.json.tmpl"
 	ConsulProduct       = "consul"
 	NomadProduct        = "nomad"
+	VaultProduct        = "vault"
+	SecretVaultConfig   = "vault.json"
+	RoleVaultConfig     = "vault.json.tmpl"
+	serviceVault        = "vault"
 	serviceConsul       = "consul"
 	serviceNomad        = "nomad"
 	defaultStopTimeout  = 30 * time.Second
@@ -122,10 +129,13 @@ type ArtifactRef struct {
 // does not depend on the supervisor; Artifact names the product whose
 // binary is the command, and Args are templates over the machine facts.
 type ServiceDef struct {
-	Name         string
-	Artifact     string   // product; the agent resolves its binary path
-	Args         []string // templates
-	Env          []string
+	Name     string
+	Artifact string   // product; the agent resolves its binary path
+	Args     []string // templates
+	Env      []string
+	// Dir is the working directory (a template); the agent creates it
+	// when absent, as systemd does a StateDirectory. "" is the release.
+	Dir          string
 	After        []string
 	StopSignal   syscall.Signal
 	StopTimeout  time.Duration
@@ -226,6 +236,23 @@ func planRole(spec *Spec, role Role, pool Pool, join []string) (RolePlan, error)
 	cs, ns := consulService(), nomadService(role)
 	cs.MemoryMax, ns.MemoryMax = mem[ConsulProduct], mem[NomadProduct]
 	p.Services = []ServiceDef{cs, ns}
+	if role == RoleServer && spec.Versions.Vault != "" {
+		vault, err := marshalTemplate(vaultRoleConfig(spec, join))
+		if err != nil {
+			return RolePlan{}, fmt.Errorf("plan %s: vault config: %w", name, err)
+		}
+		p.Files[RoleVaultConfig] = vault
+		p.Artifacts = append(p.Artifacts, ArtifactRef{Product: VaultProduct, Version: spec.Versions.Vault})
+		p.Vars["vault_version"] = spec.Versions.Vault
+		vs := vaultService()
+		vs.MemoryMax = mem[VaultProduct]
+		if vs.MemoryMax == 0 {
+			vs.MemoryMax = DefaultServerVaultMemory
+		}
+		// Vault first: it needs neither Consul nor Nomad (raft storage),
+		// and Nomad's tasks need it.
+		p.Services = []ServiceDef{vs, cs, ns}
+	}
 	return p, nil
 }
 
@@ -288,6 +315,76 @@ func nomadService(role Role) ServiceDef {
 	}
 	return s
 }
+
+func vaultService() ServiceDef {
+	return ServiceDef{
+		Name:     serviceVault,
+		Artifact: VaultProduct,
+		Env:      []string{daemonPath},
+		Args: []string{
+			"server",
+			"-config=" + path.Join(factConfigDir, renderedName(RoleVaultConfig)),
+			"-config=" + path.Join(factSecretsDir, SecretVaultConfig),
+		},
+		// Raft's store must exist before Vault opens it.
+		Dir:          path.Join(factDataDir, "vault"),
+		StopSignal:   syscall.SIGTERM,
+		StopTimeout:  defaultStopTimeout,
+		StopMode:     StopCgroup,
+		ReloadSignal: syscall.SIGHUP, // reloads TLS certificates and the log level
+		Restart:      RestartAlways,
+		// Ready when its API listens: a restarted Vault is sealed until
+		// steppe (or its transit seal) unseals it, and a sealed Vault is
+		// no reason to roll a release back. steppe status says whether
+		// each Vault is sealed.
+		Ready: &Readiness{TCP: fmt.Sprintf("%s:%d", factAddress, VaultAPIPort), Timeout: 5 * time.Minute},
+	}
+}
+
+// vaultRoleConfig is Vault's server config: integrated raft storage that
+// joins the other servers, TLS with the node certificate on the API and
+// (Vault's own certificates) the cluster port.
+func vaultRoleConfig(spec *Spec, join []string) map[string]any {
+	ca := path.Join(factSecretsDir, SecretCAFile)
+	var retry []map[string]any
+	for _, a := range join {
+		retry = append(retry, map[string]any{
+			"leader_api_addr":     fmt.Sprintf("https://%s:%d", a, VaultAPIPort),
+			"leader_ca_cert_file": ca,
+		})
+	}
+	return map[string]any{
+		"api_addr":     fmt.Sprintf("https://%s:%d", factAddress, VaultAPIPort),
+		"cluster_addr": fmt.Sprintf("https://%s:%d", factAddress, VaultClusterPort),
+		"cluster_name": spec.Name,
+		// HashiCorp's advice with integrated storage: mlock and raft's
+		// memory-mapped store do not go together.
+		"disable_mlock": true,
+		"ui":            true,
+		"log_level":     "info",
+		"listener": []map[string]any{{"tcp": map[string]any{
+			"address":            fmt.Sprintf("%s:%d", factAddress, VaultAPIPort),
+			"cluster_address":    fmt.Sprintf("%s:%d", factAddress, VaultClusterPort),
+			"tls_cert_file":      path.Join(factSecretsDir, SecretCertFile),
+			"tls_key_file":       path.Join(factSecretsDir, SecretKeyFile),
+			"tls_client_ca_file": ca,
+			"tls_min_version":    "tls12",
+		}}},
+		"storage": map[string]any{"raft": map[string]any{
+			"path":       path.Join(factDataDir, "vault"),
+			"node_id":    factName,
+			"retry_join": retry,
+		}},
+		"telemetry": map[string]any{"prometheus_retention_time": "60s", "disable_hostname": true},
+	}
+}
+
+// VaultAudience is the audience of the workload identities Nomad signs
+// for Vault, and VaultJWTPath the auth method's path that trusts them.
+const (
+	VaultAudience = "vault.io"
+	VaultJWTPath  = "jwt-nomad"
+)
 
 // DeniedFingerprinters are the Nomad fingerprinters a client on provider
 // must not run: each cloud's environment fingerprinter asks that cloud's
@@ -474,6 +571,15 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 		}
 		// As for Consul: a dead server stays a failed voter.
 		c["autopilot"] = map[string]any{"min_quorum": spec.Servers.Count}
+		if spec.Versions.Vault != "" {
+			// Workload identity for Vault (the only way from Nomad 1.10):
+			// servers sign a task's identity for Vault's JWT auth method
+			// (hashi.SetupVault); they need no Vault token.
+			c["vault"] = map[string]any{
+				"enabled":          true,
+				"default_identity": map[string]any{"aud": []string{VaultAudience}, "ttl": "1h"},
+			}
+		}
 	} else {
 		meta := map[string]string{}
 		for k, v := range pool.Meta {
@@ -504,6 +610,15 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 		c["client"] = client
 		c["plugin"] = map[string]any{
 			"raw_exec": map[string]any{"config": map[string]any{"enabled": true}},
+		}
+		if spec.Versions.Vault != "" && len(join) > 0 {
+			// One Vault address: a standby forwards to the active node.
+			c["vault"] = map[string]any{
+				"enabled":               true,
+				"address":               fmt.Sprintf("https://%s:%d", join[0], VaultAPIPort),
+				"ca_file":               path.Join(factSecretsDir, SecretCAFile),
+				"jwt_auth_backend_path": VaultJWTPath,
+			}
 		}
 	}
 	return c
@@ -573,11 +688,19 @@ func MachineSecrets(spec *Spec, st *State, m Machine, secretsDir string) (map[st
 	if err != nil {
 		return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
 	}
-	return map[string][]byte{
+	out := map[string][]byte{
 		SecretCAFile:       st.CACertPEM(),
 		SecretCertFile:     kp.CertPEM,
 		SecretKeyFile:      []byte(kp.KeyPEM.Reveal()),
 		SecretConsulConfig: append(cj, '\n'),
 		SecretNomadConfig:  append(nj, '\n'),
-	}, nil
+	}
+	if m.Role == RoleServer && spec.Versions.Vault != "" {
+		vj, err := vaultSecretFiles(spec, st, secretsDir)
+		if err != nil {
+			return nil, fmt.Errorf("secrets for %s: %w", m.Name, err)
+		}
+		maps.Copy(out, vj)
+	}
+	return out, nil
 }

@@ -6,6 +6,7 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
 	"os"
 	"path"
@@ -28,11 +29,19 @@ const (
 	DefaultDatacenter    = "dc1"
 	DefaultNomadVersion  = "1.10.5"
 	DefaultConsulVersion = "1.14.11"
-	DefaultServers       = 3
-	DefaultPoolName      = "default"
-	DefaultPoolCount     = 2
-	DefaultProvider      = "local"
-	DefaultArtifactStore = "https://releases.hashicorp.com"
+	DefaultVaultVersion  = "1.21.0"
+	// DefaultVaultEnabled says whether a spec without a vault block runs
+	// Vault on the servers.
+	DefaultVaultEnabled = false
+	// Vault's default Shamir split of its root key: 5 shares, 3 to
+	// unseal (Vault's own default).
+	DefaultVaultShares    = 5
+	DefaultVaultThreshold = 3
+	DefaultServers        = 3
+	DefaultPoolName       = "default"
+	DefaultPoolCount      = 2
+	DefaultProvider       = "local"
+	DefaultArtifactStore  = "https://releases.hashicorp.com"
 	// DefaultBundleStore is a directory relative to the operator's state
 	// directory.
 	DefaultBundleStore = "bundles"
@@ -57,6 +66,7 @@ type Spec struct {
 	// (relative to the state directory when not absolute) or a URL.
 	BundleStore string
 	Provider    Provider
+	Vault       VaultSpec
 
 	// Warnings are things that are allowed but probably wrong, each
 	// prefixed with file:line:col.
@@ -68,6 +78,31 @@ type Versions struct {
 	Nomad  string
 	Consul string
 	Vault  string
+}
+
+// VaultSpec is how the servers run Vault (spec: a vault block).
+type VaultSpec struct {
+	Enabled bool
+	// Shares and Threshold are the Shamir split of the root key made at
+	// initialisation (changing them later needs a rekey, not built).
+	Shares, Threshold int
+	// Transit, when set, makes every Vault unseal itself through a
+	// transit key in another Vault.
+	Transit *TransitSeal
+}
+
+// TransitSeal is Vault's transit seal: a key in another Vault that wraps
+// this cluster's root key, so a restarted Vault unseals itself.
+type TransitSeal struct {
+	Address   string // https URL of the other Vault
+	KeyName   string
+	MountPath string // default "transit/"
+	// CAFile and TokenFile are files on the operator's machine (relative
+	// to the spec's directory): the other Vault's CA, and a token that
+	// may encrypt and decrypt with the key. The token is delivered to
+	// the servers as a secret; it is never in a bundle.
+	CAFile    string
+	TokenFile string
 }
 
 // Servers are the machines that run the Consul and Nomad servers.
@@ -100,10 +135,13 @@ const (
 	DefaultServerNomadMemory  = 2 << 30
 	DefaultClientConsulMemory = 512 << 20
 	DefaultClientNomadMemory  = 1 << 30
+	// Vault keeps little in memory beyond its cache of secrets and
+	// leases; its raft store is on disk.
+	DefaultServerVaultMemory = 1 << 30
 )
 
 func defaultServerMemory() map[string]int64 {
-	return map[string]int64{ConsulProduct: DefaultServerConsulMemory, NomadProduct: DefaultServerNomadMemory}
+	return map[string]int64{ConsulProduct: DefaultServerConsulMemory, NomadProduct: DefaultServerNomadMemory, VaultProduct: DefaultServerVaultMemory}
 }
 
 func defaultClientMemory() map[string]int64 {
@@ -117,7 +155,8 @@ func decodeMemory(a *hcl.Attribute, dst map[string]int64) hcl.Diagnostics {
 	diags := hcldecode.Expr(a.Expr, nil, &m)
 	for k, v := range m {
 		if _, ok := dst[k]; !ok {
-			diags = append(diags, errAt(a.Expr.Range(), "Invalid memory", fmt.Sprintf("%q: give limits for %s or %s", k, ConsulProduct, NomadProduct))...)
+			products := slices.Sorted(maps.Keys(dst))
+			diags = append(diags, errAt(a.Expr.Range(), "Invalid memory", fmt.Sprintf("%q: give limits for %s", k, strings.Join(products, ", ")))...)
 			continue
 		}
 		n, err := hcldecode.ParseSize(v)
@@ -142,7 +181,7 @@ type Provider struct {
 // DefaultSpec is what an absent or empty cluster.hcl means: 3 servers and
 // 2 clients on the local provider.
 func DefaultSpec() *Spec {
-	return &Spec{
+	s := &Spec{
 		Name:       DefaultName,
 		Region:     DefaultRegion,
 		Datacenter: DefaultDatacenter,
@@ -155,7 +194,12 @@ func DefaultSpec() *Spec {
 		ArtifactStore: DefaultArtifactStore,
 		BundleStore:   DefaultBundleStore,
 		Provider:      Provider{Name: DefaultProvider, Options: map[string]string{}},
+		Vault:         VaultSpec{Enabled: DefaultVaultEnabled, Shares: DefaultVaultShares, Threshold: DefaultVaultThreshold},
 	}
+	if s.Vault.Enabled {
+		s.Versions.Vault = DefaultVaultVersion
+	}
+	return s
 }
 
 // SpecError is a spec that cannot be used. Every problem is named with
@@ -223,8 +267,17 @@ var (
 			{Type: "servers"},
 			{Type: "pool", LabelNames: []string{"name"}},
 			{Type: "provider", LabelNames: []string{"name"}},
+			{Type: "vault"},
 		},
 	}
+	vaultSchema = &hcl.BodySchema{
+		Attributes: []hcl.AttributeSchema{{Name: "enabled"}, {Name: "shares"}, {Name: "threshold"}},
+		Blocks:     []hcl.BlockHeaderSchema{{Type: "seal", LabelNames: []string{"type"}}},
+	}
+	transitSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{
+		{Name: "address", Required: true}, {Name: "key_name", Required: true}, {Name: "mount_path"},
+		{Name: "ca_file"}, {Name: "token_file", Required: true},
+	}}
 	versionsSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "nomad"}, {Name: "consul"}, {Name: "vault"}}}
 	serversSchema  = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "memory"}}}
 	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}, {Name: "memory"}}}
@@ -351,7 +404,23 @@ func decodeSpec(body hcl.Body) (*Spec, hcl.Diagnostics) {
 			if !d.HasErrors() {
 				s.Provider = p
 			}
+		case "vault":
+			diags = append(diags, decodeVault(b, &s.Vault)...)
 		}
+	}
+	if _, ok := seen["vault"]; !ok && s.Versions.Vault != "" {
+		// A Vault version asks for Vault.
+		s.Vault.Enabled = true
+	}
+	switch {
+	case s.Vault.Enabled && s.Versions.Vault == "":
+		s.Versions.Vault = DefaultVaultVersion
+	case !s.Vault.Enabled && s.Versions.Vault != "":
+		if b, ok := seen["vault"]; ok {
+			diags = append(diags, &hcl.Diagnostic{Severity: hcl.DiagWarning, Summary: "Vault version without Vault",
+				Detail: fmt.Sprintf("versions.vault is %s but vault is not enabled: no Vault runs", s.Versions.Vault), Subject: b.DefRange.Ptr()})
+		}
+		s.Versions.Vault = ""
 	}
 	if len(pools) > 0 {
 		s.Pools = pools
@@ -482,6 +551,55 @@ func decodePool(b *hcl.Block) (Pool, hcl.Diagnostics) {
 
 // decodeProvider takes any attributes: each provider validates its own
 // options, so only their shape (scalar values) is checked here.
+func decodeVault(b *hcl.Block, v *VaultSpec) hcl.Diagnostics {
+	c, diags := b.Body.Content(vaultSchema)
+	v.Enabled = true
+	if a, ok := c.Attributes["enabled"]; ok {
+		diags = append(diags, hcldecode.Expr(a.Expr, nil, &v.Enabled)...)
+	}
+	for _, f := range []struct {
+		name string
+		dst  *int
+	}{{"shares", &v.Shares}, {"threshold", &v.Threshold}} {
+		if a, ok := c.Attributes[f.name]; ok {
+			n, d := decodeCount(a, "vault "+f.name)
+			diags = append(diags, d...)
+			if !d.HasErrors() {
+				*f.dst = n
+			}
+		}
+	}
+	if v.Threshold > v.Shares || v.Shares > 255 {
+		diags = append(diags, errAt(b.DefRange, "Invalid vault split", fmt.Sprintf("threshold %d of %d shares: want 1 <= threshold <= shares <= 255", v.Threshold, v.Shares))...)
+	}
+	for _, sb := range c.Blocks {
+		if sb.Labels[0] != "transit" {
+			diags = append(diags, errAt(sb.LabelRanges[0], "Unsupported seal", fmt.Sprintf("%q: steppe supports seal \"transit\" (cloud KMS seals come with the cloud providers)", sb.Labels[0]))...)
+			continue
+		}
+		if v.Transit != nil {
+			diags = append(diags, errAt(sb.DefRange, "Duplicate seal block", "give one seal")...)
+			continue
+		}
+		t := &TransitSeal{MountPath: "transit/"}
+		sc, d := sb.Body.Content(transitSchema)
+		diags = append(diags, d...)
+		for _, f := range []struct {
+			name string
+			dst  *string
+		}{{"address", &t.Address}, {"key_name", &t.KeyName}, {"mount_path", &t.MountPath}, {"ca_file", &t.CAFile}, {"token_file", &t.TokenFile}} {
+			if a, ok := sc.Attributes[f.name]; ok {
+				diags = append(diags, hcldecode.Expr(a.Expr, nil, f.dst)...)
+			}
+		}
+		if u, err := url.Parse(t.Address); sc.Attributes["address"] != nil && (err != nil || u.Scheme != "https" || u.Host == "") {
+			diags = append(diags, errAt(sc.Attributes["address"].Expr.Range(), "Invalid transit address", fmt.Sprintf("%q: want the https:// URL of the Vault that holds the key", t.Address))...)
+		}
+		v.Transit = t
+	}
+	return diags
+}
+
 func decodeProvider(b *hcl.Block) (Provider, hcl.Diagnostics) {
 	p := Provider{Name: b.Labels[0], Options: map[string]string{}}
 	diags := checkName("provider name")(p.Name, b.LabelRanges[0])

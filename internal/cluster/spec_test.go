@@ -79,7 +79,8 @@ provider "local" {
 	want := &Spec{
 		Name: "prod", Region: "eu", Datacenter: "fra1",
 		Versions:      Versions{Nomad: "1.9.3", Consul: "1.14.8", Vault: "1.21.0"},
-		Servers:       Servers{Count: 5, Memory: map[string]int64{"consul": 3 << 30, "nomad": DefaultServerNomadMemory}},
+		Servers:       Servers{Count: 5, Memory: map[string]int64{"consul": 3 << 30, "nomad": DefaultServerNomadMemory, "vault": DefaultServerVaultMemory}},
+		Vault:         VaultSpec{Enabled: true, Shares: DefaultVaultShares, Threshold: DefaultVaultThreshold},
 		ArtifactStore: "http://127.0.0.1:9000/releases",
 		ArtifactKeys:  []string{"keys/mirror.asc"},
 		BundleStore:   "/srv/bundles",
@@ -91,6 +92,46 @@ provider "local" {
 	}
 	if !reflect.DeepEqual(s, want) {
 		t.Fatalf("got  %+v\nwant %+v", s, want)
+	}
+}
+
+func TestParseVaultSpec(t *testing.T) {
+	s, err := ParseSpec([]byte(`
+vault {
+  shares    = 3
+  threshold = 2
+  seal "transit" {
+    address    = "https://10.0.0.9:8200"
+    key_name   = "steppe"
+    token_file = "transit.token"
+  }
+}
+servers { memory = { vault = "256MiB" } }
+`), "cluster.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := VaultSpec{Enabled: true, Shares: 3, Threshold: 2, Transit: &TransitSeal{Address: "https://10.0.0.9:8200", KeyName: "steppe", MountPath: "transit/", TokenFile: "transit.token"}}
+	if !reflect.DeepEqual(s.Vault, want) || s.Versions.Vault != DefaultVaultVersion || s.Servers.Memory["vault"] != 256<<20 {
+		t.Fatalf("got %+v (version %q, memory %d), want %+v", s.Vault, s.Versions.Vault, s.Servers.Memory["vault"], want)
+	}
+	off, err := ParseSpec([]byte("vault {\n  enabled = false\n}\n"), "cluster.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if off.Vault.Enabled || off.Versions.Vault != "" {
+		t.Fatalf("vault { enabled = false }: got %+v, version %q", off.Vault, off.Versions.Vault)
+	}
+	for src, msg := range map[string]string{
+		"vault {\n  threshold = 4\n  shares = 3\n}\n": "cluster.hcl:1:1: Invalid vault split: threshold 4 of 3 shares",
+		"vault {\n  seal \"awskms\" {}\n}\n":          `cluster.hcl:2:8: Unsupported seal: "awskms"`,
+		"vault {\n  seal \"transit\" {\n    address = \"http://x\"\n    key_name = \"k\"\n    token_file = \"t\"\n  }\n}\n": `cluster.hcl:3:15: Invalid transit address`,
+		"pool \"a\" {\n  memory = { vault = \"1GiB\" }\n}\n":                                                                `Invalid memory: "vault": give limits for consul, nomad`,
+	} {
+		_, err := ParseSpec([]byte(src), "cluster.hcl")
+		if err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("%q: got %v, want an error containing %q", src, err, msg)
+		}
 	}
 }
 
