@@ -357,6 +357,10 @@ func (p *puller) prepare(ctx context.Context, rel *bundle.Release) (*plan, error
 	for _, d := range defs {
 		if d.Spec.Dir == "" {
 			d.Spec.Dir = current
+		} else if err := os.MkdirAll(d.Spec.Dir, 0o700); err != nil {
+			// A service's own directory (Vault's raft store) is made
+			// for it, as systemd makes a StateDirectory.
+			return nil, fmt.Errorf("service %s: %w", d.Spec.Name, err)
 		}
 		digest, err := filesDigest(rel.Dir, d)
 		if err != nil {

@@ -162,3 +162,14 @@ func vaultSecretFiles(spec *Spec, st *State, secretsDir string) (map[string][]by
 	out[SecretVaultConfig] = append(b, '\n')
 	return out, nil
 }
+
+// VaultCLIEnv points the vault CLI at vaultAddr (host:port of an HTTPS
+// API) with the operator token (never the root token), for the
+// operator's own shell as CLIEnv.
+func VaultCLIEnv(st *State, vaultAddr string) []string {
+	env := []string{"VAULT_ADDR=https://" + vaultAddr, "VAULT_CACERT=" + st.CAFile()}
+	if t, ok := st.LookupToken(TokenVaultOperator); ok {
+		env = append(env, "VAULT_TOKEN="+t.Reveal())
+	}
+	return env
+}

@@ -158,6 +158,13 @@ func writeService(b *strings.Builder, d cluster.ServiceDef) error {
 		}
 		b.WriteString("  }\n")
 	}
+	if d.Dir != "" {
+		dir, err := hclTemplate(d.Dir)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(b, "  dir     = %s\n", dir)
+	}
 	if len(d.After) > 0 {
 		after, err := hclList(d.After)
 		if err != nil {

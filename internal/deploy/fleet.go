@@ -72,7 +72,11 @@ const (
 
 // specVersions are the versions a spec asks for, by product.
 func specVersions(spec *cluster.Spec) map[string]string {
-	return map[string]string{cluster.ConsulProduct: spec.Versions.Consul, cluster.NomadProduct: spec.Versions.Nomad}
+	v := map[string]string{cluster.ConsulProduct: spec.Versions.Consul, cluster.NomadProduct: spec.Versions.Nomad}
+	if spec.Versions.Vault != "" {
+		v[cluster.VaultProduct] = spec.Versions.Vault
+	}
+	return v
 }
 
 // newFleet is the fleet a spec describes.
@@ -121,6 +125,15 @@ func (f *fleet) reconcile(spec *cluster.Spec) (warnings []string) {
 	for p, v := range specVersions(spec) {
 		have := f.Versions[p]
 		if have == v {
+			continue
+		}
+		if have == "" {
+			// A product the cluster did not run (Vault turned on):
+			// nothing to roll, every machine gets it as it is.
+			f.Versions[p] = v
+			for i := range f.Machines {
+				f.Machines[i].Versions[p] = v
+			}
 			continue
 		}
 		if older(v, have) {

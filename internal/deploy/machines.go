@@ -299,6 +299,7 @@ func (o *fleetOps) publish(ctx context.Context, name string, servers []cluster.M
 	spec := *o.spec
 	spec.Versions.Consul = fm.Versions[cluster.ConsulProduct]
 	spec.Versions.Nomad = fm.Versions[cluster.NomadProduct]
+	spec.Versions.Vault = fm.Versions[cluster.VaultProduct]
 	spec.Servers.Count = len(servers)
 	if fm.Role == cluster.RoleClient && !slices.ContainsFunc(spec.Pools, func(p cluster.Pool) bool { return p.Name == fm.Pool }) {
 		// A pool the spec no longer names keeps its machines configured

@@ -123,10 +123,11 @@ func Up(ctx context.Context, opts UpOptions) (*UpResult, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
-	steps := []struct {
+	type step struct {
 		name string
 		f    func(context.Context) error
-	}{
+	}
+	steps := []step{
 		{"secrets", u.secrets},
 		{"machines", u.createMachines},
 		{"bundles", u.publishBundles},
@@ -135,6 +136,10 @@ func Up(ctx context.Context, opts UpOptions) (*UpResult, error) {
 		{"nomad ACLs", u.nomadACL},
 		{"workload identity", u.workloadIdentity},
 		{"nomad clients ready", u.clientsReady},
+	}
+	if e.spec.Versions.Vault != "" {
+		steps = slices.Insert(steps, 4, step{"vault", u.vault})
+		steps = slices.Insert(steps, 8, step{"vault setup", u.vaultSetup})
 	}
 	for _, s := range steps {
 		if err := u.phase(s.name, s.f, ctx); err != nil {
@@ -207,6 +212,9 @@ func (u *upRun) secrets(ctx context.Context) error {
 		}
 	}
 	if err := u.loadSecrets(); err != nil {
+		return err
+	}
+	if err := u.storeVaultTransit(); err != nil {
 		return err
 	}
 	if err := u.saveFleet(); err != nil {

@@ -1,0 +1,271 @@
+package deploy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	vaultapi "github.com/hashicorp/vault/api"
+
+	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/hashi"
+)
+
+// vaultClients are Vault clients of every server (by address order of
+// servers), holding token.
+func vaultClients(servers []cluster.Machine, files hashi.TLSFiles, token cluster.Secret) ([]*vaultapi.Client, error) {
+	out := make([]*vaultapi.Client, len(servers))
+	for i, m := range servers {
+		c, err := hashi.VaultClient(fmt.Sprintf("%s:%d", m.Address, cluster.VaultAPIPort), files, token)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = c
+	}
+	return out, nil
+}
+
+// storeVaultTransit copies the transit seal's token (and CA) named by the
+// spec into the state directory, when the spec file is given (its paths
+// are relative to it), so that the servers' secrets can be made without
+// it later. The token is never printed, logged or put in a bundle.
+func (u *upRun) storeVaultTransit() error {
+	t := u.spec.Vault.Transit
+	if t == nil {
+		return u.st.SetVaultTransitCA(nil)
+	}
+	if u.opts.SpecPath == "" {
+		if _, ok := u.st.LookupToken(cluster.TokenVaultTransit); !ok {
+			return errors.New("vault transit seal: no token kept: run steppe up -spec with the spec and its token_file")
+		}
+		return nil
+	}
+	rel := func(p string) string {
+		if filepath.IsAbs(p) {
+			return p
+		}
+		return filepath.Join(filepath.Dir(u.opts.SpecPath), p)
+	}
+	tok, err := os.ReadFile(rel(t.TokenFile))
+	if err != nil {
+		return fmt.Errorf("vault transit seal token_file: %w", err)
+	}
+	if s := strings.TrimSpace(string(tok)); s == "" {
+		return fmt.Errorf("vault transit seal token_file %s is empty", rel(t.TokenFile))
+	} else if err := u.st.SetToken(cluster.TokenVaultTransit, cluster.Secret(s)); err != nil {
+		return err
+	}
+	var ca []byte
+	if t.CAFile != "" {
+		if ca, err = os.ReadFile(rel(t.CAFile)); err != nil {
+			return fmt.Errorf("vault transit seal ca_file: %w", err)
+		}
+	}
+	return u.st.SetVaultTransitCA(ca)
+}
+
+// vault initialises Vault once, unseals every server that is sealed, and
+// waits for raft to have every server as a healthy voter. Each step is
+// resumed by the next up: the keys are kept before anything uses them,
+// and an initialisation is never asked for twice.
+func (u *upRun) vault(ctx context.Context) error {
+	srv := u.servers()
+	anon, err := vaultClients(srv, u.opFiles, "")
+	if err != nil {
+		return err
+	}
+	h, err := hashi.WaitVaultAPI(ctx, anon[0])
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, serviceLogs(u.serverMachines(), "vault", 10))
+	}
+	init, err := u.st.VaultInit()
+	if err != nil {
+		return err
+	}
+	initFile := filepath.Join(u.stateDir, "vault", "init.json")
+	switch {
+	case !h.Initialized && init != nil:
+		return fmt.Errorf("vault on %s is not initialised, but %s holds the keys of an earlier initialisation: its raft data is gone; restore it from a snapshot (vault operator raft snapshot restore), or move %s away to initialise a new, empty Vault", srv[0].Name, initFile, initFile)
+	case !h.Initialized:
+		if err := u.st.MarkVaultInitPending(srv[0].Name); err != nil {
+			return err
+		}
+		spec := u.spec.Vault
+		if init, err = hashi.InitVault(ctx, anon[0], spec.Shares, spec.Threshold, spec.Transit != nil); err != nil {
+			return err
+		}
+		if err := u.st.SaveVaultInit(init); err != nil {
+			return fmt.Errorf("vault was initialised but its keys could not be kept (%w): they are lost; steppe down and steppe up start afresh", err)
+		}
+		kind := "unseal"
+		if init.Recovery {
+			kind = "recovery"
+		}
+		u.printf("    vault initialised on %s: %d %s key shares (%d unseal) and the root token in %s (0600)", srv[0].Name, len(init.Keys), kind, init.Threshold, initFile)
+	case init == nil && u.st.VaultInitPending():
+		return fmt.Errorf("vault on %s was initialised by a steppe up that was killed before it kept the keys; nothing is stored in that Vault yet: steppe down, then steppe up, starts afresh", srv[0].Name)
+	case init == nil:
+		return fmt.Errorf("vault on %s is initialised, but not by this state directory (no %s): steppe does not take over a Vault it did not initialise; give another -state, or stop that Vault", srv[0].Name, initFile)
+	}
+
+	sealed, err := u.unsealVault(ctx, srv, anon, init)
+	if err != nil {
+		return err
+	}
+	if sealed > 0 {
+		u.printf("    vault unsealed on %d of %d servers", sealed, len(srv))
+	}
+	c, err := u.vaultAdmin(ctx, srv, init)
+	if err != nil {
+		return err
+	}
+	if err := hashi.ConfigureVaultAutopilot(ctx, c, len(srv)); err != nil {
+		return err
+	}
+	r, err := hashi.WaitVaultVoters(ctx, c, len(srv))
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, serviceLogs(u.serverMachines(), "vault", 10))
+	}
+	u.printf("    vault leader %s; %d healthy voters", r.Leader, r.Voters())
+	return nil
+}
+
+// unsealVault unseals every sealed server: the first (the one that was
+// initialised, or any active one) before the others, which join raft
+// through it. An auto-unsealing Vault (recovery keys) is waited for.
+// It returns how many servers were sealed.
+func (u *upRun) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*vaultapi.Client, init *cluster.VaultInit) (int, error) {
+	var sealed []int
+	for i, c := range anon {
+		h, err := hashi.WaitVaultAPI(ctx, c)
+		if err != nil {
+			return 0, err
+		}
+		if h.Sealed {
+			sealed = append(sealed, i)
+		}
+	}
+	if len(sealed) == 0 {
+		return 0, nil
+	}
+	unseal := func(i int) error {
+		if init.Recovery {
+			return hashi.WaitVaultActive(ctx, anon[i], true)
+		}
+		if err := hashi.UnsealVault(ctx, anon[i], init.Keys); err != nil {
+			if errors.Is(err, hashi.ErrVaultKeys) {
+				return fmt.Errorf("vault on %s: %w: the Vault there is not the one %s initialised; stop it, or give the state directory of the cluster it belongs to", srv[i].Name, err, filepath.Join(u.stateDir, "vault", "init.json"))
+			}
+			return fmt.Errorf("vault on %s: %w", srv[i].Name, err)
+		}
+		return nil
+	}
+	// One server first when none is active: the others need a leader
+	// to join.
+	active := false
+	for i := range anon {
+		if h, err := hashi.GetVaultHealth(ctx, anon[i]); err == nil && !h.Sealed && !h.Standby {
+			active = true
+		}
+	}
+	rest := sealed
+	if !active {
+		if err := unseal(sealed[0]); err != nil {
+			return 0, err
+		}
+		if err := hashi.WaitVaultActive(ctx, anon[sealed[0]], false); err != nil {
+			return 0, fmt.Errorf("vault on %s: %w", srv[sealed[0]].Name, err)
+		}
+		rest = sealed[1:]
+	}
+	errs := make([]error, len(rest))
+	var wg sync.WaitGroup
+	for j, i := range rest {
+		wg.Go(func() { errs[j] = unseal(i) })
+	}
+	wg.Wait()
+	return len(sealed), errors.Join(errs...)
+}
+
+// vaultAdmin is a client of the first server holding the token steppe
+// works with: the root token until setup revoked it, then the operator
+// token.
+func (u *upRun) vaultAdmin(ctx context.Context, srv []cluster.Machine, init *cluster.VaultInit) (*vaultapi.Client, error) {
+	tok := init.RootToken
+	if init.RootRevoked {
+		var err error
+		if tok, err = u.st.Token(cluster.TokenVaultOperator); err != nil {
+			return nil, err
+		}
+	}
+	cs, err := vaultClients(srv[:1], u.opFiles, tok)
+	if err != nil {
+		return nil, err
+	}
+	return cs[0], nil
+}
+
+// vaultSetup makes Vault trust Nomad's workload identities and hold the
+// jobs' secrets, makes the operator token, then revokes the root token
+// (once: a later up works with the operator token).
+func (u *upRun) vaultSetup(ctx context.Context) error {
+	srv := u.servers()
+	init, err := u.st.VaultInit()
+	if err != nil {
+		return err
+	}
+	if init == nil {
+		return errors.New("vault setup: vault is not initialised")
+	}
+	op, err := u.st.Token(cluster.TokenVaultOperator)
+	if err != nil {
+		return err
+	}
+	c, err := u.vaultAdmin(ctx, srv, init)
+	if err != nil {
+		return err
+	}
+	if !init.RootRevoked {
+		// A run killed after the revocation and before it was recorded
+		// finds the root token refused: the operator token was made
+		// before it.
+		ok, err := hashi.VaultTokenValid(ctx, c)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			init.RootRevoked = true
+			if err := u.st.SaveVaultInit(init); err != nil {
+				return err
+			}
+			if c, err = u.vaultAdmin(ctx, srv, init); err != nil {
+				return err
+			}
+		}
+	}
+	if init.RootRevoked {
+		if err := hashi.RenewVaultToken(ctx, c); err != nil {
+			return fmt.Errorf("%w: the operator token may have expired (32 days unused); a root token can be made with the unseal keys (vault operator generate-root)", err)
+		}
+	}
+	jwks := strings.TrimSuffix(u.nomad.Address(), "/") + "/.well-known/jwks.json"
+	if err := hashi.SetupVault(ctx, c, hashi.VaultSetup{NomadJWKSURL: jwks, CAPEM: u.st.CACertPEM(), OperatorToken: op}); err != nil {
+		return err
+	}
+	if !init.RootRevoked {
+		if err := hashi.RevokeVaultRoot(ctx, c); err != nil {
+			return err
+		}
+		init.RootRevoked = true
+		if err := u.st.SaveVaultInit(init); err != nil {
+			return err
+		}
+		u.printf("    root token revoked; the operator token (policy %s) is in steppe env", hashi.VaultOperatorPolicy)
+	}
+	u.printf("    Vault trusts Nomad's workload identities (auth/%s, role %s); jobs read %s/<namespace>/<job>/...", cluster.VaultJWTPath, hashi.VaultWorkloadsRole, hashi.VaultKVPath)
+	return nil
+}
