@@ -27,12 +27,13 @@ import (
 	"github.com/steppe/steppe/internal/atomicfile"
 )
 
-// Validity of what the state directory issues. Node certificates are
-// reissued by NodeCert when less than certRenewBefore is left.
+// Validity of what the state directory issues. NodeCert reissues a
+// certificate only once it has expired: renewing one before is the work
+// of `steppe rotate certs` (status warns ExpiryWarning ahead), which
+// delivers it with a reload instead of a restart.
 const (
-	caValidity      = 10 * 365 * 24 * time.Hour
-	certValidity    = 365 * 24 * time.Hour
-	certRenewBefore = 30 * 24 * time.Hour
+	caValidity   = 10 * 365 * 24 * time.Hour
+	certValidity = 365 * 24 * time.Hour
 )
 
 // Files of the state directory, relative to it.
@@ -67,6 +68,10 @@ type State struct {
 
 	mu     sync.Mutex
 	tokens map[string]Secret
+
+	// validity of the certificates issued (CertValidityEnv, else
+	// certValidity).
+	validity time.Duration
 }
 
 // OpenState opens the state directory dir, creating it and its CA and
@@ -83,6 +88,9 @@ func OpenState(dir string) (*State, error) {
 		return nil, err
 	}
 	s := &State{dir: dir, tokens: map[string]Secret{}}
+	if s.validity, err = certValidityFromEnv(); err != nil {
+		return nil, err
+	}
 	err = s.locked(func() error {
 		if err := s.loadOrCreateCA(); err != nil {
 			return err
@@ -414,16 +422,19 @@ type CertRequest struct {
 
 // NodeCert returns the certificate of the machine m, issuing it when
 // absent, when its names differ from what m needs now (an address
-// changed), when it is close to expiry or when it is not from this CA.
+// changed), when it has expired or when it is not from this CA (renewal
+// before expiry is steppe rotate certs).
 func (s *State) NodeCert(spec *Spec, m Machine) (*KeyPair, error) {
-	return s.certificate(filepath.Join(nodesDir, m.Name), NodeCertRequest(spec, m))
+	return s.certificate(filepath.Join(nodesDir, m.Name), NodeCertRequest(spec, m), time.Time{})
 }
 
 // OperatorCert returns the client certificate of the operator's CLIs
 // (nomad, consul): both verify client certificates on their HTTPS APIs.
 func (s *State) OperatorCert() (*KeyPair, error) {
-	return s.certificate(operatorDir, CertRequest{CommonName: "steppe operator"})
+	return s.certificate(operatorDir, operatorCertRequest(), time.Time{})
 }
+
+func operatorCertRequest() CertRequest { return CertRequest{CommonName: "steppe operator"} }
 
 // NodeCertRequest is what the certificate of machine m names: the names
 // Consul and Nomad verify with verify_server_hostname (server.<dc>.consul,
@@ -449,14 +460,17 @@ func NodeCertRequest(spec *Spec, m Machine) CertRequest {
 	return r
 }
 
-func (s *State) certificate(rel string, req CertRequest) (*KeyPair, error) {
+// certificate returns the certificate at rel, issuing it anew when it
+// does not fit req or was issued before issuedSince (a rotation: one
+// issued since it began is kept, so a resumed rotation issues no second).
+func (s *State) certificate(rel string, req CertRequest, issuedSince time.Time) (*KeyPair, error) {
 	certPath := filepath.Join(s.dir, rel, "cert.pem")
 	keyPath := filepath.Join(s.dir, rel, "key.pem")
 	var kp *KeyPair
 	err := s.locked(func() error {
 		if certPEM, err := readPrivate(certPath); err == nil {
 			if keyPEM, err := readPrivate(keyPath); err == nil {
-				if cert, _, err := parsePair(certPEM, keyPEM); err == nil && s.certFits(cert, req) {
+				if cert, _, err := parsePair(certPEM, keyPEM); err == nil && s.certFits(cert, req) && !issuedBefore(cert, issuedSince) {
 					kp = &KeyPair{CertPEM: certPEM, KeyPEM: Secret(keyPEM), CertFile: certPath, KeyFile: keyPath}
 					return nil
 				}
@@ -486,7 +500,7 @@ func (s *State) certFits(cert *x509.Certificate, req CertRequest) bool {
 	if cert.CheckSignatureFrom(s.caCert) != nil {
 		return false
 	}
-	if time.Until(cert.NotAfter) < certRenewBefore {
+	if time.Now().After(cert.NotAfter) {
 		return false
 	}
 	if cert.Subject.CommonName != req.CommonName || !slices.Equal(cert.DNSNames, req.DNSNames) || len(cert.IPAddresses) != len(req.IPs) {
@@ -514,7 +528,7 @@ func (s *State) issue(req CertRequest) (certPEM, keyPEM []byte, err error) {
 		SerialNumber:          randomSerial(),
 		Subject:               pkix.Name{CommonName: req.CommonName, Organization: []string{"steppe"}},
 		NotBefore:             now.Add(-time.Minute),
-		NotAfter:              now.Add(certValidity),
+		NotAfter:              now.Add(s.validity),
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:           eku,
 		BasicConstraintsValid: true,
