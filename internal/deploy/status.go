@@ -157,6 +157,7 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 		return nil, err
 	}
 	files := hashi.TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}
+	s.Problems = append(s.Problems, certProblems(st, time.Now())...)
 	servers := serverAddrs(ms)
 	if len(servers) == 0 {
 		s.Problems = append(s.Problems, "no server machine")
@@ -388,7 +389,11 @@ func Env(ctx context.Context, opts Options) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return cluster.CLIEnv(st, answering(ctx, servers, cluster.ConsulHTTPSPort), answering(ctx, servers, cluster.NomadHTTPPort))
+	env, err := cluster.CLIEnv(st, answering(ctx, servers, cluster.ConsulHTTPSPort), answering(ctx, servers, cluster.NomadHTTPPort))
+	if err != nil || e.spec.Versions.Vault == "" {
+		return env, err
+	}
+	return append(env, cluster.VaultCLIEnv(st, answering(ctx, servers, cluster.VaultAPIPort))...), nil
 }
 
 // answering is host:port of the first server that accepts a connection on
@@ -424,7 +429,11 @@ func CLIBinDir(opts Options) (string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("cli bin dir: %w", err)
 	}
-	for product, version := range map[string]string{"nomad": e.spec.Versions.Nomad, "consul": e.spec.Versions.Consul} {
+	products := map[string]string{"nomad": e.spec.Versions.Nomad, "consul": e.spec.Versions.Consul}
+	if e.spec.Versions.Vault != "" {
+		products["vault"] = e.spec.Versions.Vault
+	}
+	for product, version := range products {
 		bin, err := artifact.BinaryPath(e.cacheDir, product, version)
 		if err != nil {
 			return "", err
