@@ -256,36 +256,20 @@ func (u *upRun) createMachines(ctx context.Context) error {
 	return u.restartForSecrets(ctx)
 }
 
-// restartForSecrets restarts the daemons of running machines whose
-// secrets changed (a certificate reissued for a new address or before
-// expiry), one machine at a time and each healthy before the next, so
-// that a quorum of servers is never down at once.
+// restartForSecrets has the daemons of running machines whose secrets
+// changed (a certificate reissued for a new address or after expiry)
+// load them as steppe rotate does: a reload, one machine at a time, each
+// serving its new certificate (and servers healthy) before the next. No
+// restart, so no server goes down without the upgrade gates.
 func (u *upRun) restartForSecrets(ctx context.Context) error {
 	for _, m := range u.machines {
 		if !m.SecretsChanged {
 			continue
 		}
-		client := agent.NewClient(m.Socket)
-		for _, svc := range []string{"consul", "nomad"} {
-			if err := client.Control(ctx, svc, "restart"); err != nil {
-				return fmt.Errorf("machine %s: restart %s for its new secrets: %w", m.Name, svc, err)
-			}
-		}
-		st, err := client.Status(ctx)
-		if err != nil {
-			return fmt.Errorf("machine %s: %w", m.Name, err)
-		}
-		var version uint64
-		if st.Bundle != nil {
-			version = st.Bundle.Version
-		}
-		mctx, cancel := context.WithTimeout(ctx, u.opts.MachineTimeout)
-		err = u.waitMachine(mctx, m, version)
-		cancel()
-		if err != nil {
+		if err := u.reloadSecrets(ctx, m); err != nil {
 			return err
 		}
-		u.printf("    %-24s restarted consul and nomad for new secrets", m.Name)
+		u.printf("    %-24s consul and nomad reloaded their new secrets", m.Name)
 	}
 	return nil
 }
