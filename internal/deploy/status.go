@@ -389,11 +389,7 @@ func Env(ctx context.Context, opts Options) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	env, err := cluster.CLIEnv(st, answering(ctx, servers, cluster.ConsulHTTPSPort), answering(ctx, servers, cluster.NomadHTTPPort))
-	if err != nil || e.spec.Versions.Vault == "" {
-		return env, err
-	}
-	return append(env, cluster.VaultCLIEnv(st, answering(ctx, servers, cluster.VaultAPIPort))...), nil
+	return cluster.CLIEnv(st, answering(ctx, servers, cluster.ConsulHTTPSPort), answering(ctx, servers, cluster.NomadHTTPPort))
 }
 
 // answering is host:port of the first server that accepts a connection on
@@ -429,11 +425,7 @@ func CLIBinDir(opts Options) (string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("cli bin dir: %w", err)
 	}
-	products := map[string]string{"nomad": e.spec.Versions.Nomad, "consul": e.spec.Versions.Consul}
-	if e.spec.Versions.Vault != "" {
-		products["vault"] = e.spec.Versions.Vault
-	}
-	for product, version := range products {
+	for product, version := range map[string]string{"nomad": e.spec.Versions.Nomad, "consul": e.spec.Versions.Consul} {
 		bin, err := artifact.BinaryPath(e.cacheDir, product, version)
 		if err != nil {
 			return "", err
