@@ -33,6 +33,7 @@ Operator:
   steppe down                          remove everything up made
   steppe upgrade [-nomad V] [-consul V] [-vault V]   rolling, health-gated, resumable
   steppe scale POOL COUNT              grow a client pool, or drain and shrink it
+  steppe rotate certs|gossip|tokens    renew certificates (same CA), gossip keys or machine tokens, reloading
 `
 
 // errUsage marks errors caused by how steppe was invoked; they exit with 2.
@@ -88,6 +89,8 @@ func run(ctx context.Context, args []string) error {
 		return runUpgrade(ctx, rest)
 	case "scale":
 		return runScale(ctx, rest)
+	case "rotate":
+		return runRotate(ctx, rest)
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("%w: unknown command %q", errUsage, cmd)

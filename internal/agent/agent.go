@@ -102,6 +102,8 @@ func Run(ctx context.Context, opts Options) error {
 		}
 	}
 
+	finishMetrics := a.startMetrics(ctx, cfg)
+
 	// The first apply runs in the background so that the API answers while
 	// services wait for their dependencies. The machine first runs what it
 	// ran before (its last good release), whether the store answers or not.
@@ -150,6 +152,7 @@ func Run(ctx context.Context, opts Options) error {
 	stopCtx, cancel := context.WithTimeout(context.Background(), a.shutdownBudget())
 	defer cancel()
 	shutdownErr := a.sup.Shutdown(stopCtx)
+	finishMetrics()
 	_ = ln.Close()
 	_ = os.Remove(cfg.Socket)
 	a.sup.Close()
@@ -185,6 +188,8 @@ func (a *Agent) ReloadConfig(ctx context.Context) error {
 			err = fmt.Errorf("%s: agent.socket cannot change while the agent runs (restart it)", cfg.Path)
 		case cfg.Cgroup != old.Cgroup:
 			err = fmt.Errorf("%s: agent.cgroup cannot change while the agent runs (restart it)", cfg.Path)
+		case cfg.MetricsTextfile() != old.MetricsTextfile():
+			err = fmt.Errorf("%s: metrics.textfile cannot change while the agent runs (restart it)", cfg.Path)
 		}
 	}
 	if err == nil && !sameSource(cfg, a.currentConfig()) {

@@ -41,6 +41,31 @@ type Config struct {
 	// artifact stores' SHA256SUMS.
 	ArtifactKeys []string
 	Services     []supervise.Spec
+	Metrics      Metrics
+}
+
+// Metrics says where the agent writes its own metrics (see metrics.go).
+type Metrics struct {
+	// Textfile is the file node_exporter's textfile collector reads; ""
+	// writes none. When the config sets none, TextfilePath gives the
+	// default under the state dir.
+	Textfile string
+	set      bool
+}
+
+// DefaultMetricsFile is the textfile below the agent's state dir, in a
+// directory of its own: the collector reads every *.prom file of the
+// directory it is given.
+const DefaultMetricsFile = "metrics/steppe.prom"
+
+// MetricsTextfile is the metrics textfile the agent writes: the config's,
+// else DefaultMetricsFile below the state dir; "" when turned off
+// (metrics { textfile = "" }).
+func (c *Config) MetricsTextfile() string {
+	if c.Metrics.set {
+		return c.Metrics.Textfile
+	}
+	return filepath.Join(c.StateDir, filepath.FromSlash(DefaultMetricsFile))
 }
 
 // Machine holds the facts templates see; what is not given is discovered.
@@ -127,8 +152,13 @@ var rootSchema = &hcl.BodySchema{
 		{Type: "machine"},
 		{Type: "bundle"},
 		{Type: "artifacts"},
+		{Type: "metrics"},
 		{Type: "service", LabelNames: []string{"name"}},
 	},
+}
+
+var metricsSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{{Name: "textfile"}},
 }
 
 // bundleRootSchema is what a service file inside a bundle may hold.
@@ -336,6 +366,8 @@ func (p *parser) config(body hcl.Body) *Config {
 					p.readable(a, cfg.ArtifactKeys)
 				}
 			}
+		case "metrics":
+			p.metrics(b, &cfg.Metrics)
 		}
 	}
 	defs := p.services(services, serviceSchema)
@@ -370,6 +402,27 @@ func (p *parser) bundle(b *hcl.Block) *BundleSource {
 		p.decode(a, &src.MinVersion)
 	}
 	return src
+}
+
+// metrics reads the metrics block. The textfile must be an absolute path
+// ending in ".prom", the only files the textfile collector reads; "" turns
+// the file off.
+func (p *parser) metrics(b *hcl.Block, m *Metrics) {
+	mc := p.content(b.Body, metricsSchema)
+	if mc == nil {
+		return
+	}
+	a, ok := mc.Attributes["textfile"]
+	if !ok || !p.decode(a, &m.Textfile) {
+		return
+	}
+	m.set = true
+	if m.Textfile == "" {
+		return
+	}
+	if !filepath.IsAbs(m.Textfile) || !strings.HasSuffix(m.Textfile, ".prom") || filepath.Base(m.Textfile) == ".prom" {
+		p.errorf(a.Expr.Range(), "Invalid metrics textfile", "textfile = %q: want an absolute path ending in \".prom\" (node_exporter's textfile collector reads only those), or \"\" for no metrics file", m.Textfile)
+	}
 }
 
 // readable checks that every file an attribute names can be read now, so

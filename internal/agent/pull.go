@@ -64,6 +64,9 @@ type BundleStatus struct {
 	LastError   string    `json:"last_error,omitempty"`
 	Failed      uint64    `json:"failed,omitempty"`
 	FailedError string    `json:"failed_error,omitempty"`
+
+	// LastErrorClass is a short, fixed class of LastError, for metrics.
+	LastErrorClass string `json:"last_error_class,omitempty"`
 }
 
 // maxPendingAttempts bounds how often a release whose apply was cut short
@@ -191,6 +194,7 @@ func (p *puller) run(ctx context.Context) {
 	for ctx.Err() == nil {
 		f, err := p.store.Fetch(ctx, p.src.Cluster, p.src.Role, etag, p.src.Wait)
 		now := time.Now()
+		class := fetchErrorClass(err) // before err is reworded
 		switch {
 		case errors.Is(err, bundle.ErrNotModified):
 			p.onStatus(func(bs *BundleStatus) { bs.LastPull = now })
@@ -203,7 +207,7 @@ func (p *puller) run(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			p.onStatus(func(bs *BundleStatus) { bs.LastPull, bs.LastError = now, err.Error() })
+			p.onStatus(func(bs *BundleStatus) { bs.LastPull, bs.LastError, bs.LastErrorClass = now, err.Error(), class })
 			delay := pause.Delay(fails)
 			fails++
 			p.log.Warn("pull failed; running the last good release", "err", err, "retry_in", delay.Round(time.Millisecond))
@@ -232,9 +236,9 @@ func (p *puller) run(ctx context.Context) {
 			etag = ""
 		}
 		p.onStatus(func(bs *BundleStatus) {
-			bs.LastPull, bs.LastError = now, ""
+			bs.LastPull, bs.LastError, bs.LastErrorClass = now, "", ""
 			if err != nil {
-				bs.LastError = err.Error()
+				bs.LastError, bs.LastErrorClass = err.Error(), installErrorClass(err)
 			}
 		})
 		if err == nil || ctx.Err() != nil {
