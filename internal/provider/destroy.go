@@ -127,6 +127,11 @@ func (l *Local) Destroy(ctx context.Context, name string) error {
 		}
 	}
 	killByPath(m.Dir)
+	if l.netns != nil {
+		if err := l.netns.teardown(ctx, m); err != nil {
+			errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
+		}
+	}
 	if err := deleteLink(LinkName(name)); err != nil {
 		errs = append(errs, fmt.Errorf("machine %s: %w", name, err))
 	}
@@ -201,6 +206,14 @@ func (l *Local) Cleanup(ctx context.Context) error {
 		slices.SortFunc(made, func(a, b string) int { return len(b) - len(a) })
 		for _, d := range made {
 			_ = syscall.Rmdir(d)
+		}
+	}
+	if l.netns != nil {
+		if err := unmountUnder(l.opts.Dir); err != nil {
+			errs = append(errs, err)
+		}
+		if err := l.netns.cleanup(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if err := os.RemoveAll(l.opts.Dir); err != nil {

@@ -57,8 +57,9 @@ type LocalOptions struct {
 // loopback address, with its own directory and cgroup parent. It needs
 // root for cgroups, as the agent does.
 type Local struct {
-	opts LocalOptions
-	mu   sync.Mutex // orders address assignment
+	opts  LocalOptions
+	mu    sync.Mutex // orders address assignment
+	netns *netnsNet  // nil: machines share the host's network (see netns.go)
 }
 
 // Ports each local machine must have free on its address: TCP, and the
@@ -212,7 +213,11 @@ func (l *Local) Create(ctx context.Context, req CreateRequest) (Machine, error) 
 		m.SecretsChanged = changed
 		return m, nil
 	}
-	if m.Role == cluster.RoleClient {
+	if l.netns != nil {
+		if err := l.netns.setup(m); err != nil {
+			return m, err
+		}
+	} else if m.Role == cluster.RoleClient {
 		addr, err := netip.ParseAddr(m.Address)
 		if err != nil {
 			return m, fmt.Errorf("local machine %s: address %q: %w", m.Name, m.Address, err)
@@ -251,7 +256,7 @@ func (l *Local) prepare(req CreateRequest) (Machine, error) {
 			return Machine{}, err
 		}
 	}
-	if err := portsFree(addr); err != nil {
+	if err := l.checkFree(addr); err != nil {
 		return Machine{}, fmt.Errorf("machine %s: %w", name, err)
 	}
 	dir := l.machineDir(name)
@@ -291,13 +296,13 @@ func (l *Local) nextAddress() (string, error) {
 		used[m.Address] = true
 	}
 	ip := net.ParseIP(l.opts.FirstAddress).To4()
-	for ip.IsLoopback() {
+	for l.addressOK(ip) {
 		if !used[ip.String()] {
 			return ip.String(), nil
 		}
 		ip = nextIP(ip)
 	}
-	return "", fmt.Errorf("local provider: no free loopback address from %s", l.opts.FirstAddress)
+	return "", fmt.Errorf("local provider: no free address from %s", l.opts.FirstAddress)
 }
 
 // portsFree fails naming the first port of addr that something holds.
@@ -370,7 +375,7 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 	// A client's tasks listen on its own interface (see link.go).
 	tags := ""
 	if m.Role == cluster.RoleClient {
-		tags = fmt.Sprintf("  tags       = { task_interface = %s }\n", hcllit.String(LinkName(m.Name)))
+		tags = fmt.Sprintf("  tags       = { task_interface = %s }\n", hcllit.String(l.taskInterface(m)))
 	}
 	fmt.Fprintf(&b, "machine {\n  name       = %s\n  address    = %s\n  pool       = %s\n  region     = %s\n  datacenter = %s\n%s}\n\n",
 		hcllit.String(m.Name), hcllit.String(m.Address), hcllit.String(m.Pool), hcllit.String(a.Region), hcllit.String(a.Datacenter), tags)
@@ -409,6 +414,11 @@ func (l *Local) start(ctx context.Context, m Machine) (Machine, error) {
 	// and friends (steppe env), which the daemons must not inherit.
 	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + m.Dir}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if l.netns != nil {
+		if err := l.netns.enter(cmd, m); err != nil {
+			return m, fmt.Errorf("local machine %s: %w", m.Name, err)
+		}
+	}
 	if err := cmd.Start(); err != nil {
 		return m, fmt.Errorf("local machine %s: start agent: %w", m.Name, err)
 	}
@@ -483,8 +493,8 @@ func (l *Local) Assign(ctx context.Context, ms []cluster.Machine) ([]cluster.Mac
 		for used[ip.String()] {
 			ip = nextIP(ip)
 		}
-		if !ip.IsLoopback() {
-			return nil, fmt.Errorf("local provider: no free loopback address from %s", l.opts.FirstAddress)
+		if !l.addressOK(ip) {
+			return nil, fmt.Errorf("local provider: no free address from %s", l.opts.FirstAddress)
 		}
 		out[i].Address = ip.String()
 		used[ip.String()] = true
@@ -516,7 +526,7 @@ func (l *Local) CheckFree(ctx context.Context, ms []cluster.Machine) error {
 		if slices.ContainsFunc(existing, func(e Machine) bool { return e.Name == m.Name }) {
 			continue
 		}
-		if err := portsFree(m.Address); err != nil {
+		if err := l.checkFree(m.Address); err != nil {
 			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}
 	}
