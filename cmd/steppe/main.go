@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/steppe/steppe/internal/provider"
 	"github.com/steppe/steppe/internal/supervise"
 )
 
@@ -45,6 +46,13 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == supervise.ExecArg {
 		err := supervise.ExecMain(os.Args[2:])
 		fmt.Fprintf(os.Stderr, "steppe exec: %v\n", err)
+		os.Exit(127)
+	}
+	// The netns provider starts each machine's agent through steppe
+	// itself, which enters the machine's namespaces and then execs it.
+	if len(os.Args) > 1 && os.Args[1] == provider.NetnsExecArg {
+		err := provider.NetnsExecMain(os.Args[2:])
+		fmt.Fprintf(os.Stderr, "steppe netns: %v\n", err)
 		os.Exit(127)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
