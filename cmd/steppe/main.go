@@ -34,6 +34,7 @@ Operator:
   steppe down                          remove everything up made
   steppe upgrade [-nomad V] [-consul V] [-vault V]   rolling, health-gated, resumable
   steppe scale POOL COUNT              grow a client pool, or drain and shrink it
+  steppe prometheus [-out FILE]        scrape configuration for every Consul and Nomad agent
   steppe rotate certs|gossip|tokens    renew certificates (same CA), gossip keys or machine tokens, reloading
 `
 
@@ -97,6 +98,8 @@ func run(ctx context.Context, args []string) error {
 		return runUpgrade(ctx, rest)
 	case "scale":
 		return runScale(ctx, rest)
+	case "prometheus":
+		return runPrometheus(ctx, rest)
 	case "rotate":
 		return runRotate(ctx, rest)
 	default:
