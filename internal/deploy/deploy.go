@@ -141,22 +141,7 @@ func open(opts Options) (*env, error) {
 			return nil, err
 		}
 	}
-	if e.spec.Provider.Name != "local" {
-		return nil, fmt.Errorf("provider %q: only the local provider is built so far", e.spec.Provider.Name)
-	}
-	for k := range e.spec.Provider.Options {
-		if k != "first_address" {
-			return nil, fmt.Errorf("provider \"local\": unknown option %q (known: first_address)", k)
-		}
-	}
-	e.local, err = provider.NewLocal(provider.LocalOptions{
-		Dir:           filepath.Join(e.stateDir, machinesDir),
-		Cluster:       e.spec.Name,
-		FirstAddress:  e.spec.Provider.Options["first_address"],
-		Binary:        opts.Binary,
-		ArtifactCache: filepath.Join(e.stateDir, artifactsCache),
-	})
-	if err != nil {
+	if e.local, err = newProvider(e.spec, e.stateDir, opts.Binary); err != nil {
 		return nil, err
 	}
 	return e, nil

@@ -50,6 +50,33 @@ type fleetOps struct {
 	apis    upgrade.APIs // management clients, one per address
 }
 
+// newProvider makes the spec's provider: local (machines on loopback
+// addresses of the host) or netns (a network namespace per machine on
+// the cluster's bridge). Both keep the machines in the state directory.
+func newProvider(spec *cluster.Spec, stateDir, binary string) (*provider.Local, error) {
+	known := map[string][]string{"local": {"first_address"}, "netns": {"subnet"}}
+	opts, ok := known[spec.Provider.Name]
+	if !ok {
+		return nil, fmt.Errorf("provider %q: not built; known providers: local, netns", spec.Provider.Name)
+	}
+	for k := range spec.Provider.Options {
+		if !slices.Contains(opts, k) {
+			return nil, fmt.Errorf("provider %q: unknown option %q (known: %s)", spec.Provider.Name, k, strings.Join(opts, ", "))
+		}
+	}
+	lo := provider.LocalOptions{
+		Dir:           filepath.Join(stateDir, machinesDir),
+		Cluster:       spec.Name,
+		FirstAddress:  spec.Provider.Options["first_address"],
+		Binary:        binary,
+		ArtifactCache: filepath.Join(stateDir, artifactsCache),
+	}
+	if spec.Provider.Name == "netns" {
+		return provider.NewNetns(provider.NetnsOptions{Local: lo, Subnet: spec.Provider.Options["subnet"]})
+	}
+	return provider.NewLocal(lo)
+}
+
 // loadSecrets opens the state directory's secrets and the bundle key.
 func (o *fleetOps) loadSecrets() error {
 	st, err := cluster.OpenState(o.stateDir)
