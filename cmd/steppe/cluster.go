@@ -176,6 +176,15 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
+	if v := st.Vault; v != nil {
+		fmt.Fprintf(w, "Vault servers: leader %s, %d voters\n", dash(v.Leader), v.Voters)
+		fmt.Fprintln(tw, "VAULT\tADDRESS\tSTATE\tVOTER\tVAULT")
+		for _, s := range v.Servers {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", s.Name, s.Address, s.State, s.Voter, dash(s.Version))
+		}
+		tw.Flush()
+		fmt.Fprintln(w)
+	}
 	fmt.Fprintln(tw, "CONSUL MEMBER\tADDRESS\tSTATUS\tSERVER\tCONSUL")
 	for _, m := range st.Consul {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", m.Name, m.Address, m.Status, m.Server, m.Version)
@@ -212,7 +221,7 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 // ("nomad 1.10.5 (runs 1.9.3)").
 func machineVersions(a deploy.AgentStatus) string {
 	var parts []string
-	for _, p := range []string{"consul", "nomad"} {
+	for _, p := range []string{"consul", "nomad", "vault"} {
 		want, runs := a.Versions[p], a.Runs[p]
 		switch {
 		case want == "" && runs == "":

@@ -30,7 +30,8 @@ Operator:
   steppe artifact serve DIR [-addr ADDR]
   steppe up [-spec cluster.hcl]        create or converge a cluster (local provider)
   steppe status [-json]                the whole cluster at a glance
-  steppe env                           exports for the nomad and consul CLIs
+  steppe env                           exports for the nomad, consul and vault CLIs
+  steppe vault unseal                  unseal every sealed Vault server with the kept key shares
   steppe down                          remove everything up made
   steppe upgrade [-nomad V] [-consul V] [-vault V]   rolling, health-gated, resumable
   steppe scale POOL COUNT              grow a client pool, or drain and shrink it
@@ -102,6 +103,8 @@ func run(ctx context.Context, args []string) error {
 		return runPrometheus(ctx, rest)
 	case "rotate":
 		return runRotate(ctx, rest)
+	case "vault":
+		return runVault(ctx, rest)
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("%w: unknown command %q", errUsage, cmd)

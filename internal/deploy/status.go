@@ -35,6 +35,7 @@ type Status struct {
 	Healthy  bool           `json:"healthy"`
 	Took     time.Duration  `json:"took"`
 	Raft     *RaftStatus    `json:"raft,omitempty"`
+	Vault    *VaultStatus   `json:"vault,omitempty"`
 }
 
 // RaftStatus sums up the Nomad servers' raft.
@@ -170,6 +171,9 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 	}
 	if err := consulStatus(qctx, s, st, files, servers); err != nil {
 		s.Problems = append(s.Problems, "consul: "+err.Error())
+	}
+	if e.spec.Versions.Vault != "" {
+		vaultStatus(qctx, s, st, files, serverMachines(ms))
 	}
 	want := e.spec.Machines() - e.spec.Servers.Count
 	if f, err := loadFleet(e.stateDir); err == nil && f != nil {
@@ -389,7 +393,11 @@ func Env(ctx context.Context, opts Options) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return cluster.CLIEnv(st, answering(ctx, servers, cluster.ConsulHTTPSPort), answering(ctx, servers, cluster.NomadHTTPPort))
+	env, err := cluster.CLIEnv(st, answering(ctx, servers, cluster.ConsulHTTPSPort), answering(ctx, servers, cluster.NomadHTTPPort))
+	if err != nil || e.spec.Versions.Vault == "" {
+		return env, err
+	}
+	return append(env, cluster.VaultCLIEnv(st, answering(ctx, servers, cluster.VaultAPIPort))...), nil
 }
 
 // answering is host:port of the first server that accepts a connection on
@@ -425,7 +433,11 @@ func CLIBinDir(opts Options) (string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("cli bin dir: %w", err)
 	}
-	for product, version := range map[string]string{"nomad": e.spec.Versions.Nomad, "consul": e.spec.Versions.Consul} {
+	products := map[string]string{"nomad": e.spec.Versions.Nomad, "consul": e.spec.Versions.Consul}
+	if e.spec.Versions.Vault != "" {
+		products["vault"] = e.spec.Versions.Vault
+	}
+	for product, version := range products {
 		bin, err := artifact.BinaryPath(e.cacheDir, product, version)
 		if err != nil {
 			return "", err

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/hashi"
+	"github.com/steppe/steppe/internal/provider"
 )
 
 // vaultClients are Vault clients of every server (by address order of
@@ -138,7 +140,7 @@ func (u *upRun) vault(ctx context.Context) error {
 // initialised, or any active one) before the others, which join raft
 // through it. An auto-unsealing Vault (recovery keys) is waited for.
 // It returns how many servers were sealed.
-func (u *upRun) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*vaultapi.Client, init *cluster.VaultInit) (int, error) {
+func (e *env) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*vaultapi.Client, init *cluster.VaultInit) (int, error) {
 	var sealed []int
 	for i, c := range anon {
 		h, err := hashi.WaitVaultAPI(ctx, c)
@@ -158,7 +160,7 @@ func (u *upRun) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*
 		}
 		if err := hashi.UnsealVault(ctx, anon[i], init.Keys); err != nil {
 			if errors.Is(err, hashi.ErrVaultKeys) {
-				return fmt.Errorf("vault on %s: %w: the Vault there is not the one %s initialised; stop it, or give the state directory of the cluster it belongs to", srv[i].Name, err, filepath.Join(u.stateDir, "vault", "init.json"))
+				return fmt.Errorf("vault on %s: %w: the Vault there is not the one %s initialised; stop it, or give the state directory of the cluster it belongs to", srv[i].Name, err, filepath.Join(e.stateDir, "vault", "init.json"))
 			}
 			return fmt.Errorf("vault on %s: %w", srv[i].Name, err)
 		}
@@ -267,5 +269,157 @@ func (u *upRun) vaultSetup(ctx context.Context) error {
 		u.printf("    root token revoked; the operator token (policy %s) is in steppe env", hashi.VaultOperatorPolicy)
 	}
 	u.printf("    Vault trusts Nomad's workload identities (auth/%s, role %s); jobs read %s/<namespace>/<job>/...", cluster.VaultJWTPath, hashi.VaultWorkloadsRole, hashi.VaultKVPath)
+	return nil
+}
+
+// VaultStatus is the Vault servers at a glance.
+type VaultStatus struct {
+	Servers []VaultServerStatus `json:"servers"`
+	Leader  string              `json:"leader,omitempty"`
+	Voters  int                 `json:"voters"`
+}
+
+// VaultServerStatus is one Vault server.
+type VaultServerStatus struct {
+	Name    string `json:"name"`
+	Address string `json:"address"`
+	// State is active, standby, sealed, uninitialised or down.
+	State   string `json:"state"`
+	Sealed  bool   `json:"sealed"`
+	Voter   bool   `json:"voter"`
+	Version string `json:"version,omitempty"`
+	Error   string `json:"error,omitempty"`
+}
+
+// vaultStatus fills s.Vault and its problems: every server's seal and HA
+// state (sys/health, no token), raft voters through the operator token.
+func vaultStatus(ctx context.Context, s *Status, st *cluster.State, files hashi.TLSFiles, servers []cluster.Machine) {
+	vs := &VaultStatus{Servers: make([]VaultServerStatus, len(servers))}
+	s.Vault = vs
+	tok, _ := st.LookupToken(cluster.TokenVaultOperator)
+	cs, err := vaultClients(servers, files, tok)
+	if err != nil {
+		s.Problems = append(s.Problems, "vault: "+err.Error())
+		return
+	}
+	var wg sync.WaitGroup
+	for i, m := range servers {
+		wg.Go(func() {
+			v := VaultServerStatus{Name: m.Name, Address: m.Address}
+			h, err := hashi.GetVaultHealth(ctx, cs[i])
+			switch {
+			case err != nil:
+				v.State, v.Error = "down", err.Error()
+			case !h.Initialized:
+				v.State, v.Sealed = "uninitialised", h.Sealed
+			case h.Sealed:
+				v.State, v.Sealed = "sealed", true
+			case h.Standby:
+				v.State = "standby"
+			default:
+				v.State = "active"
+			}
+			v.Version = h.Version
+			vs.Servers[i] = v
+		})
+	}
+	wg.Wait()
+	for _, v := range vs.Servers {
+		switch v.State {
+		case "down":
+			s.Problems = append(s.Problems, fmt.Sprintf("vault on %s does not answer: %s", v.Name, v.Error))
+		case "sealed":
+			s.Problems = append(s.Problems, fmt.Sprintf("vault on %s is sealed: run steppe vault unseal (or steppe up)", v.Name))
+		case "uninitialised":
+			s.Problems = append(s.Problems, fmt.Sprintf("vault on %s is not initialised: run steppe up", v.Name))
+		}
+	}
+	for i, v := range vs.Servers {
+		if v.State != "active" && v.State != "standby" || tok == "" {
+			continue
+		}
+		r, err := hashi.GetVaultRaft(ctx, cs[i])
+		if err != nil {
+			s.Problems = append(s.Problems, "vault: "+err.Error())
+			break
+		}
+		vs.Leader, vs.Voters = r.Leader, r.Voters()
+		for j := range vs.Servers {
+			for _, rs := range r.Servers {
+				if rs.Name == vs.Servers[j].Name {
+					vs.Servers[j].Voter = rs.Status == "voter" || rs.Status == "leader"
+				}
+			}
+		}
+		if vs.Voters < len(servers) {
+			s.Problems = append(s.Problems, fmt.Sprintf("vault raft has %d voters of %d servers", vs.Voters, len(servers)))
+		}
+		break
+	}
+}
+
+// serverMachines are the server machines of ms, running or not.
+func serverMachines(ms []provider.Machine) []cluster.Machine {
+	var out []cluster.Machine
+	for _, m := range ms {
+		if m.Role == cluster.RoleServer {
+			out = append(out, m.Cluster())
+		}
+	}
+	return out
+}
+
+// VaultUnseal unseals every running Vault server that is sealed (after a
+// crash, a restart or a reboot) with the key shares in the state
+// directory.
+func VaultUnseal(ctx context.Context, opts Options) error {
+	e, err := open(opts)
+	if err != nil {
+		return err
+	}
+	if err := e.needState(); err != nil {
+		return err
+	}
+	if e.spec.Versions.Vault == "" {
+		return fmt.Errorf("cluster %s runs no Vault (its spec has vault { enabled = false })", e.spec.Name)
+	}
+	st, err := cluster.OpenState(e.stateDir)
+	if err != nil {
+		return err
+	}
+	init, err := st.VaultInit()
+	if err != nil {
+		return err
+	}
+	if init == nil {
+		return fmt.Errorf("cluster %s: Vault was never initialised from %s: run steppe up", e.spec.Name, e.stateDir)
+	}
+	op, err := st.OperatorCert()
+	if err != nil {
+		return err
+	}
+	ms, err := e.local.List(ctx)
+	if err != nil {
+		return err
+	}
+	var srv []cluster.Machine
+	for _, m := range ms {
+		if m.Role == cluster.RoleServer && m.Running {
+			srv = append(srv, m.Cluster())
+		}
+	}
+	if len(srv) == 0 {
+		return fmt.Errorf("cluster %s: no server machine is running (steppe up)", e.spec.Name)
+	}
+	slices.SortFunc(srv, func(a, b cluster.Machine) int { return strings.Compare(a.Name, b.Name) })
+	anon, err := vaultClients(srv, hashi.TLSFiles{CAFile: st.CAFile(), CertFile: op.CertFile, KeyFile: op.KeyFile}, "")
+	if err != nil {
+		return err
+	}
+	n, err := e.unsealVault(ctx, srv, anon, init)
+	if err != nil {
+		return err
+	}
+	e.printf("vault: %d of %d running servers were sealed; all unsealed", n, len(srv))
 	return nil
 }

@@ -241,10 +241,13 @@ func ConfigureVaultAutopilot(ctx context.Context, c *vaultapi.Client, servers in
 	if cfg.MinQuorum == uint(servers) && !cfg.CleanupDeadServers && cfg.ServerStabilizationTime == 5*time.Second {
 		return nil
 	}
-	cfg.MinQuorum = uint(servers)
-	cfg.CleanupDeadServers = false
-	cfg.ServerStabilizationTime = 5 * time.Second
-	if err := c.Sys().PutRaftAutopilotConfigurationWithContext(ctx, cfg); err != nil {
+	// Only these fields: the client's own put sends every field, and
+	// Vault's community edition refuses disable_upgrade_migration.
+	if _, err := c.Logical().WriteWithContext(ctx, "sys/storage/raft/autopilot/configuration", map[string]any{
+		"min_quorum":                servers,
+		"cleanup_dead_servers":      false,
+		"server_stabilization_time": "5s",
+	}); err != nil {
 		return fmt.Errorf("set vault autopilot configuration: %w", err)
 	}
 	return nil
