@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -125,6 +126,22 @@ func (e *env) consulMetricsToken(ctx context.Context, st *cluster.State, servers
 	if err != nil {
 		return "", err
 	}
+	// A follower answers the agents' stale reads from its own copy of the
+	// raft log: until each server has the new token, a scrape through a
+	// machine that asks that server is refused (seen: "ACL not found"
+	// right after the token was made). The configuration works at once
+	// when this returns.
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for _, addr := range servers {
+		c, err := hashi.ConsulClient(net.JoinHostPort(addr, strconv.Itoa(cluster.ConsulHTTPSPort)), hashi.TLSFiles{CAFile: st.CAFile()}, secret)
+		if err != nil {
+			return "", err
+		}
+		if err := hashi.WaitConsulToken(wctx, c); err != nil {
+			return "", fmt.Errorf("consul metrics token on server %s: %w", addr, err)
+		}
+	}
 	dir := filepath.Join(e.stateDir, prometheusDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("prometheus credentials: %w", err)
@@ -173,7 +190,8 @@ func prometheusConfig(clusterName, caFile, consulCredentials string, ms []provid
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "# Prometheus scrape configuration of steppe cluster %s (steppe prometheus).\n", clusterName)
 	b.WriteString("# The Consul token is read from its credentials_file, kept 0600 in the state directory;\n")
-	b.WriteString("# Prometheus must be able to read it and the CA file.\n")
+	b.WriteString("# Prometheus must be able to read it and the CA file. The targets are the machines of\n")
+	b.WriteString("# now: run steppe prometheus again after steppe scale.\n")
 	b.WriteString("# Each agent's own metrics are a node_exporter textfile on its machine\n")
 	fmt.Fprintf(&b, "# (the agent's state dir/%s: node_exporter --collector.textfile.directory=its directory).\n", agent.DefaultMetricsFile)
 	enc := yaml.NewEncoder(&b)
