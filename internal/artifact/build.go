@@ -381,7 +381,7 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 		return fail("check static linking", err)
 	}
 	phase("statically linked")
-	vout, err := checkVersion(ctx, out, p.title, ver)
+	vout, err := p.checkVersion(ctx, out, ver)
 	fmt.Fprintf(log, "$ %s version\n%s", out, vout)
 	if err != nil {
 		return fail("check version", err)

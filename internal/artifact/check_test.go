@@ -99,7 +99,7 @@ func TestParseRef(t *testing.T) {
 			t.Errorf("ParseRef(%q) accepted", bad)
 		}
 	}
-	if _, _, err := ParseRef("terraform@1.9.0"); err == nil || !strings.Contains(err.Error(), "known: consul, nomad, vault") {
+	if _, _, err := ParseRef("terraform@1.9.0"); err == nil || !strings.Contains(err.Error(), "known: consul, coredns, nomad, vault") {
 		t.Errorf("unknown product error does not list the known ones: %v", err)
 	}
 }

@@ -1,9 +1,12 @@
 package artifact
 
 import (
+	"context"
 	"fmt"
+	"os/exec"
 	"sort"
 	"strings"
+	"time"
 )
 
 // product describes how one HashiCorp product is built the way its own
@@ -29,9 +32,39 @@ type product struct {
 	// the tagged commit's cannot be had and the version go.mod requires
 	// does not compile against the release's code.
 	pins map[string]map[string]string
+	// versionPackage is where the commit is stamped; "" means the
+	// module's /version package (HashiCorp's layout).
+	versionPackage string
+	// versionFlag, when set, is how the binary prints its version
+	// (CoreDNS: -version, first line "CoreDNS-1.12.4"), instead of
+	// HashiCorp's `version` subcommand and "Nomad v1.9.3".
+	versionFlag string
 }
 
-func (p product) versionPkg() string { return p.module + "/version" }
+func (p product) versionPkg() string {
+	if p.versionPackage != "" {
+		return p.versionPackage
+	}
+	return p.module + "/version"
+}
+
+// checkVersion runs the built binary's version command and checks that it
+// names the version built.
+func (p product) checkVersion(ctx context.Context, bin, ver string) (string, error) {
+	if p.versionFlag == "" {
+		return checkVersion(ctx, bin, p.title, ver)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, p.versionFlag).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s %s: %w: %s", bin, p.versionFlag, err, strings.TrimSpace(string(out)))
+	}
+	if want := p.title + "-" + ver; firstLine(string(out)) != want {
+		return string(out), fmt.Errorf("%s %s says %q, want %q", bin, p.versionFlag, firstLine(string(out)), want)
+	}
+	return string(out), nil
+}
 
 // products is a function rather than a package variable so that nothing
 // can mutate the table.
@@ -58,6 +91,16 @@ func products() map[string]product {
 				// is api v1.18.1, the 1.14.x line's (1.14.11 requires it).
 				"1.14.8": {"github.com/hashicorp/consul/api": "v1.18.1"},
 			},
+		},
+		// CoreDNS, the machines' local resolver (DESIGN: decision 12), as
+		// its Makefile builds it: the main package at the module root,
+		// CGO_ENABLED=0, the commit in coremain.GitCommit.
+		"coredns": {
+			name: "coredns", title: "CoreDNS", module: "github.com/coredns/coredns",
+			tags:           []string{"netgo", "osusergo"},
+			shortCommit:    true,
+			versionPackage: "github.com/coredns/coredns/coremain",
+			versionFlag:    "-version",
 		},
 		"vault": {
 			name: "vault", title: "Vault", module: "github.com/hashicorp/vault",
