@@ -570,12 +570,20 @@ func (c *upCluster) scanSecrets() {
 		s, _ := st.LookupToken(n)
 		secrets["token "+n] = s.Reveal()
 	}
+	if v, err := st.VaultInit(); err != nil {
+		t.Fatal(err)
+	} else if v != nil {
+		secrets["vault root token"] = v.RootToken.Reveal()
+		for i, k := range v.Keys {
+			secrets[fmt.Sprintf("vault key share %d", i)] = k.Reveal()
+		}
+	}
 	if len(secrets) < 12 {
 		t.Fatalf("only %d secrets to look for", len(secrets))
 	}
 	allowed := func(rel string) bool {
 		switch {
-		case slices.Contains([]string{"ca-key.pem", "consul-gossip.key", "nomad-gossip.key", "tokens.json", "bundle-signing.key", "operator/key.pem"}, rel):
+		case slices.Contains([]string{"ca-key.pem", "consul-gossip.key", "nomad-gossip.key", "tokens.json", "bundle-signing.key", "operator/key.pem", "vault/init.json"}, rel):
 			return true
 		case strings.HasPrefix(rel, "nodes/") && strings.HasSuffix(rel, "/key.pem"):
 			return true

@@ -291,14 +291,20 @@ func (fo *fleetOps) reloadSecrets(ctx context.Context, m provider.Machine) error
 		return fmt.Errorf("machine %s: delivered certificate: %w", m.Name, err)
 	}
 	client := agent.NewClient(m.Socket)
-	for _, svc := range []string{"consul", "nomad"} {
+	svcs, ports := []string{"consul", "nomad"}, tlsPorts(m)
+	if fm, ok := fo.fleetMachine(m.Name); ok && m.Role == cluster.RoleServer && fm.Versions[cluster.VaultProduct] != "" {
+		// Vault reloads its listener's certificate on SIGHUP too.
+		svcs = append(svcs, "vault")
+		ports = append(ports, tlsPort{"vault https", cluster.VaultAPIPort, 0})
+	}
+	for _, svc := range svcs {
 		if err := client.Control(ctx, svc, "reload"); err != nil {
 			return fmt.Errorf("machine %s: reload %s: %w", m.Name, svc, err)
 		}
 	}
 	wctx, cancel := context.WithTimeout(ctx, fo.machineTimeout)
 	defer cancel()
-	for _, p := range tlsPorts(m) {
+	for _, p := range ports {
 		if err := waitServedCert(wctx, m.Address, p, want, fo.opFiles); err != nil {
 			return fmt.Errorf("machine %s: %w", m.Name, err)
 		}

@@ -397,7 +397,7 @@ func Env(ctx context.Context, opts Options) ([]string, error) {
 	if err != nil || e.spec.Versions.Vault == "" {
 		return env, err
 	}
-	return append(env, cluster.VaultCLIEnv(st, answering(ctx, servers, cluster.VaultAPIPort))...), nil
+	return append(env, cluster.VaultCLIEnv(st, unsealedVault(ctx, st, servers))...), nil
 }
 
 // answering is host:port of the first server that accepts a connection on

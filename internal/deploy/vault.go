@@ -4,11 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	vaultapi "github.com/hashicorp/vault/api"
 
@@ -67,7 +71,46 @@ func (u *upRun) storeVaultTransit() error {
 			return fmt.Errorf("vault transit seal ca_file: %w", err)
 		}
 	}
-	return u.st.SetVaultTransitCA(ca)
+	if err := u.st.SetVaultTransitCA(ca); err != nil {
+		return err
+	}
+	return checkTransit(t, ca)
+}
+
+// checkTransit asks the transit Vault whether it answers, before any
+// server depends on it: a Vault whose seal cannot be reached does not
+// start.
+func checkTransit(t *cluster.TransitSeal, caPEM []byte) error {
+	u, err := url.Parse(t.Address)
+	if err != nil {
+		return fmt.Errorf("vault transit seal address %q: %w", t.Address, err)
+	}
+	dir, err := os.MkdirTemp("", "steppe-transit-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	files := hashi.TLSFiles{}
+	if caPEM != nil {
+		files.CAFile = filepath.Join(dir, "ca.pem")
+		if err := os.WriteFile(files.CAFile, caPEM, 0o600); err != nil {
+			return err
+		}
+	}
+	c, err := hashi.VaultClient(u.Host, files, "")
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	h, err := hashi.GetVaultHealth(ctx, c)
+	if err != nil {
+		return fmt.Errorf("vault transit seal %s cannot be reached (%w): the servers' Vaults would not start; check the address, ca_file and that Vault is up", t.Address, err)
+	}
+	if h.Sealed {
+		return fmt.Errorf("vault transit seal %s is sealed: unseal it first", t.Address)
+	}
+	return nil
 }
 
 // vault initialises Vault once, unseals every server that is sealed, and
@@ -334,14 +377,21 @@ func vaultStatus(ctx context.Context, s *Status, st *cluster.State, files hashi.
 			s.Problems = append(s.Problems, fmt.Sprintf("vault on %s is not initialised: run steppe up", v.Name))
 		}
 	}
+	// Raft as the active server sees it: a standby that has just been
+	// unsealed does not know the active node for a moment.
+	order := make([]int, 0, len(vs.Servers))
 	for i, v := range vs.Servers {
-		if v.State != "active" && v.State != "standby" || tok == "" {
-			continue
+		if v.State == "active" {
+			order = append([]int{i}, order...)
+		} else if v.State == "standby" {
+			order = append(order, i)
 		}
-		r, err := hashi.GetVaultRaft(ctx, cs[i])
+	}
+	if len(order) > 0 && tok != "" {
+		r, err := hashi.GetVaultRaft(ctx, cs[order[0]])
 		if err != nil {
 			s.Problems = append(s.Problems, "vault: "+err.Error())
-			break
+			return
 		}
 		vs.Leader, vs.Voters = r.Leader, r.Voters()
 		for j := range vs.Servers {
@@ -354,7 +404,6 @@ func vaultStatus(ctx context.Context, s *Status, st *cluster.State, files hashi.
 		if vs.Voters < len(servers) {
 			s.Problems = append(s.Problems, fmt.Sprintf("vault raft has %d voters of %d servers", vs.Voters, len(servers)))
 		}
-		break
 	}
 }
 
@@ -422,4 +471,25 @@ func VaultUnseal(ctx context.Context, opts Options) error {
 	}
 	e.printf("vault: %d of %d running servers were sealed; all unsealed", n, len(srv))
 	return nil
+}
+
+// unsealedVault is host:port of the first server whose Vault is unsealed
+// (a sealed one accepts connections but serves nothing), else of one
+// that answers.
+func unsealedVault(ctx context.Context, st *cluster.State, servers []string) string {
+	files := hashi.TLSFiles{CAFile: st.CAFile()}
+	for _, s := range servers {
+		addr := net.JoinHostPort(s, strconv.Itoa(cluster.VaultAPIPort))
+		c, err := hashi.VaultClient(addr, files, "")
+		if err != nil {
+			continue
+		}
+		hctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		h, err := hashi.GetVaultHealth(hctx, c)
+		cancel()
+		if err == nil && h.Initialized && !h.Sealed {
+			return addr
+		}
+	}
+	return answering(ctx, servers, cluster.VaultAPIPort)
 }

@@ -150,7 +150,10 @@ func UnsealVault(ctx context.Context, c *vaultapi.Client, keys []cluster.Secret)
 		for _, k := range keys {
 			st, err = c.Sys().UnsealWithContext(ctx, k.Reveal())
 			if err != nil {
-				if strings.Contains(err.Error(), "invalid key") || strings.Contains(err.Error(), "message authentication failed") {
+				// A wrong share is a 400 ("Unseal failed, invalid key");
+				// a server still fetching raft's challenge answers 500s
+				// ("invalid key size 0") until it has it: asked again.
+				if isVaultStatus(err, http.StatusBadRequest) && (strings.Contains(err.Error(), "invalid key") || strings.Contains(err.Error(), "message authentication failed")) {
 					return false, permanent(fmt.Errorf("%w (%v)", ErrVaultKeys, err))
 				}
 				return false, err
