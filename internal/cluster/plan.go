@@ -253,6 +253,9 @@ func planRole(spec *Spec, role Role, pool Pool, join []string) (RolePlan, error)
 		// and Nomad's tasks need it.
 		p.Services = []ServiceDef{vs, cs, ns}
 	}
+	if err := planCoreDNS(spec, &p, mem); err != nil {
+		return RolePlan{}, err
+	}
 	return p, nil
 }
 
