@@ -87,9 +87,9 @@ pool "batch" {}
 	// Every daemon has a memory limit: the role's defaults here.
 	for _, p := range plans {
 		for _, sv := range p.Services {
-			want := map[string]int64{"server/consul": DefaultServerConsulMemory, "server/nomad": DefaultServerNomadMemory}[p.Role+"/"+sv.Name]
+			want := map[string]int64{"server/consul": DefaultServerConsulMemory, "server/nomad": DefaultServerNomadMemory, "server/coredns": DefaultCoreDNSMemory}[p.Role+"/"+sv.Name]
 			if p.Role != "server" {
-				want = map[string]int64{"consul": DefaultClientConsulMemory, "nomad": DefaultClientNomadMemory}[sv.Name]
+				want = map[string]int64{"consul": DefaultClientConsulMemory, "nomad": DefaultClientNomadMemory, "coredns": DefaultCoreDNSMemory}[sv.Name]
 			}
 			if sv.MemoryMax != want || want == 0 {
 				t.Errorf("%s/%s: memory limit %d, want %d", p.Role, sv.Name, sv.MemoryMax, want)
@@ -202,7 +202,7 @@ pool "batch" {}
 		if n.StopMode != wantMode || c.StopMode != StopCgroup {
 			t.Fatalf("%s: stop modes consul %q nomad %q", p.Role, c.StopMode, n.StopMode)
 		}
-		if len(p.Artifacts) != 2 || p.Artifacts[0] != (ArtifactRef{"consul", "1.14.11"}) || p.Artifacts[1] != (ArtifactRef{"nomad", "1.10.5"}) {
+		if len(p.Artifacts) != 3 || p.Artifacts[0] != (ArtifactRef{"consul", "1.14.11"}) || p.Artifacts[1] != (ArtifactRef{"nomad", "1.10.5"}) || p.Artifacts[2] != (ArtifactRef{"coredns", "1.12.4"}) {
 			t.Fatalf("%s: artifacts %v", p.Role, p.Artifacts)
 		}
 	}

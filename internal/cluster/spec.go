@@ -67,6 +67,7 @@ type Spec struct {
 	BundleStore string
 	Provider    Provider
 	Vault       VaultSpec
+	DNS         DNSSpec
 
 	// Warnings are things that are allowed but probably wrong, each
 	// prefixed with file:line:col.
@@ -75,9 +76,10 @@ type Spec struct {
 
 // Versions of the daemons. Vault is optional ("" means no Vault).
 type Versions struct {
-	Nomad  string
-	Consul string
-	Vault  string
+	Nomad   string
+	Consul  string
+	Vault   string
+	CoreDNS string
 }
 
 // VaultSpec is how the servers run Vault (spec: a vault block).
@@ -186,8 +188,9 @@ func DefaultSpec() *Spec {
 		Region:     DefaultRegion,
 		Datacenter: DefaultDatacenter,
 		Versions: Versions{
-			Nomad:  DefaultNomadVersion,
-			Consul: DefaultConsulVersion,
+			Nomad:   DefaultNomadVersion,
+			Consul:  DefaultConsulVersion,
+			CoreDNS: DefaultCoreDNSVersion,
 		},
 		Servers:       Servers{Count: DefaultServers, Memory: defaultServerMemory()},
 		Pools:         []Pool{{Name: DefaultPoolName, Count: DefaultPoolCount, Meta: map[string]string{}, Memory: defaultClientMemory()}},
@@ -268,6 +271,7 @@ var (
 			{Type: "pool", LabelNames: []string{"name"}},
 			{Type: "provider", LabelNames: []string{"name"}},
 			{Type: "vault"},
+			{Type: "dns"},
 		},
 	}
 	vaultSchema = &hcl.BodySchema{
@@ -278,7 +282,7 @@ var (
 		{Name: "address", Required: true}, {Name: "key_name", Required: true}, {Name: "mount_path"},
 		{Name: "ca_file"}, {Name: "token_file", Required: true},
 	}}
-	versionsSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "nomad"}, {Name: "consul"}, {Name: "vault"}}}
+	versionsSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "nomad"}, {Name: "consul"}, {Name: "vault"}, {Name: "coredns"}}}
 	serversSchema  = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "memory"}}}
 	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}, {Name: "memory"}}}
 )
@@ -406,6 +410,8 @@ func decodeSpec(body hcl.Body) (*Spec, hcl.Diagnostics) {
 			}
 		case "vault":
 			diags = append(diags, decodeVault(b, &s.Vault)...)
+		case "dns":
+			diags = append(diags, decodeDNS(b, &s.DNS)...)
 		}
 	}
 	if _, ok := seen["vault"]; !ok && s.Versions.Vault != "" {
@@ -488,7 +494,7 @@ func decodeVersions(body hcl.Body, v *Versions) hcl.Diagnostics {
 	for _, f := range []struct {
 		name string
 		dst  *string
-	}{{"nomad", &v.Nomad}, {"consul", &v.Consul}, {"vault", &v.Vault}} {
+	}{{"nomad", &v.Nomad}, {"consul", &v.Consul}, {"vault", &v.Vault}, {"coredns", &v.CoreDNS}} {
 		name, dst := f.name, f.dst
 		a, ok := c.Attributes[name]
 		if !ok {

@@ -78,7 +78,7 @@ provider "local" {
 	}
 	want := &Spec{
 		Name: "prod", Region: "eu", Datacenter: "fra1",
-		Versions:      Versions{Nomad: "1.9.3", Consul: "1.14.8", Vault: "1.21.0"},
+		Versions:      Versions{Nomad: "1.9.3", Consul: "1.14.8", Vault: "1.21.0", CoreDNS: DefaultCoreDNSVersion},
 		Servers:       Servers{Count: 5, Memory: map[string]int64{"consul": 3 << 30, "nomad": DefaultServerNomadMemory, "vault": DefaultServerVaultMemory}},
 		Vault:         VaultSpec{Enabled: true, Shares: DefaultVaultShares, Threshold: DefaultVaultThreshold},
 		ArtifactStore: "http://127.0.0.1:9000/releases",
