@@ -102,6 +102,7 @@ func (o *fleetOps) loadSecrets() error {
 // for (the release site with HashiCorp's key, or a mirror in the release
 // layout over HTTP(S) or file://) must hold them, signed by those keys.
 func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]string) error {
+	versions = withCoreDNS(o.spec, versions)
 	type want struct{ product, version string }
 	var all []want
 	for _, p := range slices.Sorted(maps.Keys(versions)) {
