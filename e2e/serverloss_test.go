@@ -106,10 +106,18 @@ pool "default" {
 	nc := c.nomadClient(env)
 	cc := consulClient(t, env)
 	r := rafts{cc: cc, nc: nc, token: env["NOMAD_TOKEN"]}
-	// Serf calls it failed (not left): from then on autopilot may prune.
+	// Serf calls it failed, not left (what autopilot's removal makes of
+	// it): from then on autopilot may prune it. Both rafts keep 3
+	// voters meanwhile.
+	var members string
 	waitUntil(t, victim+" failed in Consul's and Nomad's membership", 2*time.Minute, func() bool {
 		time.Sleep(500 * time.Millisecond)
-		return memberStatus(cc, nc, victim) == "failed/failed"
+		members = memberStatus(cc, nc, victim)
+		if strings.Contains(members, "left") {
+			t.Fatalf("%s is gone from the cluster (consul/nomad membership %s) %v after the kill: autopilot removed it; raft now %s",
+				victim, members, time.Since(killedAt).Round(100*time.Millisecond), raftVoters(r))
+		}
+		return members == "failed/failed"
 	})
 	failedAt := time.Now()
 	t.Logf("%s seen failed by Consul and Nomad %v after the kill", victim, failedAt.Sub(killedAt).Round(100*time.Millisecond))
@@ -286,6 +294,32 @@ type rafts struct {
 	cc    *consulapi.Client
 	nc    *nomadapi.Client
 	token string // Nomad's
+}
+
+// raftVoters says who votes in both rafts, for a failure message.
+func raftVoters(r rafts) string {
+	var b strings.Builder
+	if cr, err := r.cc.Operator().RaftGetConfiguration(nil); err != nil {
+		fmt.Fprintf(&b, "consul: %v", err)
+	} else {
+		b.WriteString("consul voters:")
+		for _, s := range cr.Servers {
+			if s.Voter {
+				b.WriteString(" " + s.Node)
+			}
+		}
+	}
+	if nr, err := r.nc.Operator().RaftGetConfiguration(nil); err != nil {
+		fmt.Fprintf(&b, "; nomad: %v", err)
+	} else {
+		b.WriteString("; nomad voters:")
+		for _, s := range nr.Servers {
+			if s.Voter {
+				b.WriteString(" " + s.Node)
+			}
+		}
+	}
+	return b.String()
 }
 
 // checkRaft checks that both rafts have exactly 3 voters, the machine
