@@ -31,6 +31,7 @@ type Reporter struct {
 	drawn    []string // live lines on the screen now
 	lastDraw time.Time
 	partial  []byte // terminal: the start of a line not yet ended
+	midLine  bool   // the last text written did not end its line
 	ticking  bool
 	stop     chan struct{}
 	closed   bool
@@ -92,7 +93,11 @@ func (r *Reporter) Mode() Mode {
 func (r *Reporter) Write(p []byte) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.mode != Terminal {
+	if r.mode != Terminal || (len(r.tasks) == 0 && len(r.drawn) == 0 && len(r.partial) == 0) {
+		// Nothing live on the screen: the text goes as it comes.
+		if len(p) > 0 {
+			r.midLine = p[len(p)-1] != '\n'
+		}
 		return r.w.Write(p)
 	}
 	r.partial = append(r.partial, p...)
@@ -151,7 +156,10 @@ func (r *Reporter) print(lines []byte) error {
 func (r *Reporter) printTerminal(lines []byte, final bool) error {
 	var b bytes.Buffer
 	b.WriteString(r.erase())
-	b.Write(lines)
+	if len(lines) > 0 {
+		b.Write(lines)
+		r.midLine = false
+	}
 	now := r.clock()
 	if !final && now.Sub(r.lastDraw) >= Interval {
 		r.draw(&b, now)
@@ -173,6 +181,10 @@ func (r *Reporter) erase() string {
 // draw appends the live lines, one per running task, to b.
 func (r *Reporter) draw(b *bytes.Buffer, now time.Time) {
 	r.drawn = r.render()
+	if r.midLine && len(r.drawn) > 0 {
+		b.WriteString("\n")
+		r.midLine = false
+	}
 	for _, l := range r.drawn {
 		b.WriteString(l)
 		b.WriteString("\n")

@@ -253,6 +253,21 @@ func TestTerminalRedrawsInPlace(t *testing.T) {
 	}
 }
 
+// With no task running a terminal gets the text as it comes, a line not
+// ended included; a task's live line then starts on a line of its own.
+func TestTerminalIdlePassesTextThrough(t *testing.T) {
+	r, out, _ := testReporter(Terminal, 80)
+	fmt.Fprintf(r, "export A=1\nprompt> ")
+	if got := out.take(); got != "export A=1\nprompt> " {
+		t.Errorf("idle terminal wrote %q", got)
+	}
+	r.Start("consul 1.14.11", "publishing")
+	r.tick()
+	if got, want := out.take(), "\n  consul 1.14.11      0s  publishing\n"; got != want {
+		t.Errorf("first draw after a line not ended: %q, want %q", got, want)
+	}
+}
+
 func TestTerminalFitsTheWidth(t *testing.T) {
 	r, out, _ := testReporter(Terminal, 30)
 	r.Start("a-machine-with-a-long-name", "waiting for a very long time indeed")
