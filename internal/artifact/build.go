@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/steppe/steppe/internal/progress"
 )
 
 // Builder builds products from Go module sources into a cache and
@@ -28,6 +30,9 @@ type Builder struct {
 	StoreDir string
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
+	// Progress shows each build as a live task (its step, packages
+	// compiled out of the total); nil shows none.
+	Progress *progress.Reporter
 	// Go is the go command; "" means "go" from PATH.
 	Go string
 	// CC is the C compiler for cgo products; "" means "musl-gcc".
@@ -104,6 +109,17 @@ func (b *Builder) cacheDir() (string, error) {
 // before (instant), else from the module sources. Either way the binary is
 // published into the store.
 func (b *Builder) Build(ctx context.Context, productName, ver string) (Result, error) {
+	t := b.Progress.Start(productName+" "+strings.TrimPrefix(ver, "v"), "starting")
+	res, err := b.build(ctx, t, productName, ver)
+	if err != nil {
+		t.Fail(err)
+	} else {
+		t.Done("")
+	}
+	return res, err
+}
+
+func (b *Builder) build(ctx context.Context, t *progress.Task, productName, ver string) (Result, error) {
 	p, err := lookupProduct(productName)
 	if err != nil {
 		return Result{}, err
@@ -124,7 +140,7 @@ func (b *Builder) Build(ctx context.Context, productName, ver string) (Result, e
 		return Result{}, err
 	}
 
-	unlock, err := b.lock(ctx, cache, p.name, ver)
+	unlock, err := b.lock(ctx, t, cache, p.name, ver)
 	if err != nil {
 		return Result{}, err
 	}
@@ -136,7 +152,7 @@ func (b *Builder) Build(ctx context.Context, productName, ver string) (Result, e
 		b.logf("==> %s %s: cached build unusable, rebuilding: %v", p.name, ver, err)
 	}
 	if !cached {
-		info, err = b.compile(ctx, cache, p, ver)
+		info, err = b.compile(ctx, t, cache, p, ver)
 		if err != nil {
 			return res, err
 		}
@@ -148,6 +164,7 @@ func (b *Builder) Build(ctx context.Context, productName, ver string) (Result, e
 	res.Binary = filepath.Join(binDir(cache, p.name, ver), p.name)
 	res.SHA256 = info.SHA256
 
+	t.Phase("publishing")
 	key, err := loadOrCreateKey(keyFile(cache))
 	if err != nil {
 		return res, &StepError{Product: p.name, Version: ver, Step: "store key", Err: err}
@@ -189,7 +206,7 @@ func readCached(cache, product, ver string) (BuildInfo, bool, error) {
 
 // lock serializes builds of one version across processes (a test and
 // `make artifacts` may build the same version at once).
-func (b *Builder) lock(ctx context.Context, cache, product, ver string) (func(), error) {
+func (b *Builder) lock(ctx context.Context, t *progress.Task, cache, product, ver string) (func(), error) {
 	dir := filepath.Join(cache, "locks")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("artifact cache %s: %w", cache, err)
@@ -211,6 +228,7 @@ func (b *Builder) lock(ctx context.Context, cache, product, ver string) (func(),
 		}
 		if !said {
 			b.logf("==> %s %s: waiting for another build of it to finish (%s)", product, ver, path)
+			t.Phase("waiting for another build of it")
 			said = true
 		}
 		select {
@@ -224,7 +242,7 @@ func (b *Builder) lock(ctx context.Context, cache, product, ver string) (func(),
 
 // compile runs every step of a build from source and installs the binary
 // into the cache.
-func (b *Builder) compile(ctx context.Context, cache string, p product, ver string) (BuildInfo, error) {
+func (b *Builder) compile(ctx context.Context, task *progress.Task, cache string, p product, ver string) (BuildInfo, error) {
 	start := time.Now()
 	work := workDir(cache, p.name, ver)
 	if err := os.MkdirAll(work, 0o755); err != nil {
@@ -278,6 +296,7 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	phase("building from source with %s (GOTOOLCHAIN=local)", goVer)
 
 	// Step: fetch the source.
+	task.Phase("fetching the source")
 	t := time.Now()
 	mi, err := g.download(ctx, p.module, "v"+ver, log)
 	if err != nil {
@@ -292,6 +311,7 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	}
 	phase("fetched %s@v%s (commit %s) in %s", p.module, ver, orUnknown(info.Commit), since(t))
 
+	task.Phase("copying the source")
 	t = time.Now()
 	src := filepath.Join(work, "src")
 	if err := os.RemoveAll(src); err != nil {
@@ -303,6 +323,7 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	phase("copied source to %s in %s", src, since(t))
 
 	// Step: go.mod: toolchain warning and replace resolution.
+	task.Phase("resolving replaces")
 	gomodPath := filepath.Join(src, "go.mod")
 	gm, err := g.readGoMod(ctx, gomodPath)
 	if err != nil {
@@ -360,7 +381,14 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	}
 	phase("compiling (%s, tags %s); this takes minutes", cgoNote, strings.Join(p.tags, ","))
 	t = time.Now()
+	task.Phase("compiling packages")
 	counter := &lineCounter{}
+	if task.Live() {
+		// Only a terminal shows packages out of the total; counting them
+		// costs a go list, run alongside the build.
+		stop := countPackages(ctx, g, src, env, p.tags, task, counter)
+		defer stop()
+	}
 	cmd := g.command(ctx, src, env, args...)
 	cmd.Stdout = io.MultiWriter(log, counter)
 	cmd.Stderr = io.MultiWriter(log, counter)
@@ -377,6 +405,7 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	phase("compiled in %s", since(t))
 
 	// Step: check.
+	task.Phase("checking the binary")
 	if err := checkStatic(out); err != nil {
 		return fail("check static linking", err)
 	}
@@ -390,6 +419,7 @@ func (b *Builder) compile(ctx context.Context, cache string, p product, ver stri
 	phase("`%s version` says %q", p.name, firstLine(vout))
 
 	// Step: install into the cache.
+	task.Phase("installing into the cache")
 	sum, err := sha256File(out)
 	if err != nil {
 		return fail("install", err)
@@ -536,14 +566,19 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 
 // lineCounter counts output lines; `go build -v` prints one per package.
 type lineCounter struct {
-	mu sync.Mutex
-	n  int
+	mu      sync.Mutex
+	n       int
+	onCount func(n int) // called with the count after each write, if set
 }
 
 func (c *lineCounter) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	c.n += bytes.Count(p, []byte{'\n'})
+	n, f := c.n, c.onCount
 	c.mu.Unlock()
+	if f != nil {
+		f(n)
+	}
 	return len(p), nil
 }
 
