@@ -126,7 +126,7 @@ func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]st
 		}
 		o.artifactKeys = keys
 	} else {
-		b := &artifact.Builder{CacheDir: o.cacheDir, Log: indent{o.out, "    "}}
+		b := &artifact.Builder{CacheDir: o.cacheDir, Log: indent{o.out, "    "}, Progress: o.reporter()}
 		for _, a := range all {
 			if _, err := b.Build(ctx, a.product, a.version); err != nil {
 				return fmt.Errorf("missing artifact %s %s, and building it failed: %w", a.product, a.version, err)
@@ -365,6 +365,11 @@ func (o *fleetOps) waitMachine(ctx context.Context, m provider.Machine, version 
 	client := agent.NewClient(m.Socket)
 	var last agent.StatusReport
 	var lastErr error
+	wait := "waiting until healthy"
+	if version > 0 {
+		wait = fmt.Sprintf("waiting for release %d", version)
+	}
+	t := o.task(m.Name, wait)
 	for {
 		st, err := client.Status(ctx)
 		if err == nil {
@@ -374,15 +379,18 @@ func (o *fleetOps) waitMachine(ctx context.Context, m provider.Machine, version 
 				for _, s := range st.Services {
 					names = append(names, s.Name)
 				}
-				o.printf("    %-24s release %d healthy: %s", m.Name, version, strings.Join(names, ", "))
+				t.Done(fmt.Sprintf("    %-24s release %d healthy: %s", m.Name, version, strings.Join(names, ", ")))
 				return nil
 			}
 		} else {
 			lastErr = err
 		}
+		t.Phase("%s: %s", wait, failingCheck(last, lastErr, version))
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("machine %s (%s) did not become healthy: %s\n%s", m.Name, m.Address, failingCheck(last, lastErr, version), machineLogs(m, last))
+			err := fmt.Errorf("machine %s (%s) did not become healthy: %s\n%s", m.Name, m.Address, failingCheck(last, lastErr, version), machineLogs(m, last))
+			t.Fail(err)
+			return err
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

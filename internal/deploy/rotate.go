@@ -238,15 +238,18 @@ func (r *rotator) step(name string, f func() error) error {
 		return nil
 	}
 	t := time.Now()
+	task := r.task(name, "")
 	if err := f(); err != nil {
+		task.Fail(err)
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	r.rec.Done = append(r.rec.Done, name)
 	if err := r.rec.save(r.stateDir); err != nil {
+		task.Fail(err)
 		return err
 	}
 	r.res.Steps = append(r.res.Steps, name)
-	r.printf("    %-32s done (%s)", name, time.Since(t).Round(10*time.Millisecond))
+	task.Done(fmt.Sprintf("    %-32s done (%s)", name, time.Since(t).Round(10*time.Millisecond)))
 	return nil
 }
 
@@ -612,6 +615,9 @@ func (r *rotator) restartNomad(ctx context.Context, m provider.Machine) error {
 	for _, s := range r.servers {
 		servers = append(servers, upgrade.Server{Machine: s.Name, Address: s.Address})
 	}
-	return upgrade.WaitRestarted(ctx, r.fleetOps, servers, upgrade.Nomad, upgrade.Server{Machine: m.Name, Address: m.Address}, fm.Versions[cluster.NomadProduct], r.gate,
-		func(ev upgrade.Event) { r.printf("    %s", ev.Message) })
+	steps := newStepTasks(r.env)
+	err = upgrade.WaitRestarted(ctx, r.fleetOps, servers, upgrade.Nomad, upgrade.Server{Machine: m.Name, Address: m.Address}, fm.Versions[cluster.NomadProduct], r.gate,
+		steps.event)
+	steps.end(err)
+	return err
 }

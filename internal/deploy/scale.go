@@ -14,6 +14,7 @@ import (
 
 	"github.com/steppe/steppe/internal/cluster"
 	"github.com/steppe/steppe/internal/hashi"
+	"github.com/steppe/steppe/internal/progress"
 	"github.com/steppe/steppe/internal/upgrade"
 )
 
@@ -174,11 +175,15 @@ func (o *fleetOps) readyToTakeOver(ctx context.Context, keep []string) error {
 func (o *fleetOps) waitNodesReady(ctx context.Context, names []string) error {
 	ctx, cancel := context.WithTimeout(ctx, o.machineTimeout)
 	defer cancel()
+	tasks := make([]*progress.Task, len(names))
+	for i, n := range names {
+		tasks[i] = o.task(n, "waiting for its Nomad client to be ready and eligible")
+	}
 	for {
 		problem, err := o.notReady(ctx, names)
 		if err == nil && problem == "" {
-			for _, n := range names {
-				o.printf("    %-24s ready, eligible", n)
+			for i, n := range names {
+				tasks[i].Done(fmt.Sprintf("    %-24s ready, eligible", n))
 			}
 			return nil
 		}
@@ -187,7 +192,11 @@ func (o *fleetOps) waitNodesReady(ctx context.Context, names []string) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("nomad clients not ready: %s", problem)
+			err := fmt.Errorf("nomad clients not ready: %s", problem)
+			for _, t := range tasks {
+				t.Fail(err)
+			}
+			return err
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
@@ -227,6 +236,12 @@ func (o *fleetOps) shrink(ctx context.Context, names []string, deadline time.Dur
 	for i, n := range names {
 		wg.Go(func() {
 			t := time.Now()
+			task := o.task(n, "draining")
+			defer func() {
+				if errs[i] != nil {
+					task.Fail(errs[i])
+				}
+			}()
 			if nd, ok := nodeOf[n]; ok && nd.Status == nomadapi.NodeStatusReady {
 				var dr hashi.DrainResult
 				err := anyServer(ctx, o, o.Nomad, func(c *nomadapi.Client) (err error) {
@@ -242,6 +257,7 @@ func (o *fleetOps) shrink(ctx context.Context, names []string, deadline time.Dur
 				mu.Unlock()
 				o.printf("    %-24s drained (%d allocations) in %s", n, dr.Allocs, dr.Duration.Round(10*time.Millisecond))
 			}
+			task.Phase("removing")
 			if err := o.Destroy(ctx, n); err != nil {
 				errs[i] = fmt.Errorf("remove %s: %w", n, err)
 				return
@@ -253,7 +269,7 @@ func (o *fleetOps) shrink(ctx context.Context, names []string, deadline time.Dur
 					return
 				}
 			}
-			o.printf("    %-24s removed in %s", n, time.Since(t).Round(10*time.Millisecond))
+			task.Done(fmt.Sprintf("    %-24s removed in %s", n, time.Since(t).Round(10*time.Millisecond)))
 		})
 	}
 	wg.Wait()

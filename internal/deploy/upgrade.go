@@ -62,6 +62,7 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 	if err != nil {
 		return nil, err
 	}
+	steps := newStepTasks(o.env)
 	cfg := upgrade.Config{
 		StateDir:       o.stateDir,
 		Target:         target,
@@ -74,7 +75,7 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 		Artifacts:      o,
 		Gate:           opts.Gate,
 		ClientStrategy: opts.Clients,
-		Progress:       func(ev upgrade.Event) { o.printf("    %s", ev.Message) },
+		Progress:       steps.event,
 		Log:            slog.New(slog.DiscardHandler),
 	}
 	u, err := upgrade.New(cfg)
@@ -83,6 +84,7 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 	}
 	o.printf("==> preflight, snapshots, servers one at a time (Consul first, the leader last), then clients")
 	st, err := u.Run(ctx)
+	steps.end(err)
 	if st != nil {
 		writeUpgradeReport(o.out, st, time.Since(start))
 	}
