@@ -174,13 +174,15 @@ type upRun struct {
 func (u *upRun) phase(name string, f func(context.Context) error, ctx context.Context) error {
 	t := time.Now()
 	u.printf("==> %s", name)
+	task := u.task("steppe up", name)
 	err := f(ctx)
 	took := time.Since(t)
 	u.res.Phases = append(u.res.Phases, Phase{Name: name, Took: took})
 	if err != nil {
+		task.Fail(err)
 		return fmt.Errorf("%s: %w", name, err)
 	}
-	u.printf("    %s: %s", name, took.Round(10*time.Millisecond))
+	task.Done(fmt.Sprintf("    %s: %s", name, took.Round(10*time.Millisecond)))
 	return nil
 }
 
