@@ -81,6 +81,8 @@ func cacheDirFlag(flagValue string) (string, error) {
 func artifactBuild(ctx context.Context, args []string) error {
 	fs, cacheFlag := artifactFlags("build")
 	out := fs.String("out", "", "publish into this store directory (default CACHE/store)")
+	prog := progressOutput(fs, os.Stderr)
+	defer prog.Close()
 	refs, err := parseInterspersed(fs, args)
 	if err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
@@ -102,7 +104,7 @@ func artifactBuild(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	b := &artifact.Builder{CacheDir: cache, StoreDir: *out, Log: os.Stderr}
+	b := &artifact.Builder{CacheDir: cache, StoreDir: *out, Log: prog, Progress: prog}
 	for _, j := range jobs {
 		start := time.Now()
 		res, err := b.Build(ctx, j.product, j.version)

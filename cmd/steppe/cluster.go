@@ -19,7 +19,8 @@ import (
 // clusterFlags are the flags every cluster command shares.
 func clusterFlags(name string) (*flag.FlagSet, *deploy.Options) {
 	fs := flag.NewFlagSet("steppe "+name, flag.ContinueOnError)
-	o := &deploy.Options{Out: os.Stdout}
+	o := &deploy.Options{}
+	o.Out = progressOutput(fs, os.Stdout)
 	fs.StringVar(&o.SpecPath, "spec", "", "cluster spec (cluster.hcl); default: the one up kept, else 3 servers and 2 clients")
 	fs.StringVar(&o.StateDir, "state", os.Getenv("STEPPE_STATE"), "the operator's state directory (env STEPPE_STATE; default ~/.local/state/steppe/NAME)")
 	fs.StringVar(&o.CacheDir, "cache", "", "artifact cache (default $STEPPE_CACHE, else ~/.cache/steppe)")
@@ -33,6 +34,7 @@ func runUp(ctx context.Context, args []string) error {
 	if _, err := parseNoArgs(fs, args); err != nil {
 		return err
 	}
+	defer closeProgress(o.Out)
 	_, err := deploy.Up(ctx, deploy.UpOptions{Options: *o, Timeout: *timeout, MachineTimeout: *machineTimeout})
 	return err
 }
@@ -58,6 +60,7 @@ func runUpgrade(ctx context.Context, args []string) error {
 			target[p] = v
 		}
 	}
+	defer closeProgress(o.Out)
 	_, err := deploy.Upgrade(ctx, deploy.UpgradeOptions{
 		Options: *o, Target: target, Force: *force,
 		Clients:        upgrade.ClientStrategy{Parallelism: *parallel, DrainDeadline: *drain, Surge: *surge},
@@ -82,6 +85,7 @@ func runScale(ctx context.Context, args []string) error {
 	if err != nil || n < 0 {
 		return fmt.Errorf("%w: steppe scale POOL COUNT: count %q is not a number of machines", errUsage, pos[1])
 	}
+	defer closeProgress(o.Out)
 	_, err = deploy.Scale(ctx, deploy.ScaleOptions{Options: *o, Pool: pos[0], Count: n, DrainDeadline: *drain, MachineTimeout: *machineTimeout})
 	return err
 }
@@ -91,6 +95,7 @@ func runDown(ctx context.Context, args []string) error {
 	if _, err := parseNoArgs(fs, args); err != nil {
 		return err
 	}
+	defer closeProgress(o.Out)
 	return deploy.Down(ctx, *o)
 }
 

@@ -51,6 +51,7 @@ func runRotate(ctx context.Context, args []string) error {
 	if *asJSON {
 		o.Out = os.Stderr
 	}
+	defer closeProgress(o.Out)
 	res, err := deploy.Rotate(ctx, deploy.RotateOptions{
 		Options: *o, What: what,
 		Gate:           upgrade.Gate{Stable: *stable, Timeout: *gateTimeout},
