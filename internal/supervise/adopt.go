@@ -84,6 +84,7 @@ func (a *service) initial(reply chan error) {
 		a.saved, _ = json.Marshal(rec)
 	}
 	a.oomBase = a.oomCount()
+	a.markSysOOM()
 	if a.adopt(rec, recErr == nil) {
 		if recErr == nil && rec.Hash != execHash(a.spec) && !a.stray {
 			a.log.agentf("the spec changed while the agent was away: restarting")

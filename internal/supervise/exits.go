@@ -29,10 +29,10 @@ func (a *service) mainExited(ws unix.WaitStatus, known bool) {
 		desc = describeExit(ws)
 		failed = !(ws.Exited() && ws.ExitStatus() == 0)
 	}
-	if a.checkOOM() {
+	if a.killedByOOM(pid, ws, known) {
 		desc, failed = "oom", true
-		a.log.agentf("main process %d was killed by the kernel: OOM (memory limit %d bytes)", pid, a.spec.MemoryMax)
-		a.sup.log.Error("killed: out of memory", "service", a.name, "pid", pid, "limit", a.spec.MemoryMax)
+		a.log.agentf("main process %d was killed by the kernel's OOM killer: %s", pid, a.oomCause())
+		a.sup.log.Error("killed: out of memory", "service", a.name, "pid", pid, "limit", a.spec.MemoryMax, "oom_kills", a.oomKills)
 	}
 	if a.phase != StateStopping || known {
 		a.lastExit = desc

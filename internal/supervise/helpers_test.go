@@ -147,6 +147,9 @@ type testAgent struct {
 	// cgroup is the cgroup v2 directory the agent is started in; "": the
 	// test's own.
 	cgroup string
+	// prefix goes before the test binary's own arguments (such as the
+	// exec trampoline's, to start it in a v1 memory cgroup).
+	prefix []string
 }
 
 func startAgent(t testing.TB, cfg agentConfig) *testAgent {
@@ -154,11 +157,23 @@ func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 	return startAgentIn(t, "", cfg)
 }
 
+// startAgentWith starts an agent through the test binary run with the
+// arguments prefix first, then the binary's path and its own arguments.
+func startAgentWith(t testing.TB, prefix []string, cfg agentConfig) *testAgent {
+	t.Helper()
+	return startAgentPrefixed(t, "", prefix, cfg)
+}
+
 // startAgentIn starts an agent in the cgroup v2 directory cgroup.
 func startAgentIn(t testing.TB, cgroup string, cfg agentConfig) *testAgent {
 	t.Helper()
+	return startAgentPrefixed(t, cgroup, nil, cfg)
+}
+
+func startAgentPrefixed(t testing.TB, cgroup string, prefix []string, cfg agentConfig) *testAgent {
+	t.Helper()
 	dir := t.TempDir()
-	a := &testAgent{t: t, cfg: cfg, path: filepath.Join(dir, "agent.json"), cgroup: cgroup}
+	a := &testAgent{t: t, cfg: cfg, path: filepath.Join(dir, "agent.json"), cgroup: cgroup, prefix: prefix}
 	if a.cfg.StatusFile == "" {
 		a.cfg.StatusFile = filepath.Join(dir, "status.json")
 	}
@@ -174,7 +189,11 @@ func (a *testAgent) start() {
 	a.t.Helper()
 	_ = os.Remove(a.cfg.StatusFile)
 	exe, _ := os.Executable()
-	a.cmd = exec.Command(exe, "-test.run=^$")
+	args := []string{"-test.run=^$"}
+	if len(a.prefix) > 0 {
+		args = append(append(append([]string{}, a.prefix...), exe), args...)
+	}
+	a.cmd = exec.Command(exe, args...)
 	a.cmd.Env = append(os.Environ(), "STEPPE_TEST_AGENT="+a.path)
 	a.cmd.Stderr = os.Stderr
 	if a.cgroup != "" {

@@ -43,6 +43,7 @@ func (a *service) spawn() (*proc, error) {
 	// OOM kills are counted from here: the counters of a cgroup made anew
 	// (renewCgroup, or the first start) begin at 0 again.
 	a.oomBase = a.oomCount()
+	a.markSysOOM()
 	if a.memcg != "" {
 		if len(a.sup.opts.Exec) == 0 {
 			return nil, errors.New("a cgroup v1 memory limit needs the exec trampoline (Options.Exec)")
