@@ -42,6 +42,7 @@ type Agent struct {
 	cfg       *Config
 	configErr string
 	bundle    *BundleStatus // nil: the machine pulls no bundle
+	resolver  *resolver     // nil: resolv.conf is not the agent's (set before the API serves)
 
 	// applyMu orders applies: the config reload and the pull loop both
 	// hand the supervisor the whole set (the machine's services and the
@@ -88,6 +89,9 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		a.sup.Close()
 		return err
+	}
+	if cfg.Resolver != nil {
+		a.resolver = a.startResolver(ctx, cfg)
 	}
 	api := &apiServer{ctl: a.sup, status: a.Status, log: log}
 	go api.serve(ctx, ln)
@@ -148,6 +152,9 @@ func Run(ctx context.Context, opts Options) error {
 		}
 	}
 
+	if a.resolver != nil {
+		a.resolver.stop()
+	}
 	log.Info("agent stopping every service")
 	stopCtx, cancel := context.WithTimeout(context.Background(), a.shutdownBudget())
 	defer cancel()
@@ -190,6 +197,8 @@ func (a *Agent) ReloadConfig(ctx context.Context) error {
 			err = fmt.Errorf("%s: agent.cgroup cannot change while the agent runs (restart it)", cfg.Path)
 		case cfg.MetricsTextfile() != old.MetricsTextfile():
 			err = fmt.Errorf("%s: metrics.textfile cannot change while the agent runs (restart it)", cfg.Path)
+		case !sameResolver(cfg.Resolver, old.Resolver):
+			err = fmt.Errorf("%s: the resolver block cannot change while the agent runs (restart it)", cfg.Path)
 		}
 	}
 	if err == nil && !sameSource(cfg, a.currentConfig()) {
@@ -362,6 +371,7 @@ func (a *Agent) Status() StatusReport {
 		},
 		Bundle:   bs,
 		Services: services,
+		Resolver: a.resolverStatus(),
 	}
 }
 

@@ -23,6 +23,9 @@ type StatusReport struct {
 	Agent    AgentInfo          `json:"agent"`
 	Bundle   *BundleStatus      `json:"bundle,omitempty"`
 	Services []supervise.Status `json:"services"`
+	// Resolver is the machine's resolv.conf switch; nil when the agent
+	// leaves resolv.conf alone (the local provider: the host's).
+	Resolver *ResolverStatus `json:"resolver,omitempty"`
 }
 
 // AgentInfo describes the agent process itself.

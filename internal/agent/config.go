@@ -42,6 +42,9 @@ type Config struct {
 	ArtifactKeys []string
 	Services     []supervise.Spec
 	Metrics      Metrics
+	// Resolver, when set, is the resolv.conf the agent switches to the
+	// machine's local resolver (resolver.go); nil leaves it alone.
+	Resolver *Resolver
 }
 
 // Metrics says where the agent writes its own metrics (see metrics.go).
@@ -153,6 +156,7 @@ var rootSchema = &hcl.BodySchema{
 		{Type: "bundle"},
 		{Type: "artifacts"},
 		{Type: "metrics"},
+		{Type: "resolver"},
 		{Type: "service", LabelNames: []string{"name"}},
 	},
 }
@@ -368,6 +372,8 @@ func (p *parser) config(body hcl.Body) *Config {
 			}
 		case "metrics":
 			p.metrics(b, &cfg.Metrics)
+		case "resolver":
+			cfg.Resolver = p.resolver(b)
 		}
 	}
 	defs := p.services(services, serviceSchema)
