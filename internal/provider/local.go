@@ -388,6 +388,7 @@ func (l *Local) writeAgentConfig(m Machine, a AgentConfig) error {
 	if len(a.ArtifactKeys) > 0 {
 		fmt.Fprintf(&b, "\nartifacts {\n  keys = %s\n}\n", hcllit.List(a.ArtifactKeys))
 	}
+	b.WriteString(l.resolverBlock(m))
 	cfg := filepath.Join(m.Dir, agentConfig)
 	if _, err := agent.ParseConfig(cfg, []byte(b.String())); err != nil {
 		return fmt.Errorf("local machine %s: agent config: %w", m.Name, err)

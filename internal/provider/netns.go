@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/steppe/steppe/internal/atomicfile"
+	"github.com/steppe/steppe/internal/hcllit"
 )
 
 // The netns provider is the local provider with a network per machine
@@ -257,7 +258,8 @@ func writeEtc(m Machine) error {
 	}
 	// The machine reaches nothing beyond its subnet, so no resolver of the
 	// host's would answer: none is named (the C library and Go then ask
-	// 127.0.0.1, where the machine's own resolver will listen).
+	// 127.0.0.1, where nothing answers) until the agent switches it to the
+	// machine's own resolver (see resolverBlock).
 	resolv := fmt.Sprintf("# Written by steppe for netns machine %s: it reaches nothing outside\n"+
 		"# its cluster's subnet, so it has no upstream resolver.\n", m.Name)
 	hosts := fmt.Sprintf("# Written by steppe for netns machine %s.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n", m.Name, m.Address, m.Name)
@@ -271,6 +273,23 @@ func writeEtc(m Machine) error {
 		}
 	}
 	return nil
+}
+
+// ResolverFallback is how long a netns machine's local resolver may not
+// answer before its agent puts the previous resolv.conf back.
+const ResolverFallback = 10 * time.Second
+
+// resolverBlock is the agent config's resolver block: a netns machine's
+// resolv.conf is its own (<dir>/etc/resolv.conf, seen at /etc/resolv.conf
+// through a bind mount in its mount namespace), so its agent switches it
+// to the machine's CoreDNS on the machine's address. The local provider
+// writes none: its machines' resolv.conf is the host's, left alone.
+func (l *Local) resolverBlock(m Machine) string {
+	if l.netns == nil {
+		return ""
+	}
+	return fmt.Sprintf("\nresolver {\n  resolv_conf    = %s\n  mount          = \"/etc/resolv.conf\"\n  address        = %s\n  fallback_after = %s\n}\n",
+		hcllit.String(filepath.Join(m.Dir, etcDir, resolvFile)), hcllit.String(m.Address), hcllit.String(ResolverFallback.String()))
 }
 
 // ensureBridge makes the cluster's bridge with the host's address, up and
