@@ -36,6 +36,8 @@ type Status struct {
 	Took     time.Duration  `json:"took"`
 	Raft     *RaftStatus    `json:"raft,omitempty"`
 	Vault    *VaultStatus   `json:"vault,omitempty"`
+	// DNS says what the machines' resolvers answer (coredns.go).
+	DNS string `json:"dns,omitempty"`
 }
 
 // RaftStatus sums up the Nomad servers' raft.
@@ -92,6 +94,11 @@ type AgentStatus struct {
 	// new release is on its way.
 	Versions map[string]string `json:"versions,omitempty"`
 	Runs     map[string]string `json:"runs,omitempty"`
+	// Resolver is the machine's resolv.conf: switched to its CoreDNS, on
+	// its fallback, or the host's (coredns.go).
+	Resolver string `json:"resolver,omitempty"`
+	// resolverProblem is what Resolver makes a problem of, if anything.
+	resolverProblem string
 }
 
 // ServiceStatus is one service an agent supervises.
@@ -147,7 +154,11 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 				s.Problems = append(s.Problems, fmt.Sprintf("machine %s: %s is %s, not ready", a.Machine, sv.Name, sv.State))
 			}
 		}
+		if a.resolverProblem != "" {
+			s.Problems = append(s.Problems, a.resolverProblem)
+		}
 	}
+	s.DNS = dnsSummary(e.spec)
 
 	st, err := cluster.OpenState(e.stateDir)
 	if err != nil {
@@ -271,6 +282,7 @@ func agentStatus(ctx context.Context, m provider.Machine) AgentStatus {
 		a.Services = append(a.Services, ServiceStatus{Name: sv.Name, State: string(sv.State), Ready: sv.Ready, PID: sv.PID, Restarts: sv.Restarts,
 			LastExit: sv.LastExit, OOMKills: sv.OOMKills})
 	}
+	a.Resolver, a.resolverProblem = resolverStatus(m.Name, st, time.Now())
 	return a
 }
 
