@@ -213,6 +213,7 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", a.Machine, a.Address, a.Role, agentCol, a.Release, machineVersions(a), strings.Join(svcs, "; "))
 	}
 	tw.Flush()
+	printDNS(w, st)
 	if len(st.Problems) > 0 {
 		fmt.Fprintln(w, "\nproblems:")
 		for _, p := range st.Problems {
