@@ -180,6 +180,12 @@ func GetStatus(ctx context.Context, opts Options) (*Status, error) {
 	if err := nomadStatus(qctx, s, st, files, servers); err != nil {
 		s.Problems = append(s.Problems, "nomad: "+err.Error())
 	}
+	for _, sv := range s.Servers {
+		// failed, not left: a server that left on purpose is no problem.
+		if sv.Status == "failed" {
+			s.Problems = append(s.Problems, fmt.Sprintf("Nomad server %s (%s) is %s: the others do not reach it (partitioned, or down)", sv.Name, sv.Address, sv.Status))
+		}
+	}
 	if err := consulStatus(qctx, s, st, files, servers); err != nil {
 		s.Problems = append(s.Problems, "consul: "+err.Error())
 	}
@@ -376,10 +382,29 @@ func consulStatus(ctx context.Context, s *Status, st *cluster.State, files hashi
 		}
 		slices.SortFunc(s.Consul, func(a, b ConsulMember) int { return strings.Compare(a.Name, b.Name) })
 		if alive < len(s.Agents) {
-			s.Problems = append(s.Problems, fmt.Sprintf("%d of %d Consul members alive", alive, len(s.Agents)))
+			s.Problems = append(s.Problems, fmt.Sprintf("%d of %d Consul members alive%s", alive, len(s.Agents), notAliveMembers(s)))
 		}
 		return nil
 	})
+}
+
+// notAliveMembers names the machines that are not alive members of
+// Consul's LAN pool: "; not alive: m1 (failed), m2 (no member)".
+func notAliveMembers(s *Status) string {
+	var out []string
+	for _, a := range s.Agents {
+		i := slices.IndexFunc(s.Consul, func(m ConsulMember) bool { return m.Name == a.Machine })
+		switch {
+		case i < 0:
+			out = append(out, a.Machine+" (no member)")
+		case s.Consul[i].Status != "alive":
+			out = append(out, fmt.Sprintf("%s (%s)", a.Machine, s.Consul[i].Status))
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return "; not alive: " + strings.Join(out, ", ")
 }
 
 // Env returns the shell exports that point the real nomad and consul
