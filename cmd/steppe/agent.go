@@ -121,6 +121,7 @@ func printStatus(w io.Writer, st agent.StatusReport, now time.Time) {
 			fmt.Fprintf(w, "  release %d failed and was rolled back: %s\n", b.Failed, b.FailedError)
 		}
 	}
+	printAgentResolver(w, st.Resolver, now)
 	if st.Agent.ConfigError != "" {
 		fmt.Fprintf(w, "config reload refused (services run the previous config):\n  %s\n", strings.ReplaceAll(st.Agent.ConfigError, "\n", "\n  "))
 	}

@@ -3,7 +3,9 @@ package main
 import (
 	"fmt"
 	"io"
+	"time"
 
+	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/deploy"
 )
 
@@ -18,5 +20,17 @@ func printDNS(w io.Writer, st *deploy.Status) {
 		if a.Resolver != "" {
 			fmt.Fprintf(w, "  %-24s %s\n", a.Machine, a.Resolver)
 		}
+	}
+}
+
+// printAgentResolver is the resolver line of steppe agent status.
+func printAgentResolver(w io.Writer, r *agent.ResolverStatus, now time.Time) {
+	if r == nil {
+		return
+	}
+	fmt.Fprintf(w, "resolv.conf %s: %s for %s (resolver %s, fallback after %s, %d switches)\n",
+		r.ResolvConf, r.State, now.Sub(r.Since).Round(time.Second), r.Address, r.FallbackAfter, r.Switches)
+	if r.LastError != "" {
+		fmt.Fprintf(w, "  last probe: %s\n", r.LastError)
 	}
 }
