@@ -37,6 +37,10 @@ Operator:
   steppe scale POOL COUNT              grow a client pool, or drain and shrink it
   steppe prometheus [-out FILE]        scrape configuration for every Consul and Nomad agent
   steppe rotate certs|gossip|tokens    renew certificates (same CA), gossip keys or machine tokens, reloading
+
+Long work (up, upgrade, scale, rotate, artifact build) shows a live line per
+build, machine or step on a terminal, plain lines elsewhere; -progress=plain|tty
+or STEPPE_PROGRESS=plain|tty forces either.
 `
 
 // errUsage marks errors caused by how steppe was invoked; they exit with 2.
