@@ -210,7 +210,10 @@ func (r *Reporter) tick() bool {
 		return false
 	}
 	lines := r.render()
-	if !slices.Equal(lines, r.drawn) {
+	// A plain line may have drawn them just now; the tenth of an Interval
+	// spared is the ticker's own jitter.
+	recent := r.clock().Sub(r.lastDraw) < Interval*9/10
+	if !slices.Equal(lines, r.drawn) && !recent {
 		var b bytes.Buffer
 		b.WriteString(r.erase())
 		r.draw(&b, r.clock())

@@ -253,6 +253,29 @@ func TestTerminalRedrawsInPlace(t *testing.T) {
 	}
 }
 
+// A plain line that drew the live lines leaves the next tick nothing to
+// draw within an Interval, whatever changed: at most ten draws a second.
+func TestTerminalTickAfterAPlainLineWaits(t *testing.T) {
+	r, out, clk := testReporter(Terminal, 80)
+	a := r.Start("nomad-server-1", "waiting")
+	clk.add(time.Second)
+	fmt.Fprintf(r, "a line\n") // draws: the last draw was a second ago
+	if got := out.take(); !strings.HasSuffix(got, "a line\n  nomad-server-1      1s  waiting\n") {
+		t.Fatalf("a plain line did not draw the live lines: %q", got)
+	}
+	a.Phase("still waiting")
+	clk.add(Interval / 2)
+	r.tick()
+	if got := out.take(); got != "" {
+		t.Errorf("a tick half an Interval after a draw drew again: %q", got)
+	}
+	clk.add(Interval / 2)
+	r.tick()
+	if got := out.take(); !strings.Contains(got, "still waiting") {
+		t.Errorf("the tick an Interval after the draw did not draw: %q", got)
+	}
+}
+
 // With no task running a terminal gets the text as it comes, a line not
 // ended included; a task's live line then starts on a line of its own.
 func TestTerminalIdlePassesTextThrough(t *testing.T) {
