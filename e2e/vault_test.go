@@ -219,6 +219,12 @@ func (c *upCluster) waitStatus(what string, timeout time.Duration, ok func(*depl
 		}
 		time.Sleep(time.Second)
 	}
+	for _, a := range last.Agents {
+		if strings.Contains(a.Machine, "server") {
+			out, _ := c.steppe(time.Minute, "agent", "logs", "vault", "-n", "25", "-socket", filepath.Join(c.state, "machines", a.Machine, "agent.sock"))
+			c.t.Logf("%s: vault log:\n%s", a.Machine, out)
+		}
+	}
 	c.t.Fatalf("%s: not within %v; last status problems %q, vault %+v", what, timeout, last.Problems, last.Vault)
 	return nil
 }
@@ -365,12 +371,13 @@ func TestVaultTransit(t *testing.T) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		cmd := exec.Command(vaultBin, "status")
-		cmd.Env = []string{"VAULT_ADDR=https://" + transitAddr, "VAULT_CACERT=" + filepath.Join(dir, "vault-ca.pem")}
-		if err := cmd.Run(); err == nil {
+		cmd.Env = []string{"HOME=" + dir, "VAULT_ADDR=https://" + transitAddr, "VAULT_CACERT=" + filepath.Join(dir, "vault-ca.pem")}
+		out, err := cmd.CombinedOutput()
+		if err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the transit vault did not come up within 30 s")
+			t.Fatalf("the transit vault did not come up within 30 s: vault status: %v\n%s", err, out)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -397,11 +404,11 @@ pool "default" {
 `, transitAddr, filepath.Join(dir, "vault-ca.pem"), filepath.Join(dir, "transit.token"))
 	c := newSpecCluster(t, consul, nomad, body, "127.0.6", 21, 4)
 	out, took := c.up()
-	if !strings.Contains(out, "recovery key shares") || strings.Contains(out, "unsealed on") {
+	if !strings.Contains(out, "recovery key shares") || strings.Contains(out, "vault unsealed on") || !strings.Contains(out, "unsealed themselves") {
 		t.Errorf("up of a transit-sealed Vault: want recovery shares and no unseal by steppe:\n%s", out)
 	}
 	t.Logf("up with a transit seal in %v", took.Round(time.Millisecond))
-	st := c.status()
+	st := *c.waitStatus("healthy after up", time.Minute, func(s *deploy.Status) bool { return s.Healthy })
 	active := checkVaultServers(t, st, 3)
 	if init := c.vaultInit(); init == nil || !init.Recovery {
 		t.Fatalf("kept init %+v, want recovery keys", init)
@@ -429,7 +436,7 @@ pool "default" {
 				return false
 			}
 		}
-		return true
+		return s.Healthy && s.Vault.Voters == 3
 	})
 	checkVaultServers(t, *back, 3)
 	c.scanSecrets()

@@ -150,7 +150,7 @@ func (u *upRun) vault(ctx context.Context) error {
 		if init.Recovery {
 			kind = "recovery"
 		}
-		u.printf("    vault initialised on %s: %d %s key shares (%d unseal) and the root token in %s (0600)", srv[0].Name, len(init.Keys), kind, init.Threshold, initFile)
+		u.printf("    vault initialised on %s: %d %s key shares (threshold %d) and the root token in %s (0600)", srv[0].Name, len(init.Keys), kind, init.Threshold, initFile)
 	case init == nil && u.st.VaultInitPending():
 		return fmt.Errorf("vault on %s was initialised by a steppe up that was killed before it kept the keys; nothing is stored in that Vault yet: steppe down, then steppe up, starts afresh", srv[0].Name)
 	case init == nil:
@@ -161,7 +161,10 @@ func (u *upRun) vault(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if sealed > 0 {
+	switch {
+	case sealed > 0 && init.Recovery:
+		u.printf("    vault: %d of %d servers unsealed themselves (transit seal)", sealed, len(srv))
+	case sealed > 0:
 		u.printf("    vault unsealed on %d of %d servers", sealed, len(srv))
 	}
 	c, err := u.vaultAdmin(ctx, srv, init)
@@ -222,8 +225,9 @@ func (e *env) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*va
 		if err := unseal(sealed[0]); err != nil {
 			return 0, err
 		}
-		if err := hashi.WaitVaultActive(ctx, anon[sealed[0]], false); err != nil {
-			return 0, fmt.Errorf("vault on %s: %w", srv[sealed[0]].Name, err)
+		// Any server may win the election, not only the one unsealed.
+		if err := hashi.WaitAnyVaultActive(ctx, anon); err != nil {
+			return 0, err
 		}
 		rest = sealed[1:]
 	}
@@ -386,6 +390,10 @@ func vaultStatus(ctx context.Context, s *Status, st *cluster.State, files hashi.
 		} else if v.State == "standby" {
 			order = append(order, i)
 		}
+	}
+	if len(order) > 0 && vs.Servers[order[0]].State != "active" {
+		s.Problems = append(s.Problems, "vault has no active server: an election is under way, or too few servers are unsealed for a quorum")
+		return
 	}
 	if len(order) > 0 && tok != "" {
 		r, err := hashi.GetVaultRaft(ctx, cs[order[0]])

@@ -184,6 +184,26 @@ func WaitVaultActive(ctx context.Context, c *vaultapi.Client, standbyOK bool) er
 	})
 }
 
+// WaitAnyVaultActive waits until one of the servers is unsealed and
+// active.
+func WaitAnyVaultActive(ctx context.Context, cs []*vaultapi.Client) error {
+	return poll(ctx, "an active vault", func() (bool, error) {
+		var states []string
+		for _, c := range cs {
+			h, err := GetVaultHealth(ctx, c)
+			switch {
+			case err != nil:
+				states = append(states, err.Error())
+			case !h.Sealed && !h.Standby:
+				return true, nil
+			default:
+				states = append(states, fmt.Sprintf("%s sealed=%t standby=%t", c.Address(), h.Sealed, h.Standby))
+			}
+		}
+		return false, errors.New(strings.Join(states, "; "))
+	})
+}
+
 // VaultRaftServer is one server of Vault's raft, as autopilot sees it.
 type VaultRaftServer struct {
 	Name    string `json:"name"`
