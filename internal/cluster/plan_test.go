@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -87,7 +88,7 @@ pool "batch" {}
 	// Every daemon has a memory limit: the role's defaults here.
 	for _, p := range plans {
 		for _, sv := range p.Services {
-			want := map[string]int64{"server/consul": DefaultServerConsulMemory, "server/nomad": DefaultServerNomadMemory, "server/coredns": DefaultCoreDNSMemory}[p.Role+"/"+sv.Name]
+			want := map[string]int64{"server/consul": DefaultServerConsulMemory, "server/nomad": DefaultServerNomadMemory, "server/coredns": DefaultCoreDNSMemory, "server/vault": DefaultServerVaultMemory}[p.Role+"/"+sv.Name]
 			if p.Role != "server" {
 				want = map[string]int64{"consul": DefaultClientConsulMemory, "nomad": DefaultClientNomadMemory, "coredns": DefaultCoreDNSMemory}[sv.Name]
 			}
@@ -202,7 +203,12 @@ pool "batch" {}
 		if n.StopMode != wantMode || c.StopMode != StopCgroup {
 			t.Fatalf("%s: stop modes consul %q nomad %q", p.Role, c.StopMode, n.StopMode)
 		}
-		if len(p.Artifacts) != 3 || p.Artifacts[0] != (ArtifactRef{"consul", "1.14.11"}) || p.Artifacts[1] != (ArtifactRef{"nomad", "1.10.5"}) || p.Artifacts[2] != (ArtifactRef{"coredns", "1.12.4"}) {
+		want := []ArtifactRef{{"consul", "1.14.11"}, {"nomad", "1.10.5"}, {"coredns", "1.12.4"}}
+		if p.Role == "server" {
+			// Vault runs on the servers by default.
+			want = slices.Insert(want, 2, ArtifactRef{"vault", DefaultVaultVersion})
+		}
+		if !slices.Equal(p.Artifacts, want) {
 			t.Fatalf("%s: artifacts %v", p.Role, p.Artifacts)
 		}
 	}

@@ -32,7 +32,7 @@ const (
 	DefaultVaultVersion  = "1.21.0"
 	// DefaultVaultEnabled says whether a spec without a vault block runs
 	// Vault on the servers.
-	DefaultVaultEnabled = false
+	DefaultVaultEnabled = true
 	// Vault's default Shamir split of its root key: 5 shares, 3 to
 	// unseal (Vault's own default).
 	DefaultVaultShares    = 5

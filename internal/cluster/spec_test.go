@@ -14,7 +14,7 @@ func TestDefaultSpec(t *testing.T) {
 	if s.Servers.Count != 3 || len(s.Pools) != 1 || s.Pools[0].Count != 2 {
 		t.Fatalf("default topology: %d servers, pools %+v", s.Servers.Count, s.Pools)
 	}
-	if s.Provider.Name != "local" || s.Versions.Nomad != "1.10.5" || s.Versions.Consul != "1.14.11" || s.Versions.Vault != "" {
+	if s.Provider.Name != "local" || s.Versions.Nomad != "1.10.5" || s.Versions.Consul != "1.14.11" || s.Versions.Vault != DefaultVaultVersion || !s.Vault.Enabled {
 		t.Fatalf("default provider/versions: %+v %+v", s.Provider, s.Versions)
 	}
 	if s.Machines() != 5 {
