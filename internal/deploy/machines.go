@@ -140,8 +140,16 @@ func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]st
 	if o.keyring, err = artifact.ReadKeyringFile(o.artifactKeys...); err != nil {
 		return fmt.Errorf("artifact store keys: %w", err)
 	}
-	for _, a := range all {
-		if err := o.Check(ctx, a.product, a.version); err != nil {
+	// Each check hashes and copies 100 MB or more: side by side, they use
+	// both cores of a small machine.
+	errs := make([]error, len(all))
+	var wg sync.WaitGroup
+	for i, a := range all {
+		wg.Go(func() { errs[i] = o.Check(ctx, a.product, a.version) })
+	}
+	wg.Wait()
+	for i, a := range all {
+		if err := errs[i]; err != nil {
 			if mirror {
 				return fmt.Errorf("missing artifact: %w (publish it in that store, for example with steppe artifact build %s@%s, or leave artifact_store out to have steppe build it)", err, a.product, a.version)
 			}
