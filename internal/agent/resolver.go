@@ -38,12 +38,12 @@ import (
 // block, written by providers whose machines have a resolv.conf of their
 // own; none on the local provider, whose resolv.conf is the host's).
 type Resolver struct {
-	// ResolvConf is the file the agent writes (atomically, replaced).
+	// ResolvConf is the file the agent writes: replaced atomically, or,
+	// with Mount, rewritten in place under cover (rewriteCovered).
 	ResolvConf string
 	// Mount, when set, is where the machine sees ResolvConf through a
 	// bind mount in its own mount namespace (the netns provider's
-	// /etc/resolv.conf): a replaced file is not what an existing bind
-	// mount shows, so after each write the agent mounts it there again.
+	// /etc/resolv.conf), which holds the file's inode.
 	Mount string
 	// Address is the local resolver's IP address (port 53), what the
 	// switched resolv.conf names.
@@ -129,6 +129,11 @@ func (r *resolver) ours() []byte {
 // (an agent restarted after a switch) is switched, with the previous one
 // from the state dir.
 func (r *resolver) start() error {
+	if r.cfg.Mount != "" {
+		if err := recoverCover(r.cfg.ResolvConf, r.cfg.Mount); err != nil {
+			return fmt.Errorf("resolver: %w", err)
+		}
+	}
 	cur, err := os.ReadFile(r.cfg.ResolvConf)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("resolver: %w", err)
@@ -248,37 +253,93 @@ func (r *resolver) failed(what string, err error) {
 
 // show makes content what the machine reads as its resolv.conf.
 func (r *resolver) show(content []byte) error {
-	if r.cfg.Mount != "" {
-		if err := ownMountNamespace(r.hostMountNS); err != nil {
-			return fmt.Errorf("mount %s over %s: %w", r.cfg.ResolvConf, r.cfg.Mount, err)
-		}
-	}
-	if err := atomicfile.WriteFile(r.cfg.ResolvConf, content, 0o644); err != nil {
-		return err
-	}
 	if r.cfg.Mount == "" {
-		return nil
+		return atomicfile.WriteFile(r.cfg.ResolvConf, content, 0o644)
 	}
-	return bindResolvConf(r.cfg.ResolvConf, r.cfg.Mount)
+	if err := ownMountNamespace(r.hostMountNS); err != nil {
+		return fmt.Errorf("mount %s over %s: %w", r.cfg.ResolvConf, r.cfg.Mount, err)
+	}
+	return rewriteCovered(r.cfg.ResolvConf, r.cfg.Mount, content)
 }
 
-// bindResolvConf mounts src over dst in the agent's mount namespace. The
-// mount made at the machine's start stays beneath; the agent's own from
-// a previous switch is taken off first, so at most one of its mounts is
-// there (readers see one whole file or the other, never a part). show
-// checks the mount namespace first.
-func bindResolvConf(src, dst string) error {
-	n, err := mountsAt(dst)
+// rewriteCovered changes a file the machine sees through a bind mount.
+// The mount holds the file's inode: a file replaced by a rename is not
+// what it shows, and a mount over the replaced one fails (its dentry is
+// gone). So the file is rewritten in place, under cover: the new content
+// is written whole to a file beside it, mounted over the machine's path,
+// the file rewritten in place underneath, and the cover taken off.
+// Readers in the machine's mount namespace see one whole file or the
+// other, never a part;
+// the file itself stays the inode the machine's start mounted, so that
+// processes still in the mount namespace of an earlier agent of the
+// machine (adopted daemons, their tasks) see the change too (without the
+// cover: a rewrite of a few bytes in place).
+func rewriteCovered(file, mount string, content []byte) error {
+	next := coverName(file)
+	if err := atomicfile.WriteFile(next, content, 0o644); err != nil {
+		return err
+	}
+	defer os.Remove(next)
+	if err := unix.Mount(next, mount, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("mount %s over %s: %w", next, mount, err)
+	}
+	// A reader that opened the file just before the cover reads it
+	// within microseconds (resolv.conf is a few lines): let it finish
+	// before the file changes under it.
+	time.Sleep(coverGrace)
+	werr := rewriteInPlace(file, content)
+	// Detached: a reader holding the cover open keeps it, new ones get
+	// the file.
+	if err := unix.Unmount(mount, unix.MNT_DETACH); err != nil {
+		return errors.Join(werr, fmt.Errorf("unmount %s from %s: %w", next, mount, err))
+	}
+	return werr
+}
+
+// coverGrace is how long a cover is up before the file under it changes.
+const coverGrace = 100 * time.Millisecond
+
+// coverName is the file beside file that covers it while it is rewritten.
+func coverName(file string) string {
+	return filepath.Join(filepath.Dir(file), "."+filepath.Base(file)+".next")
+}
+
+// recoverCover finishes a rewrite a crash cut short: the cover file is
+// whole (written atomically), the file under it may not be.
+func recoverCover(file, mount string) error {
+	next := coverName(file)
+	content, err := os.ReadFile(next)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
-	for ; n > 1; n-- {
-		if err := unix.Unmount(dst, 0); err != nil {
-			return fmt.Errorf("unmount the previous %s: %w", dst, err)
+	if top, err := topMountRoot(mount); err == nil && strings.Contains(top, filepath.Base(next)) {
+		if err := unix.Unmount(mount, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("unmount the cover of %s: %w", mount, err)
 		}
 	}
-	if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("mount %s over %s: %w", src, dst, err)
+	if err := rewriteInPlace(file, content); err != nil {
+		return err
+	}
+	return os.Remove(next)
+}
+
+func rewriteInPlace(file string, content []byte) error {
+	f, err := os.OpenFile(file, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(content)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("rewrite %s: %w", file, err)
 	}
 	return nil
 }
@@ -300,22 +361,23 @@ func ownMountNamespace(host string) error {
 	return nil
 }
 
-// mountsAt counts the mounts stacked on path in this mount namespace.
-func mountsAt(path string) (int, error) {
+// topMountRoot is the root (within its file system) of the last mount on
+// path in this mount namespace: for a bind mount of a file, its path.
+func topMountRoot(path string) (string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return 0, err
+		return "", err
 	}
 	defer f.Close()
-	n := 0
+	root := ""
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		// Fields: id parent major:minor root mountpoint ...
 		if fs := strings.Fields(sc.Text()); len(fs) > 4 && unescapeMountinfo(fs[4]) == path {
-			n++
+			root = unescapeMountinfo(fs[3])
 		}
 	}
-	return n, sc.Err()
+	return root, sc.Err()
 }
 
 // unescapeMountinfo undoes mountinfo's octal escapes of space, tab,

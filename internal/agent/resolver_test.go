@@ -3,11 +3,13 @@ package agent
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -200,5 +202,108 @@ func TestResolverConfig(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "agent.hcl:") {
 			t.Errorf("%s: %v, want %q", bad, err, want)
 		}
+	}
+}
+
+// TestResolverMountCovered runs itself again in a private mount namespace
+// (unshare), where a file is bind-mounted over another as the netns
+// trampoline mounts a machine's resolv.conf: each switch shows the new
+// content through the mount, a reader there never sees a part of a file,
+// the mounted inode stays the file's, no mount is left stacked, and a
+// cover left by a crash is finished at start.
+func TestResolverMountCovered(t *testing.T) {
+	if os.Getenv("STEPPE_TEST_MOUNT_NS") == "" {
+		testenv.NeedRoot(t, "mount namespaces")
+		unshare, err := exec.LookPath("unshare")
+		if err != nil {
+			testenv.Lacks(t, "unshare (util-linux) is not installed")
+		}
+		cmd := exec.Command(unshare, "--mount", "--propagation", "private", os.Args[0], "-test.run", "^TestResolverMountCovered$", "-test.v")
+		cmd.Env = append(os.Environ(), "STEPPE_TEST_MOUNT_NS=1")
+		out, err := cmd.CombinedOutput()
+		t.Logf("in a private mount namespace:\n%s", out)
+		if err != nil || !strings.Contains(string(out), "--- PASS: TestResolverMountCovered") {
+			t.Fatalf("inside: %v", err)
+		}
+		return
+	}
+	dir := t.TempDir()
+	file, seen := filepath.Join(dir, "resolv.conf"), filepath.Join(dir, "seen")
+	first := []byte("# the machine's own\n")
+	for _, p := range []string{file, seen} {
+		if err := os.WriteFile(p, first, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := syscall.Mount(file, seen, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(seen, syscall.MNT_DETACH)
+	var before syscall.Stat_t
+	_ = syscall.Stat(file, &before)
+	r := newResolver(Resolver{ResolvConf: file, Mount: seen, Address: "10.213.0.5"}, filepath.Join(dir, "state"), slog.New(slog.NewTextHandler(t.Output(), nil)))
+	r.hostMountNS = "/nonexistent" // this namespace is the machine's
+
+	ours := r.ours()
+	stop := make(chan struct{})
+	bad := make(chan string, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				close(bad)
+				return
+			default:
+			}
+			if b, err := os.ReadFile(seen); err != nil || (!bytes.Equal(b, first) && !bytes.Equal(b, ours)) {
+				bad <- fmt.Sprintf("%q %v", b, err)
+				close(bad)
+				return
+			}
+		}
+	}()
+	for i := range 20 {
+		want := ours
+		if i%2 == 1 {
+			want = first
+		}
+		if err := r.show(want); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(seen); !bytes.Equal(b, want) {
+			t.Fatalf("switch %d: the machine sees %q", i, b)
+		}
+	}
+	close(stop)
+	if b, ok := <-bad; ok {
+		t.Fatalf("a reader saw %s", b)
+	}
+	var after syscall.Stat_t
+	_ = syscall.Stat(file, &after)
+	if top, _ := topMountRoot(seen); after.Ino != before.Ino || !strings.HasSuffix(top, "/resolv.conf") {
+		t.Fatalf("inode %d -> %d, top mount %q", before.Ino, after.Ino, top)
+	}
+	if _, err := os.Stat(coverName(file)); !os.IsNotExist(err) {
+		t.Fatalf("cover left: %v", err)
+	}
+
+	// A crash between the cover and its removal: start finishes it.
+	if err := os.WriteFile(coverName(file), ours, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount(coverName(file), seen, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(file, []byte("# part"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.start(); err != nil || r.status().State != ResolverSwitched {
+		t.Fatalf("start after a crash: %v %+v", err, r.status())
+	}
+	if b, _ := os.ReadFile(seen); !bytes.Equal(b, ours) {
+		t.Fatalf("after recovery the machine sees %q", b)
+	}
+	if top, _ := topMountRoot(seen); !strings.HasSuffix(top, "/resolv.conf") {
+		t.Fatalf("cover still mounted: %q", top)
 	}
 }
