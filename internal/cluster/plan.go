@@ -377,6 +377,10 @@ func vaultRoleConfig(spec *Spec, join []string) map[string]any {
 			"path":       path.Join(factDataDir, "vault"),
 			"node_id":    factName,
 			"retry_join": retry,
+			// Autopilot promotes a joined server to voter only at a
+			// reconcile, every 10 s by default: up waited for it.
+			"autopilot_reconcile_interval": "2s",
+			"autopilot_update_interval":    "1s",
 		}},
 		"telemetry": map[string]any{"prometheus_retention_time": "60s", "disable_hostname": true},
 	}
