@@ -106,6 +106,7 @@ func TestNetnsUp(t *testing.T) {
 		t.Errorf("steppe env does not point at the subnet: %v", env)
 	}
 	allocs := c.runWebJob(env)
+	c.checkNetnsDNS(st)
 
 	c.partitionServer(l, st)
 	c.loseClient(l, env)
@@ -117,6 +118,113 @@ func TestNetnsUp(t *testing.T) {
 	c.downDone = true
 	t.Logf("steppe down:\n%s", outDown)
 	c.checkNetnsNothingLeft(l, allocs)
+}
+
+// checkNetnsDNS: from inside a client machine (its agent's network and
+// mount namespaces), web.service.consul resolves through its switched
+// resolv.conf, which names the machine's CoreDNS, to the job's
+// allocation addresses. CoreDNS stopped (SIGSTOP, so that the agent sees
+// it silent rather than restarting it): resolv.conf is switched back
+// after fallback_after and status names the machine; continued, it is
+// switched again and the problem goes.
+func (c *upCluster) checkNetnsDNS(st deploy.Status) {
+	t := c.t
+	var a deploy.AgentStatus
+	for _, x := range st.Agents {
+		if strings.HasPrefix(x.Role, "client") {
+			a = x
+			break
+		}
+	}
+	coredns := 0
+	for _, s := range a.Services {
+		if s.Name == "coredns" {
+			coredns = s.PID
+		}
+	}
+	if a.PID == 0 || coredns == 0 {
+		t.Fatalf("no client machine running coredns in %+v", st.Agents)
+	}
+	inside := func(args ...string) (string, error) {
+		out, err := exec.Command("nsenter", append([]string{"-t", fmt.Sprint(a.PID), "--net", "--mount", "--"}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+	ours := "\nnameserver " + a.Address + "\n"
+	resolv := func() string { out, _ := inside("cat", "/etc/resolv.conf"); return out }
+	waitUntil(t, a.Machine+"'s resolv.conf switched to its CoreDNS", time.Minute, func() bool { return strings.Contains(resolv(), ours) })
+	st = c.status()
+	for _, x := range st.Agents {
+		if x.Machine == a.Machine && !strings.Contains(x.Resolver, "switched to CoreDNS at "+a.Address) {
+			t.Errorf("status of %s's resolver: %q", a.Machine, x.Resolver)
+		}
+	}
+	if !strings.Contains(st.DNS, "consul. only") {
+		t.Errorf("status dns: %q", st.DNS)
+	}
+	catalog, err := c.sh("consul catalog nodes -service web")
+	if err != nil {
+		t.Fatalf("consul catalog: %v\n%s", err, catalog)
+	}
+	var want []string
+	for _, line := range strings.Split(strings.TrimSpace(catalog), "\n")[1:] {
+		if f := strings.Fields(line); len(f) >= 3 {
+			want = append(want, f[2])
+		}
+	}
+	slices.Sort(want)
+	var got []string
+	waitUntil(t, "getent ahostsv4 web.service.consul inside "+a.Machine+" to give "+strings.Join(want, " "), time.Minute, func() bool {
+		out, err := inside("getent", "ahostsv4", "web.service.consul")
+		if err != nil {
+			return false
+		}
+		got = nil
+		for _, line := range strings.Split(out, "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[1] == "STREAM" {
+				got = append(got, f[0])
+			}
+		}
+		slices.Sort(got)
+		return slices.Equal(got, want)
+	})
+	hosts, err := inside("getent", "hosts", "web.service.consul")
+	if f := strings.Fields(hosts); err != nil || len(f) < 2 || !slices.Contains(want, f[0]) {
+		t.Errorf("getent hosts web.service.consul inside %s: %v %q, want one of %v", a.Machine, err, hosts, want)
+	}
+	t.Logf("inside %s, web.service.consul is %v through its resolv.conf:\n%s", a.Machine, got, resolv())
+
+	if err := syscall.Kill(coredns, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	cont := func() { _ = syscall.Kill(coredns, syscall.SIGCONT) }
+	defer cont()
+	waitUntil(t, a.Machine+"'s resolv.conf switched back", provider.ResolverFallback+15*time.Second, func() bool { return !strings.Contains(resolv(), ours) })
+	took := time.Since(stopped)
+	if took < provider.ResolverFallback-2*time.Second {
+		t.Errorf("resolv.conf switched back %v after CoreDNS stopped, before fallback_after %v", took, provider.ResolverFallback)
+	}
+	if r := resolv(); strings.Contains(r, "nameserver") {
+		t.Errorf("the resolv.conf switched back to names a nameserver; the machine had none:\n%s", r)
+	}
+	waitUntil(t, "status naming "+a.Machine+"'s resolver", time.Minute, func() bool {
+		s, _, _, err := c.runStatus()
+		return err == nil && !s.Healthy && slices.ContainsFunc(s.Problems, func(p string) bool {
+			return strings.Contains(p, "machine "+a.Machine+": its resolver") && strings.Contains(p, "stopped answering")
+		})
+	})
+	t.Logf("CoreDNS on %s stopped: resolv.conf switched back after %v (fallback_after %v)", a.Machine, took.Round(time.Millisecond), provider.ResolverFallback)
+	cont()
+	continued := time.Now()
+	waitUntil(t, a.Machine+"'s resolv.conf switched again", 30*time.Second, func() bool { return strings.Contains(resolv(), ours) })
+	t.Logf("CoreDNS on %s continued: resolv.conf switched again after %v", a.Machine, time.Since(continued).Round(time.Millisecond))
+	if out, err := inside("getent", "hosts", "web.service.consul"); err != nil {
+		t.Errorf("getent hosts web.service.consul after the switch back: %v %q", err, out)
+	}
+	waitUntil(t, "status healthy again", time.Minute, func() bool {
+		s, _, _, err := c.runStatus()
+		return err == nil && s.Healthy
+	})
 }
 
 // partitionServer cuts one server off the other machines and the operator
@@ -287,9 +395,12 @@ func (c *upCluster) loseClient(l *provider.Local, env map[string]string) {
 	if err := syscall.Unmount(ns, syscall.MNT_DETACH); err != nil {
 		t.Fatalf("remove %s's namespace: %v", victim, err)
 	}
-	if link, err := netlink.LinkByName(l.VethName(victim)); err == nil {
-		t.Errorf("%s's veth %s outlived its namespace", victim, link.Attrs().Name)
-	}
+	// The kernel frees a namespace, and the veth with it, in a work
+	// queue after its last reference goes: not at once on a loaded host.
+	waitUntil(t, victim+"'s veth gone with its namespace", 15*time.Second, func() bool {
+		_, err := netlink.LinkByName(l.VethName(victim))
+		return err != nil
+	})
 	waitUntil(t, "Nomad to mark "+victim+" down and run both keep allocations elsewhere", 3*time.Minute, func() bool {
 		r := running()
 		return r[victim] == 0 && len(r) == 1 && sum(r) == 2
