@@ -157,7 +157,18 @@ func (u *upRun) vault(ctx context.Context) error {
 		return fmt.Errorf("vault on %s is initialised, but not by this state directory (no %s): steppe does not take over a Vault it did not initialise; give another -state, or stop that Vault", srv[0].Name, initFile)
 	}
 
-	sealed, err := u.unsealVault(ctx, srv, anon, init)
+	t0 := time.Now()
+	// Autopilot's settings go in as soon as one server is active, before
+	// the others join: a server that joins sooner is held to Vault's
+	// default 10 s of stabilisation before it may vote.
+	autopilot := func(ctx context.Context) error {
+		c, err := u.vaultAdmin(ctx, srv, init)
+		if err != nil {
+			return err
+		}
+		return hashi.ConfigureVaultAutopilot(ctx, c, len(srv))
+	}
+	sealed, err := u.unsealVault(ctx, srv, anon, init, autopilot)
 	if err != nil {
 		return err
 	}
@@ -167,18 +178,16 @@ func (u *upRun) vault(ctx context.Context) error {
 	case sealed > 0:
 		u.printf("    vault unsealed on %d of %d servers", sealed, len(srv))
 	}
+	t1 := time.Now()
 	c, err := u.vaultAdmin(ctx, srv, init)
 	if err != nil {
-		return err
-	}
-	if err := hashi.ConfigureVaultAutopilot(ctx, c, len(srv)); err != nil {
 		return err
 	}
 	r, err := hashi.WaitVaultVoters(ctx, c, len(srv))
 	if err != nil {
 		return fmt.Errorf("%w\n%s", err, serviceLogs(u.serverMachines(), "vault", 10))
 	}
-	u.printf("    vault leader %s; %d healthy voters", r.Leader, r.Voters())
+	u.printf("    vault leader %s; %d healthy voters (unsealed in %s, voters %s later)", r.Leader, r.Voters(), t1.Sub(t0).Round(10*time.Millisecond), time.Since(t1).Round(10*time.Millisecond))
 	return nil
 }
 
@@ -186,7 +195,7 @@ func (u *upRun) vault(ctx context.Context) error {
 // initialised, or any active one) before the others, which join raft
 // through it. An auto-unsealing Vault (recovery keys) is waited for.
 // It returns how many servers were sealed.
-func (e *env) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*vaultapi.Client, init *cluster.VaultInit) (int, error) {
+func (e *env) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*vaultapi.Client, init *cluster.VaultInit, afterFirst func(context.Context) error) (int, error) {
 	var sealed []int
 	for i, c := range anon {
 		h, err := hashi.WaitVaultAPI(ctx, c)
@@ -198,6 +207,9 @@ func (e *env) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*va
 		}
 	}
 	if len(sealed) == 0 {
+		if afterFirst != nil {
+			return 0, afterFirst(ctx)
+		}
 		return 0, nil
 	}
 	unseal := func(i int) error {
@@ -226,10 +238,15 @@ func (e *env) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*va
 			return 0, err
 		}
 		// Any server may win the election, not only the one unsealed.
-		if err := hashi.WaitAnyVaultActive(ctx, anon); err != nil {
+		if _, err := hashi.WaitAnyVaultActive(ctx, anon); err != nil {
 			return 0, err
 		}
 		rest = sealed[1:]
+	}
+	if afterFirst != nil {
+		if err := afterFirst(ctx); err != nil {
+			return 0, err
+		}
 	}
 	errs := make([]error, len(rest))
 	var wg sync.WaitGroup
@@ -240,9 +257,11 @@ func (e *env) unsealVault(ctx context.Context, srv []cluster.Machine, anon []*va
 	return len(sealed), errors.Join(errs...)
 }
 
-// vaultAdmin is a client of the first server holding the token steppe
+// vaultAdmin is a client of the active server holding the token steppe
 // works with: the root token until setup revoked it, then the operator
-// token.
+// token. The active one, because a standby just unsealed does not yet
+// know where to forward ("local node not active but active cluster node
+// not found").
 func (u *upRun) vaultAdmin(ctx context.Context, srv []cluster.Machine, init *cluster.VaultInit) (*vaultapi.Client, error) {
 	tok := init.RootToken
 	if init.RootRevoked {
@@ -251,11 +270,15 @@ func (u *upRun) vaultAdmin(ctx context.Context, srv []cluster.Machine, init *clu
 			return nil, err
 		}
 	}
-	cs, err := vaultClients(srv[:1], u.opFiles, tok)
+	cs, err := vaultClients(srv, u.opFiles, tok)
 	if err != nil {
 		return nil, err
 	}
-	return cs[0], nil
+	i, err := hashi.WaitAnyVaultActive(ctx, cs)
+	if err != nil {
+		return nil, err
+	}
+	return cs[i], nil
 }
 
 // vaultSetup makes Vault trust Nomad's workload identities and hold the
@@ -473,7 +496,7 @@ func VaultUnseal(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
-	n, err := e.unsealVault(ctx, srv, anon, init)
+	n, err := e.unsealVault(ctx, srv, anon, init, nil)
 	if err != nil {
 		return err
 	}

@@ -185,16 +185,18 @@ func WaitVaultActive(ctx context.Context, c *vaultapi.Client, standbyOK bool) er
 }
 
 // WaitAnyVaultActive waits until one of the servers is unsealed and
-// active.
-func WaitAnyVaultActive(ctx context.Context, cs []*vaultapi.Client) error {
-	return poll(ctx, "an active vault", func() (bool, error) {
+// active, and returns its index in cs.
+func WaitAnyVaultActive(ctx context.Context, cs []*vaultapi.Client) (int, error) {
+	active := -1
+	err := poll(ctx, "an active vault", func() (bool, error) {
 		var states []string
-		for _, c := range cs {
+		for i, c := range cs {
 			h, err := GetVaultHealth(ctx, c)
 			switch {
 			case err != nil:
 				states = append(states, err.Error())
 			case !h.Sealed && !h.Standby:
+				active = i
 				return true, nil
 			default:
 				states = append(states, fmt.Sprintf("%s sealed=%t standby=%t", c.Address(), h.Sealed, h.Standby))
@@ -202,6 +204,7 @@ func WaitAnyVaultActive(ctx context.Context, cs []*vaultapi.Client) error {
 		}
 		return false, errors.New(strings.Join(states, "; "))
 	})
+	return active, err
 }
 
 // VaultRaftServer is one server of Vault's raft, as autopilot sees it.
@@ -249,10 +252,15 @@ func GetVaultRaft(ctx context.Context, c *vaultapi.Client) (VaultRaft, error) {
 	return r, nil
 }
 
+// vaultStabilization is how long a joining Vault server must be healthy
+// before autopilot lets it vote (Vault's default: 10 s). A server of a
+// new cluster is stable at once; a flapping one is still held back.
+const vaultStabilization = 3 * time.Second
+
 // ConfigureVaultAutopilot makes a dead server stay a failed voter (as for
 // Consul and Nomad: min_quorum is the server count, dead servers are not
-// cleaned up) and lets a joining server vote after 5 s of being stable
-// instead of 10 s.
+// cleaned up) and lets a joining server vote after vaultStabilization of
+// being stable instead of 10 s.
 func ConfigureVaultAutopilot(ctx context.Context, c *vaultapi.Client, servers int) error {
 	cfg, err := c.Sys().RaftAutopilotConfigurationWithContext(ctx)
 	if err != nil {
@@ -261,7 +269,7 @@ func ConfigureVaultAutopilot(ctx context.Context, c *vaultapi.Client, servers in
 	if cfg == nil {
 		return errors.New("vault autopilot configuration: no answer")
 	}
-	if cfg.MinQuorum == uint(servers) && !cfg.CleanupDeadServers && cfg.ServerStabilizationTime == 5*time.Second {
+	if cfg.MinQuorum == uint(servers) && !cfg.CleanupDeadServers && cfg.ServerStabilizationTime == vaultStabilization {
 		return nil
 	}
 	// Only these fields: the client's own put sends every field, and
@@ -269,7 +277,7 @@ func ConfigureVaultAutopilot(ctx context.Context, c *vaultapi.Client, servers in
 	if _, err := c.Logical().WriteWithContext(ctx, "sys/storage/raft/autopilot/configuration", map[string]any{
 		"min_quorum":                servers,
 		"cleanup_dead_servers":      false,
-		"server_stabilization_time": "5s",
+		"server_stabilization_time": vaultStabilization.String(),
 	}); err != nil {
 		return fmt.Errorf("set vault autopilot configuration: %w", err)
 	}
