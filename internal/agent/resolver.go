@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -23,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/steppe/steppe/internal/atomicfile"
+	"github.com/steppe/steppe/internal/supervise"
 )
 
 // The machine's resolv.conf is switched to its local resolver (CoreDNS,
@@ -364,26 +364,17 @@ func ownMountNamespace(host string) error {
 // topMountRoot is the root (within its file system) of the last mount on
 // path in this mount namespace: for a bind mount of a file, its path.
 func topMountRoot(path string) (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := supervise.Mounts()
 	if err != nil {
 		return "", err
 	}
-	defer f.Close()
 	root := ""
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// Fields: id parent major:minor root mountpoint ...
-		if fs := strings.Fields(sc.Text()); len(fs) > 4 && unescapeMountinfo(fs[4]) == path {
-			root = unescapeMountinfo(fs[3])
+	for _, m := range mounts {
+		if m.Point == path {
+			root = m.Root
 		}
 	}
-	return root, sc.Err()
-}
-
-// unescapeMountinfo undoes mountinfo's octal escapes of space, tab,
-// newline and backslash.
-func unescapeMountinfo(s string) string {
-	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
+	return root, nil
 }
 
 // nameservers lists a resolv.conf's nameservers, for the log.

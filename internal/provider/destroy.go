@@ -302,15 +302,14 @@ func killByPath(dir string) {
 // unmountUnder detaches every mount below dir (Nomad's task secrets
 // tmpfs and the like), deepest first.
 func unmountUnder(dir string) error {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	all, err := supervise.Mounts()
 	if err != nil {
 		return nil
 	}
 	var mounts []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-			mounts = append(mounts, f[4])
+	for _, m := range all {
+		if strings.HasPrefix(m.Point, dir+"/") {
+			mounts = append(mounts, m.Point)
 		}
 	}
 	slices.SortFunc(mounts, func(a, b string) int { return len(b) - len(a) })

@@ -25,6 +25,7 @@ import (
 
 	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/hcllit"
+	"github.com/steppe/steppe/internal/supervise"
 )
 
 // The netns provider is the local provider with a network per machine
@@ -631,42 +632,20 @@ func NetnsExecMain(args []string) error {
 
 // unmountNsfs detaches every pinned namespace in this mount namespace.
 func unmountNsfs() error {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := supervise.Mounts()
 	if err != nil {
 		return err
 	}
 	var errs []error
-	for line := range strings.SplitSeq(string(b), "\n") {
-		// Fields: id parent major:minor root mountpoint options ... - fstype source super.
-		pre, post, ok := strings.Cut(line, " - ")
-		f := strings.Fields(pre)
-		if !ok || len(f) < 5 || !strings.HasPrefix(post, "nsfs ") {
+	for _, m := range mounts {
+		if m.FSType != "nsfs" {
 			continue
 		}
-		if err := unix.Unmount(unescapeMount(f[4]), unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", f[4], err))
+		if err := unix.Unmount(m.Point, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("unmount %s: %w", m.Point, err))
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // teardown removes the machine's network: every process still in its
