@@ -156,8 +156,15 @@ pool "default" {
 	}
 	t.Logf("steppe status with %s dead (%v): %q", victim, stDead.Took.Round(time.Millisecond), stDead.Problems)
 
-	// Through autopilot's cleanup window and past it, every 2 s: 3 raft
-	// voters in both, the dead one failing.
+	// A new leader's autopilot may still call the dead server healthy for
+	// a moment after its own serf marks it failed (its first stats of a
+	// server come after election); CI saw one such reading. Then, through
+	// autopilot's cleanup window and past it, every 2 s: 3 raft voters in
+	// both, the dead one failing.
+	waitUntil(t, "both autopilots to call "+victim+" unhealthy", 30*time.Second, func() bool {
+		time.Sleep(500 * time.Millisecond)
+		return autopilotCalls(r, victim, false) == nil
+	})
 	for time.Since(failedAt) < autopilotWait {
 		checkRaft(t, r, victim, false)
 		time.Sleep(2 * time.Second)
@@ -382,6 +389,30 @@ func checkRaft(t *testing.T, r rafts, victim string, healthy bool) {
 			t.Errorf("nomad autopilot knows %d servers, want 3", len(nh.Servers))
 		}
 	}
+}
+
+// autopilotCalls is nil when both autopilots call victim healthy (or not)
+// as wanted.
+func autopilotCalls(r rafts, victim string, healthy bool) error {
+	ch, err := r.cc.Operator().AutopilotServerHealth(nil)
+	if err != nil {
+		return err
+	}
+	nh, err := nomadAutopilotHealth(r.nc, r.token)
+	if err != nil {
+		return err
+	}
+	for _, s := range ch.Servers {
+		if s.Name == victim && s.Healthy != healthy {
+			return fmt.Errorf("consul autopilot: %s healthy=%v", victim, s.Healthy)
+		}
+	}
+	for _, s := range nh.Servers {
+		if strings.Split(s.Name, ".")[0] == victim && s.Healthy != healthy {
+			return fmt.Errorf("nomad autopilot: %s healthy=%v", victim, s.Healthy)
+		}
+	}
+	return nil
 }
 
 // raftHealthy is nil when both autopilots call 3 voters healthy.
