@@ -306,7 +306,7 @@ func (c *etagCache) get(f *os.File) (string, error) {
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return "", err
 	}
-	etag = `"` + hex.EncodeToString(h.Sum(nil)[:16]) + `"`
+	etag = sumETag(h.Sum(nil))
 	c.mu.Lock()
 	if c.m == nil || len(c.m) > 4096 {
 		c.m = make(map[fileID]string)
@@ -314,6 +314,16 @@ func (c *etagCache) get(f *os.File) (string, error) {
 	c.m[id] = etag
 	c.mu.Unlock()
 	return etag, nil
+}
+
+// sumETag is the ETag of content whose SHA-256 is sum: the same for the
+// same bytes wherever they are read from.
+func sumETag(sum []byte) string { return `"` + hex.EncodeToString(sum[:16]) + `"` }
+
+// contentETag is sumETag of data.
+func contentETag(data []byte) string {
+	sum := sha256.Sum256(data)
+	return sumETag(sum[:])
 }
 
 // HTTPStore fetches bundles from a steppe bundle server (or any HTTP
