@@ -60,13 +60,13 @@ type fleet struct {
 	// it (STEPPE_BENCH_VERIFY=0): what the server's delivery costs without
 	// the agents' verification, which real machines do on their own CPUs.
 	countOnly bool
-	requests atomic.Int64 // fetches sent (200s, 304s and errors)
-	errs     atomic.Int64
-	lastErr  atomic.Value // string
-	mu       sync.Mutex
-	got      map[uint64][]time.Time // version → when each agent had it verified
-	recv     map[uint64][]time.Time // version → when each agent's fetch answered
-	wg       sync.WaitGroup
+	requests  atomic.Int64 // fetches sent (200s, 304s and errors)
+	errs      atomic.Int64
+	lastErr   atomic.Value // string
+	mu        sync.Mutex
+	got       map[uint64][]time.Time // version → when each agent had it verified
+	recv      map[uint64][]time.Time // version → when each agent's fetch answered
+	wg        sync.WaitGroup
 }
 
 func newFleet(key PublicKey) *fleet {
