@@ -61,6 +61,15 @@ func main() {
 		fmt.Fprintf(os.Stderr, "steppe netns: %v\n", err)
 		os.Exit(127)
 	}
+	// The ssh provider's Destroy runs the installed steppe on the host for
+	// the host's half of the teardown.
+	if len(os.Args) > 1 && os.Args[1] == provider.SSHTeardownArg {
+		if err := provider.SSHTeardownMain(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "steppe ssh teardown: %v\n", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:]); err != nil {

@@ -229,6 +229,9 @@ func (l *peerCheckListener) Accept() (net.Conn, error) {
 // Client talks to a running agent's local API.
 type Client struct {
 	Socket string
+	// Dial, when set, connects to the agent instead of dialing Socket
+	// locally: the ssh provider reaches a host's socket through SSH.
+	Dial func(ctx context.Context) (net.Conn, error)
 }
 
 // NewClient returns a client for the agent listening on socket.
@@ -269,7 +272,11 @@ func (c *Client) Control(ctx context.Context, service, action string) error {
 // agent between calls.
 func (c *Client) call(ctx context.Context, req request, out any) error {
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.Socket)
+	dial := func(ctx context.Context) (net.Conn, error) { return d.DialContext(ctx, "unix", c.Socket) }
+	if c.Dial != nil {
+		dial = c.Dial
+	}
+	conn, err := dial(ctx)
 	if err != nil {
 		switch {
 		case errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED):
