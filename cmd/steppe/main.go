@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/steppe/steppe/internal/initmode"
 	"github.com/steppe/steppe/internal/provider"
 	"github.com/steppe/steppe/internal/supervise"
 )
@@ -37,6 +38,7 @@ Operator:
   steppe scale POOL COUNT              grow a client pool, or drain and shrink it
   steppe prometheus [-out FILE]        scrape configuration for every Consul and Nomad agent
   steppe rotate certs|gossip|tokens    renew certificates (same CA), gossip keys or machine tokens, reloading
+  steppe image build [-kernel PATH] [-out FILE] [-format raw|qcow2] [-size SIZE]   a bootable machine image, steppe as init
 
 Long work (up, upgrade, scale, rotate, artifact build) shows a live line per
 build, machine or step on a terminal, plain lines elsewhere; -progress=plain|tty
@@ -47,6 +49,10 @@ or STEPPE_PROGRESS=plain|tty forces either.
 var errUsage = errors.New("usage")
 
 func main() {
+	// Booted by the kernel as a machine image's init: be PID 1 (never returns).
+	if initmode.IsInit() {
+		initmode.Main()
+	}
 	// The supervisor starts some services through steppe itself, which joins
 	// the service's memory cgroup and then execs the real program.
 	if len(os.Args) > 1 && os.Args[1] == supervise.ExecArg {
@@ -118,6 +124,8 @@ func run(ctx context.Context, args []string) error {
 		return runRotate(ctx, rest)
 	case "vault":
 		return runVault(ctx, rest)
+	case "image":
+		return runImage(ctx, rest)
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("%w: unknown command %q", errUsage, cmd)
