@@ -155,8 +155,7 @@ func writeFAT16(w io.WriterAt, off int64, sectors, hidden uint32, volID uint32, 
 			return err
 		}
 	}
-	var dirBytes func(n, parent *fatNode, isRoot bool) []byte
-	dirBytes = func(n, parent *fatNode, isRoot bool) []byte {
+	dirBytes := func(n, parent *fatNode, isRoot bool) []byte {
 		var b []byte
 		if !isRoot {
 			b = append(b, dirEntry(dotName("."), true, n.cluster, 0)...)

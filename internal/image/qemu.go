@@ -147,12 +147,12 @@ func (v VM) Args() ([]string, error) {
 
 // Command returns the QEMU process for the VM, not started.
 func (v VM) Command(ctx context.Context) (*exec.Cmd, error) {
+	if err := os.MkdirAll(v.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("vm: %w", err)
+	}
 	args, err := v.Args()
 	if err != nil {
 		return nil, err
-	}
-	if err := os.MkdirAll(v.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("vm: %w", err)
 	}
 	bin, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
