@@ -270,4 +270,3 @@ func TestDiskLayout(t *testing.T) {
 		t.Errorf("a disk too small: %v", err)
 	}
 }
-
