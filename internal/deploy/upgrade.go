@@ -2,7 +2,6 @@ package deploy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -73,6 +72,7 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 		Machines:       o,
 		Pools:          o,
 		Artifacts:      o,
+		Unsealer:       o,
 		Gate:           opts.Gate,
 		ClientStrategy: opts.Clients,
 		Progress:       steps.event,
@@ -82,7 +82,7 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 	if err != nil {
 		return nil, err
 	}
-	o.printf("==> preflight, snapshots, servers one at a time (Consul first, the leader last), then clients")
+	o.printf("==> preflight, snapshots, servers one at a time (Consul, Nomad, Vault; the leader last), then clients")
 	st, err := u.Run(ctx)
 	steps.end(err)
 	if st != nil {
@@ -138,10 +138,12 @@ func (o *fleetOps) upgradeTarget(asked map[string]string) (map[string]string, er
 	for p := range asked {
 		switch p {
 		case cluster.ConsulProduct, cluster.NomadProduct:
-		case "vault":
-			return nil, errors.New("vault: the clusters steppe up makes have no Vault yet, so there is none to upgrade")
+		case cluster.VaultProduct:
+			if o.spec.Versions.Vault == "" {
+				return nil, fmt.Errorf("vault: cluster %s runs no Vault (its spec has vault { enabled = false }), so there is none to upgrade", o.spec.Name)
+			}
 		default:
-			return nil, fmt.Errorf("cannot upgrade %q (consul and nomad can be)", p)
+			return nil, fmt.Errorf("cannot upgrade %q (consul, nomad and vault can be)", p)
 		}
 	}
 	if len(asked) > 0 {

@@ -382,9 +382,13 @@ func saveSnapshot(r io.Reader, path string) (SnapshotInfo, error) {
 	return info, nil
 }
 
-// CheckSnapshot reads a Consul or Nomad snapshot archive (gzipped tar of
-// meta.json, state.bin and SHA256SUMS, the format both share) and checks
-// every file against SHA256SUMS. It returns the names of the files.
+// vaultSealedSums is the file Vault adds to the raft snapshot format.
+const vaultSealedSums = "SHA256SUMS.sealed"
+
+// CheckSnapshot reads a Consul, Nomad or Vault snapshot archive (gzipped
+// tar of meta.json, state.bin and SHA256SUMS, the format all three share;
+// Vault adds SHA256SUMS.sealed) and checks every file against SHA256SUMS.
+// It returns the names of the files.
 func CheckSnapshot(path string) ([]string, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -408,6 +412,11 @@ func CheckSnapshot(path string) ([]string, error) {
 			return nil, fmt.Errorf("check snapshot %s: %w", path, err)
 		}
 		names = append(names, h.Name)
+		if h.Name == vaultSealedSums {
+			// Vault's seal-wrapped hash of SHA256SUMS: only Vault can
+			// check it, on restore.
+			continue
+		}
 		if h.Name == "SHA256SUMS" {
 			b, err := io.ReadAll(io.LimitReader(tr, 1<<20))
 			if err != nil {

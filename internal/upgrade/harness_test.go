@@ -10,6 +10,7 @@ import (
 
 	consulapi "github.com/hashicorp/consul/api"
 	nomadapi "github.com/hashicorp/nomad/api"
+	vaultapi "github.com/hashicorp/vault/api"
 
 	"github.com/steppe/steppe/internal/artifact"
 	"github.com/steppe/steppe/internal/cluster"
@@ -138,6 +139,12 @@ func (tc *testCluster) Consul(addr string) (*consulapi.Client, error) {
 
 func (tc *testCluster) Nomad(addr string) (*nomadapi.Client, error) {
 	return hashi.NomadClient(fmt.Sprintf("%s:%d", addr, cluster.NomadHTTPPort), tc.Op, tc.nomadMgmt)
+}
+
+// Vault: the harness's clusters run no Vault (its upgrade path is tested
+// end to end in e2e, where steppe up initialises and unseals it).
+func (tc *testCluster) Vault(addr string) (*vaultapi.Client, error) {
+	return nil, fmt.Errorf("no vault in the upgrade harness (%s)", addr)
 }
 
 // swapMachines upgrades a machine by swapping the binary in its

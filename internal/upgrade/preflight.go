@@ -238,12 +238,12 @@ func (u *Upgrader) guideEnv() (GuideEnv, error) {
 }
 
 // plan orders the steps: a snapshot of each product first, then the
-// servers of each product (Consul before Nomad), then the clients. Only
+// servers of each product (Consul, Nomad, Vault), then the clients. Only
 // machines not already on the target get a step.
 func (u *Upgrader) plan(pre *PreflightReport) *State {
 	st := &State{Format: stateFormat, Created: time.Now().UTC(), From: pre.From, Target: u.cfg.Target, Clients: u.cfg.ClientStrategy}
 	prods := []string{}
-	for _, p := range []string{Consul, Nomad} {
+	for _, p := range []string{Consul, Nomad, Vault} {
 		if _, ok := u.cfg.Target[p]; ok {
 			prods = append(prods, p)
 		}
@@ -268,6 +268,9 @@ func (u *Upgrader) plan(pre *PreflightReport) *State {
 		}
 		var from, to []string
 		for _, p := range prods {
+			if p == Vault {
+				continue // clients run no Vault
+			}
 			if mv.Versions[p] != u.cfg.Target[p] {
 				from = append(from, p+" "+mv.Versions[p])
 				to = append(to, p+" "+u.cfg.Target[p])

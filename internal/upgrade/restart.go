@@ -28,7 +28,7 @@ func WaitRestarted(ctx context.Context, apis APIs, servers []Server, prod string
 		cfg: Config{StateDir: dir, Servers: servers, APIs: CacheClients(apis), Progress: progress},
 		log: slog.New(slog.DiscardHandler),
 	}
-	u.prods = map[string]product{Consul: &consulProduct{u: u}, Nomad: &nomadProduct{u: u}}
+	u.prods = products(u)
 	step := Step{ID: "restart/" + prod + "/" + s.Machine, Kind: KindServer, Product: prod, Machine: s.Machine, Address: s.Address, From: version, To: version, Status: StatusRunning}
 	u.st = &State{Format: stateFormat, Steps: []Step{step}}
 	return g.withDefaults().server(ctx, u, 0, u.prods[prod], step, len(servers))

@@ -1,5 +1,5 @@
 // Package upgrade runs health-gated rolling upgrades of a cluster's
-// Consul and Nomad: a preflight that refuses what is unsafe, snapshots
+// Consul, Nomad and Vault: a preflight that refuses what is unsafe, snapshots
 // first, servers one at a time (non-leaders first, the leader last or
 // after a leadership transfer) each behind a gate, then clients drained
 // and upgraded; every step recorded in the operator's state directory so
@@ -21,6 +21,7 @@ import (
 
 	consulapi "github.com/hashicorp/consul/api"
 	nomadapi "github.com/hashicorp/nomad/api"
+	vaultapi "github.com/hashicorp/vault/api"
 
 	"github.com/steppe/steppe/internal/hashi"
 )
@@ -29,6 +30,7 @@ import (
 const (
 	Consul = "consul"
 	Nomad  = "nomad"
+	Vault  = "vault" // servers only
 )
 
 // Machines replaces the daemons of a machine. The deploy side implements
@@ -50,6 +52,7 @@ type Artifacts interface {
 type APIs interface {
 	Consul(addr string) (*consulapi.Client, error)
 	Nomad(addr string) (*nomadapi.Client, error)
+	Vault(addr string) (*vaultapi.Client, error)
 }
 
 // Server is a server machine (it runs a Consul and a Nomad server).
@@ -119,7 +122,10 @@ type Config struct {
 	Machines  Machines
 	Pools     Pools // needed for ClientStrategy.Surge
 	Artifacts Artifacts
-	Gate      Gate
+	// Unsealer unseals the Vault servers the upgrade restarts; needed
+	// when Vault is upgraded.
+	Unsealer Unsealer
+	Gate     Gate
 	ClientStrategy
 
 	// Progress, if set, is told of every phase as it ends.
@@ -149,12 +155,15 @@ func New(cfg Config) (*Upgrader, error) {
 		return nil, errors.New("upgrade: APIs, Machines and Artifacts are required")
 	}
 	for p, v := range cfg.Target {
-		if p != Consul && p != Nomad {
-			return nil, fmt.Errorf("upgrade: cannot upgrade %q (consul and nomad can be)", p)
+		if p != Consul && p != Nomad && p != Vault {
+			return nil, fmt.Errorf("upgrade: cannot upgrade %q (consul, nomad and vault can be)", p)
 		}
 		if v == "" {
 			return nil, fmt.Errorf("upgrade: no target version for %s", p)
 		}
+	}
+	if _, ok := cfg.Target[Vault]; ok && cfg.Unsealer == nil {
+		return nil, errors.New("upgrade: upgrading vault needs an Unsealer")
 	}
 	if cfg.Surge && cfg.Pools == nil {
 		return nil, errors.New("upgrade: a surge of client machines needs Pools")
@@ -175,10 +184,7 @@ func New(cfg Config) (*Upgrader, error) {
 	// address holds 100 of them (limits.http_max_conns_per_client).
 	cfg.APIs = CacheClients(cfg.APIs)
 	u := &Upgrader{cfg: cfg, log: cfg.Log}
-	u.prods = map[string]product{
-		Consul: &consulProduct{u: u},
-		Nomad:  &nomadProduct{u: u},
-	}
+	u.prods = products(u)
 	return u, nil
 }
 
@@ -474,7 +480,23 @@ func (u *Upgrader) server(ctx context.Context, i int, s Step, prev StepStatus) e
 			return fmt.Errorf("upgrade %s on %s: %w", s.Product, s.Machine, err)
 		}
 	}
+	if st, ok := p.(settler); ok {
+		// Also when resumed or found on the target: a server restarted
+		// by an interrupted step may still be sealed.
+		if err := u.phase(i, "unseal", func() error { return st.settle(ctx, s) }); err != nil {
+			return fmt.Errorf("unseal %s on %s: %w", s.Product, s.Machine, err)
+		}
+	}
 	return u.cfg.Gate.server(ctx, u, i, p, s, n)
+}
+
+// products are the upgrade's products, each asking the servers through u.
+func products(u *Upgrader) map[string]product {
+	return map[string]product{
+		Consul: &consulProduct{u: u},
+		Nomad:  &nomadProduct{u: u},
+		Vault:  &vaultProduct{u: u},
+	}
 }
 
 func hasPhase(ps []Phase, name string) bool {
@@ -509,7 +531,15 @@ func (u *Upgrader) handOver(ctx context.Context, i int, p product, h hashi.Clust
 		if err != nil {
 			return err
 		}
-		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "leadership transferred to "+o.Name) })
+		// Who leads now, as the cluster says: Vault's step-down lets any
+		// standby take over.
+		to := o.Name
+		if h2, err := p.health(ctx, ""); err == nil {
+			if l, ok := h2.Leader(); ok {
+				to = l.Name
+			}
+		}
+		u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "leadership transferred to "+to) })
 		return nil
 	}
 	u.update(i, func(st *Step) { st.Note = joinNote(st.Note, "the leader: no upgraded server to hand leadership to") })
@@ -564,7 +594,7 @@ func CacheClients(apis APIs) APIs {
 	if c, ok := apis.(*cachedAPIs); ok {
 		return c
 	}
-	return &cachedAPIs{apis: apis, consul: map[string]*consulapi.Client{}, nomad: map[string]*nomadapi.Client{}}
+	return &cachedAPIs{apis: apis, consul: map[string]*consulapi.Client{}, nomad: map[string]*nomadapi.Client{}, vault: map[string]*vaultapi.Client{}}
 }
 
 // cachedAPIs makes one client per address and product.
@@ -573,6 +603,7 @@ type cachedAPIs struct {
 	mu     sync.Mutex
 	consul map[string]*consulapi.Client
 	nomad  map[string]*nomadapi.Client
+	vault  map[string]*vaultapi.Client
 }
 
 func (c *cachedAPIs) Consul(addr string) (*consulapi.Client, error) {
@@ -597,6 +628,19 @@ func (c *cachedAPIs) Nomad(addr string) (*nomadapi.Client, error) {
 	cl, err := c.apis.Nomad(addr)
 	if err == nil {
 		c.nomad[addr] = cl
+	}
+	return cl, err
+}
+
+func (c *cachedAPIs) Vault(addr string) (*vaultapi.Client, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cl, ok := c.vault[addr]; ok {
+		return cl, nil
+	}
+	cl, err := c.apis.Vault(addr)
+	if err == nil {
+		c.vault[addr] = cl
 	}
 	return cl, err
 }
