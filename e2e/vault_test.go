@@ -78,6 +78,11 @@ vault token lookup -format=json | grep -q '"steppe-operator"'`); err != nil || s
 			t.Errorf("job %s in namespace %s read the secret of default/vaultweb: %q", j.job, j.ns, got)
 		}
 	}
+	// Nomad's own check of the Vault integration (jobs, nodes, legacy
+	// tokens) holds.
+	if out, err := c.sh("nomad setup vault -check"); err != nil || !strings.Contains(out, "Nomad cluster is ready to use workload identities with Vault.") {
+		t.Errorf("nomad setup vault -check: %v\n%s", err, out)
+	}
 	c.scanSecrets()
 	c.scanProcesses()
 
