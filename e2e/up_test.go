@@ -45,6 +45,9 @@ type upCluster struct {
 	consul   string // binaries of the real CLIs
 	nomad    string
 	downDone bool
+	// onUpgradeLine, if set, sees each line runUpgrade's steppe prints,
+	// as it prints it.
+	onUpgradeLine func(string)
 }
 
 // daemonBinaries finds the default versions in the artifact cache: a
@@ -162,7 +165,7 @@ func (c *upCluster) sh(script string) (string, error) {
 // envMap is what `steppe env` exports.
 func (c *upCluster) envMap() map[string]string {
 	c.t.Helper()
-	out, err := c.sh(`env | grep -E '^(NOMAD|CONSUL)_'`)
+	out, err := c.sh(`env | grep -E '^(NOMAD|CONSUL|VAULT)_'`)
 	if err != nil {
 		c.t.Fatalf("steppe env: %v\n%s", err, out)
 	}

@@ -559,6 +559,9 @@ func (c *upCluster) runUpgrade(timeout time.Duration, killMidway bool, args ...s
 			mu.Lock()
 			r.out.WriteString(l + "\n")
 			mu.Unlock()
+			if c.onUpgradeLine != nil {
+				c.onUpgradeLine(l)
+			}
 			if !killMidway {
 				continue
 			}

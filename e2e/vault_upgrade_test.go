@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -34,8 +35,16 @@ func TestVaultUpgrade(t *testing.T) {
 	cachedBinaries(t, "Vault's upgrade pair is not built (make artifacts)", "vault@"+upgVaultFrom, "vault@"+cluster.DefaultVaultVersion)
 	body := fmt.Sprintf("name = \"e2evupg\"\nversions {\n  vault = %q\n}\npool \"default\" {\n  count = 1\n}\n", upgVaultFrom)
 	c := newSpecCluster(t, consul, nomad, body, "127.0.7", 11, 4)
-	out, took := c.up()
-	t.Logf("up on vault %s: %v", upgVaultFrom, took.Round(time.Millisecond))
+	// up with live progress (as on a terminal: TestPTY proves auto picks
+	// it there): a line per machine and per phase, redrawn in place.
+	start := time.Now()
+	out, err := c.steppe(15*time.Minute, "up", "-spec", c.spec, "-state", c.state, "-progress=tty")
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("steppe up: %v\n%s", err, out)
+	}
+	t.Logf("up on vault %s with live progress: %v", upgVaultFrom, took.Round(time.Millisecond))
+	checkLive(t, "up", out, `steppe up +\d+s  vault`, `e2evupg-server-1 +\d+s  \S`)
 	st := c.status()
 	if !st.Healthy {
 		t.Fatalf("not healthy after up: %q\n%s", st.Problems, out)
@@ -112,6 +121,31 @@ func TestVaultUpgrade(t *testing.T) {
 	again := c.runUpgrade(5*time.Minute, false, "-vault", cluster.DefaultVaultVersion)
 	if again.err != nil || strings.Contains(again.out.String(), "server/vault/") {
 		t.Errorf("upgrade -vault again: %v\n%s", again.err, again.out.String())
+	}
+
+	// down with live progress: a line per machine while it is removed.
+	out, err = c.steppe(5*time.Minute, "down", "-state", c.state, "-progress=tty")
+	if err != nil {
+		t.Fatalf("steppe down: %v\n%s", err, out)
+	}
+	c.downDone = true
+	checkLive(t, "down", out, `e2evupg-client-1 +\d+s  stopping its agent`)
+	if !strings.Contains(out, "cluster e2evupg removed in") {
+		t.Errorf("steppe down's output lacks its last line:\n%q", out)
+	}
+}
+
+// checkLive checks that a command's output (with -progress=tty) redrew
+// lines in place and showed each live line matching one of lines.
+func checkLive(t *testing.T, what, out string, lines ...string) {
+	t.Helper()
+	if !strings.Contains(out, "\x1b[1A") || !strings.Contains(out, "\r\x1b[J") {
+		t.Errorf("steppe %s -progress=tty redrew nothing in place:\n%q", what, out)
+	}
+	for _, l := range lines {
+		if !regexp.MustCompile(`  ` + l).MatchString(out) {
+			t.Errorf("steppe %s -progress=tty showed no live line %q:\n%q", what, l, out)
+		}
 	}
 }
 

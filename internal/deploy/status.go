@@ -525,10 +525,13 @@ func Down(ctx context.Context, opts Options) error {
 		go func() {
 			defer wg.Done()
 			t := time.Now()
+			task := e.task(m.Name, "stopping its agent and services, removing its files")
 			errs[i] = e.local.Destroy(ctx, m.Name)
-			if errs[i] == nil {
-				e.printf("    %-24s %-15s removed in %s", m.Name, m.Address, time.Since(t).Round(10*time.Millisecond))
+			if errs[i] != nil {
+				task.Fail(errs[i])
+				return
 			}
+			task.Done(fmt.Sprintf("    %-24s %-15s removed in %s", m.Name, m.Address, time.Since(t).Round(10*time.Millisecond)))
 		}()
 	}
 	wg.Wait()

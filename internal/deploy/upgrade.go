@@ -82,6 +82,15 @@ func Upgrade(ctx context.Context, opts UpgradeOptions) (*upgrade.State, error) {
 	if err != nil {
 		return nil, err
 	}
+	if prev, err := pendingUpgrade(o.stateDir); err == nil && prev != nil && maps.Equal(prev.Target, target) {
+		done := 0
+		for _, s := range prev.Steps {
+			if s.Status == upgrade.StatusDone {
+				done++
+			}
+		}
+		o.printf("resuming the upgrade to %s where it stopped: %d of %d steps done", upgrade.DescribeVersions(target), done, len(prev.Steps))
+	}
 	o.printf("==> preflight, snapshots, servers one at a time (Consul, Nomad, Vault; the leader last), then clients")
 	st, err := u.Run(ctx)
 	steps.end(err)

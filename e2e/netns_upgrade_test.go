@@ -1,0 +1,158 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/steppe/steppe/internal/deploy"
+	"github.com/steppe/steppe/internal/upgrade"
+)
+
+// TestNetnsUpgradePartition partitions the Nomad leader (its veth on the
+// bridge down: nothing reaches it, not even the operator) while `steppe
+// upgrade -nomad` has a server at its gate. The upgrade stops at that gate
+// with a message that names the partitioned server; healed, the same
+// command resumes and completes; the probe of TestUpgradeScale, which
+// reads the catalog from any Consul server that answers, loses nothing.
+func TestNetnsUpgradePartition(t *testing.T) {
+	upgradeBinaries(t)
+	c, l := newNetnsCluster(t, "e2enpart", "10.213.10.0/24")
+	spec := fmt.Sprintf(`name = "e2enpart"
+versions {
+  nomad  = %q
+  consul = %q
+}
+vault {
+  enabled = false
+}
+pool "default" {
+  count = 2
+}
+provider "netns" {
+  subnet = "10.213.10.0/24"
+}
+`, upgNomadFrom, upgConsulFrom)
+	if err := os.WriteFile(c.spec, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, took := c.up()
+	t.Logf("steppe up (netns, nomad %s) took %v", upgNomadFrom, took.Round(time.Millisecond))
+	st := c.status()
+	if !st.Healthy {
+		t.Fatalf("not healthy after up: %q\n%s", st.Problems, out)
+	}
+	byAddr := map[string]string{}
+	var servers []string
+	for _, s := range st.Servers {
+		servers = append(servers, s.Address)
+		byAddr[s.Address] = strings.TrimSuffix(s.Name, ".global")
+	}
+	env := c.envMap()
+	nc := c.nomadClient(env)
+	pr := newProbe(t, env, servers)
+	c.runUpgradeWebJob(nc, pr, false)
+	pr.start()
+
+	// Partition the leader once a second server step has restarted its
+	// server: that step is then at its gate.
+	var (
+		mu       sync.Mutex
+		restarts = map[string]bool{}
+		victim   string
+		link     netlink.Link
+	)
+	partition := func() {
+		leader, err := nc.Status().Leader()
+		if err != nil {
+			t.Errorf("nomad leader before the partition: %v", err)
+			return
+		}
+		host := strings.Split(leader, ":")[0]
+		victim = byAddr[host]
+		if link, err = netlink.LinkByName(l.VethName(victim)); err != nil {
+			t.Errorf("%s's veth: %v", victim, err)
+			return
+		}
+		if err := netlink.LinkSetDown(link); err != nil {
+			t.Errorf("partition %s: %v", victim, err)
+		}
+	}
+	c.onUpgradeLine = func(line string) {
+		mu.Lock()
+		defer mu.Unlock()
+		id := serverStepRE.FindString(line)
+		if id == "" || !strings.Contains(line, ": restart done in") || restarts[id] {
+			return
+		}
+		restarts[id] = true
+		if len(restarts) == 2 && victim == "" {
+			partition()
+			t.Logf("partitioned the Nomad leader %s as %s waits at its gate", victim, id)
+		}
+	}
+	args := []string{"-nomad", upgNomadTo, "-gate-timeout", "60s", "-stable", "5s"}
+	r := c.runUpgrade(10*time.Minute, false, args...)
+	c.onUpgradeLine = nil
+	mu.Lock()
+	v := victim
+	mu.Unlock()
+	if link != nil {
+		defer netlink.LinkSetUp(link)
+	}
+	if v == "" {
+		t.Fatalf("the upgrade never had a second server at its gate to partition the leader during:\n%s", r.out.String())
+	}
+	if r.err == nil {
+		t.Fatalf("the upgrade completed with its leader %s partitioned:\n%s", v, r.out.String())
+	}
+	t.Logf("upgrade with %s partitioned stopped after %v: %v\n%s", v, r.took.Round(100*time.Millisecond), r.err, r.out.String())
+	ust := c.upgradeState()
+	if ust == nil || ust.Done {
+		t.Fatalf("upgrade state after the stop: %+v", ust)
+	}
+	var failed *upgrade.Step
+	for i := range ust.Steps {
+		if ust.Steps[i].Status == upgrade.StatusFailed {
+			failed = &ust.Steps[i]
+		}
+	}
+	if failed == nil || !strings.Contains(failed.Error, "gate") || !strings.Contains(failed.Error, v) {
+		t.Errorf("the failed step %+v: want a gate error naming %s", failed, v)
+	}
+	if !strings.Contains(r.out.String(), v) {
+		t.Errorf("the upgrade's output does not name the partitioned %s", v)
+	}
+
+	// Healed: one leader, 3 voters; the same command resumes to the end.
+	if err := netlink.LinkSetUp(link); err != nil {
+		t.Fatal(err)
+	}
+	c.waitHealthy("healthy after the partition healed", 3*time.Minute, func(s *deploy.Status) bool {
+		return s.Raft != nil && s.Raft.Voters == 3
+	})
+	r2 := c.runUpgrade(10*time.Minute, false, args...)
+	if r2.err != nil {
+		t.Fatalf("the resumed upgrade: %v\n%s", r2.err, r2.out.String())
+	}
+	if !strings.Contains(r2.out.String(), "resum") {
+		t.Errorf("the second run did not say it resumed:\n%s", r2.out.String())
+	}
+	t.Logf("resumed upgrade: %v\n%s", r2.took.Round(100*time.Millisecond), r2.out.String())
+	pr.stop()
+	if ust := c.upgradeState(); ust == nil || !ust.Done {
+		t.Errorf("upgrade state after the resumed run: %+v", ust)
+	}
+	st = *c.waitHealthy("healthy on the new Nomad", 2*time.Minute, func(s *deploy.Status) bool { return true })
+	checkDaemonVersions(t, "after the resumed upgrade", &st, upgConsulFrom, upgNomadTo, true)
+	counts := pr.counts()
+	t.Logf("probe: %s", counts)
+	if counts.failed > 0 || counts.ok == 0 {
+		t.Errorf("the probe failed %d times through the partition and the upgrade:\n%s", counts.failed, counts.failureLines())
+	}
+}
