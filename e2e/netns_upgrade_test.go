@@ -133,8 +133,10 @@ provider "netns" {
 	if err := netlink.LinkSetUp(link); err != nil {
 		t.Fatal(err)
 	}
-	c.waitHealthy("healthy after the partition healed", 3*time.Minute, func(s *deploy.Status) bool {
-		return s.Raft != nil && s.Raft.Voters == 3
+	// Healthy but for the unfinished upgrade, which status names.
+	c.waitStatus("healthy after the partition healed, but for the unfinished upgrade", 3*time.Minute, func(s *deploy.Status) bool {
+		return s.Raft != nil && s.Raft.Voters == 3 && s.Raft.Leader != "" && len(s.Problems) == 1 &&
+			strings.Contains(s.Problems[0], "an upgrade to nomad "+upgNomadTo+" is unfinished: run steppe upgrade")
 	})
 	r2 := c.runUpgrade(10*time.Minute, false, args...)
 	if r2.err != nil {

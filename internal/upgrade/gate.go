@@ -143,6 +143,10 @@ func (g Gate) server(parent context.Context, u *Upgrader, i int, p product, s St
 	if err := parent.Err(); err != nil {
 		return fmt.Errorf("gate of %s: %w", s.Machine, err)
 	}
+	if un := u.unanswered(); un != "" {
+		// What held the checks up, whether or not one completed.
+		last = joinNote(last, un)
+	}
 	if last == "" {
 		last = "not stable for long enough"
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	consulapi "github.com/hashicorp/consul/api"
@@ -49,10 +50,12 @@ const queryLimit = 30 * time.Second
 
 // anyServer calls f with the API of each server in turn until one
 // answers, each call bounded by limit (0: by ctx only, for drains and
-// transfers that take as long as they take).
+// transfers that take as long as they take). Servers that failed to
+// answer lately are asked last: a partitioned server costs a whole limit
+// per query, and a gate that asked it first would never finish a check.
 func anyServer[C any](ctx context.Context, u *Upgrader, except string, connect func(string) (C, error), limit time.Duration, f func(context.Context, C) error) error {
 	var errs []error
-	for _, s := range u.cfg.Servers {
+	for _, s := range u.serverOrder() {
 		if s.Address == except {
 			continue
 		}
@@ -67,17 +70,68 @@ func anyServer[C any](ctx context.Context, u *Upgrader, except string, connect f
 		err = f(cctx, c)
 		cancel()
 		if err == nil {
+			u.answered(s)
 			return nil
 		}
-		errs = append(errs, fmt.Errorf("%s: %w", s.Machine, err))
 		if ctx.Err() != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", s.Machine, err))
 			break
 		}
+		u.failed(s, err)
+		errs = append(errs, fmt.Errorf("%s: %w", s.Machine, err))
 	}
 	if len(errs) == 0 {
 		return errors.New("no server to ask")
 	}
 	return errors.Join(errs...)
+}
+
+// slowFor is how long a server that failed to answer is asked last.
+const slowFor = time.Minute
+
+// serverOrder is the servers in their order, those that failed to answer
+// within slowFor moved to the end.
+func (u *Upgrader) serverOrder() []Server {
+	u.slowMu.Lock()
+	defer u.slowMu.Unlock()
+	var ok, slow []Server
+	for _, s := range u.cfg.Servers {
+		if f, bad := u.slow[s.Address]; bad && time.Since(f.at) < slowFor {
+			slow = append(slow, s)
+		} else {
+			ok = append(ok, s)
+		}
+	}
+	return append(ok, slow...)
+}
+
+func (u *Upgrader) answered(s Server) {
+	u.slowMu.Lock()
+	delete(u.slow, s.Address)
+	u.slowMu.Unlock()
+}
+
+func (u *Upgrader) failed(s Server, err error) {
+	u.slowMu.Lock()
+	if u.slow == nil {
+		u.slow = map[string]slowServer{}
+	}
+	u.slow[s.Address] = slowServer{machine: s.Machine, at: time.Now(), err: err}
+	u.slowMu.Unlock()
+}
+
+// unanswered says which servers failed to answer within slowFor, "" if
+// none.
+func (u *Upgrader) unanswered() string {
+	u.slowMu.Lock()
+	defer u.slowMu.Unlock()
+	var parts []string
+	for _, s := range u.cfg.Servers {
+		if f, bad := u.slow[s.Address]; bad && time.Since(f.at) < slowFor {
+			parts = append(parts, fmt.Sprintf("%s (%s) does not answer: %v", f.machine, s.Address, f.err))
+		}
+	}
+	return strings.Join(parts, "; ")
 }
 
 type consulProduct struct{ u *Upgrader }

@@ -141,6 +141,16 @@ type Upgrader struct {
 	mu    sync.Mutex // st and its file
 	st    *State
 	prods map[string]product
+
+	slowMu sync.Mutex
+	slow   map[string]slowServer // by address: servers that last failed to answer
+}
+
+// slowServer is a server's last failure to answer a query.
+type slowServer struct {
+	machine string
+	at      time.Time
+	err     error
 }
 
 // New checks cfg and prepares an upgrade.
