@@ -7,10 +7,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -126,7 +128,17 @@ func ConsulAutopilotHealth(ctx context.Context, c *consulapi.Client) (ClusterHea
 func NomadAutopilotHealth(ctx context.Context, c *nomadapi.Client) (ClusterHealth, error) {
 	r, _, err := c.Operator().AutopilotServerHealth((&nomadapi.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return ClusterHealth{}, fmt.Errorf("nomad autopilot health: %w", err)
+		// Nomad sends its report with status 429 while a server is
+		// unhealthy; the API client calls that an error. The report is
+		// what a caller needs then, not the error.
+		var ue nomadapi.UnexpectedResponseError
+		if !errors.As(err, &ue) || ue.StatusCode() != http.StatusTooManyRequests || !ue.HasBody() {
+			return ClusterHealth{}, fmt.Errorf("nomad autopilot health: %w", err)
+		}
+		r = &nomadapi.OperatorHealthReply{}
+		if jerr := json.Unmarshal([]byte(ue.Body()), r); jerr != nil {
+			return ClusterHealth{}, fmt.Errorf("nomad autopilot health: status 429 with a report that does not parse: %w", jerr)
+		}
 	}
 	h := ClusterHealth{Healthy: r.Healthy, FailureTolerance: r.FailureTolerance}
 	for _, s := range r.Servers {
