@@ -21,6 +21,11 @@ const (
 	ConfigSerial = "steppe-config"
 	DataSerial   = "steppe-data"
 	DataLabel    = "steppe-data"
+	// SecretsDir is where a machine's secrets are (tmpfs); init links the
+	// agent's state_dir/secrets to it.
+	SecretsDir = "/run/steppe/secrets"
+	// KeysDir holds the trusted public keys the config disk brings.
+	KeysDir = "/etc/steppe/keys"
 	// APIPortName is the virtio-serial port through which the provider
 	// reaches the agent's local API.
 	APIPortName = "steppe.api"

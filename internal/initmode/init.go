@@ -37,8 +37,10 @@ import (
 
 // Where init puts what it learns.
 const (
-	ConfigDir    = "/run/steppe/config" // tmpfs, 0700: the config disk's agent.hcl
-	AgentConfig  = ConfigDir + "/agent.hcl"
+	ConfigDir   = "/run/steppe/config" // tmpfs, 0700: the config disk's agent.hcl
+	AgentConfig = ConfigDir + "/agent.hcl"
+	// SecretsDir holds the secrets the config disk brings (tmpfs).
+	SecretsDir   = "/run/steppe/secrets"
 	DataMount    = agent.DefaultStateDir
 	seedFile     = ".random-seed"
 	agentHealthy = time.Minute // an agent up this long resets the restart backoff
@@ -138,6 +140,9 @@ func (in *initProc) run() {
 	}
 	if err := mountData(ctx, log); err != nil {
 		log.Error("data disk: the agent's state stays in RAM this boot", "err", err)
+	}
+	if err := linkSecrets(); err != nil {
+		log.Error("secrets directory", "err", err)
 	}
 	seedEntropy(log)
 	log.Info("machine up", "name", in.cfg.Machine.Name, "address", in.cfg.Machine.Address, "since_boot", time.Since(in.start).Round(time.Millisecond))
@@ -457,6 +462,23 @@ func mountData(ctx context.Context, log *slog.Logger) error {
 	}
 	log.Info("data disk mounted", "device", dev, "formatted", !ok)
 	return nil
+}
+
+// linkSecrets points the agent's secrets directory (state_dir/secrets)
+// at the config disk's, on tmpfs: the machine's secrets are never written
+// to its data disk and are whatever the provider last wrote.
+func linkSecrets() error {
+	link := filepath.Join(DataMount, "secrets")
+	if t, err := os.Readlink(link); err == nil && t == SecretsDir {
+		return nil
+	}
+	if err := os.MkdirAll(SecretsDir, 0o700); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(link); err != nil {
+		return err
+	}
+	return os.Symlink(SecretsDir, link)
 }
 
 // seedEntropy mixes the seed the last boot saved into the pool (it adds
