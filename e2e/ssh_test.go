@@ -234,3 +234,109 @@ func hostAgentPID(t *testing.T, h *testHost) int {
 	}
 	return 0
 }
+
+// TestSSHRefusals: what the ssh provider refuses, and that a refused or
+// failed Create leaves the host as it was: a wrong host key (refused
+// before anything is sent), an unknown one (refused unless trusted on
+// first use, then recorded; a changed one refused even then), a host that
+// is down (named in the error), a host whose init steppe does not know,
+// and an agent that never answers (what was written is removed again).
+func TestSSHRefusals(t *testing.T) {
+	lab := newSSHLab(t)
+	h := lab.start("h1", "runit")
+	bare := lab.start("h-bare", "none") // sshd only: no init steppe knows
+	bundles := newSSHBundles(t)
+	bundles.publish()
+	ctx := context.Background()
+	tree, bareTree := h.tree(t), bare.tree(t)
+	unchanged := func(what string, h *testHost, want []string) {
+		t.Helper()
+		if a, b := diff(want, h.tree(t)); len(a)+len(b) > 0 {
+			t.Errorf("%s: host %s changed:\nbefore only: %v\nafter only: %v", what, h.name, a, b)
+		}
+	}
+	newP := func(dir string, tofu bool, hosts ...provider.SSHHost) *provider.SSH {
+		t.Helper()
+		p, err := provider.NewSSH(provider.SSHOptions{Dir: dir, Hosts: hosts, Binary: steppeBinary(t), TrustOnFirstUse: tofu, StartTimeout: 5 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	create := func(p *provider.SSH, name, addr string, a provider.AgentConfig) error {
+		req := sshRequest(name, a)
+		req.Machine.Address = addr
+		_, err := p.Create(ctx, req)
+		return err
+	}
+	expect := func(what string, err error, wants ...string) {
+		t.Helper()
+		if err == nil {
+			t.Fatalf("%s: no error", what)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: error lacks %q: %v", what, w, err)
+			}
+		}
+		t.Logf("%s: %v", what, err)
+	}
+
+	// A wrong key in the spec: refused before anything is sent.
+	wrong := bare.hostKey
+	err := create(newP(t.TempDir(), true, provider.SSHHost{Address: h.addr, Key: lab.keyFile, HostKey: wrong}), "m1", h.addr, bundles.agentConfig())
+	expect("wrong host key", err, "host key refused", h.addr+":22", "the spec's host_key is")
+	unchanged("wrong host key", h, tree)
+
+	// Unknown key, no trust on first use: refused, says how to trust it.
+	dir := t.TempDir()
+	err = create(newP(dir, false, provider.SSHHost{Address: h.addr, Key: lab.keyFile}), "m1", h.addr, bundles.agentConfig())
+	expect("unknown host key", err, "host key refused", "is unknown", "-trust-host-keys")
+	unchanged("unknown host key", h, tree)
+
+	// A known_hosts that holds another key for the address: refused even
+	// with trust on first use.
+	kh := filepath.Join(t.TempDir(), "known_hosts")
+	if err := os.WriteFile(kh, []byte(h.addr+" "+wrong+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err = create(newP(t.TempDir(), true, provider.SSHHost{Address: h.addr, Key: lab.keyFile, KnownHosts: kh}), "m1", h.addr, bundles.agentConfig())
+	expect("changed host key", err, "host key refused", "its known key is", kh)
+	unchanged("changed host key", h, tree)
+
+	// A host that is down is named.
+	down := sshSubnetPrefix + "99"
+	err = create(newP(t.TempDir(), true, provider.SSHHost{Address: down, Key: lab.keyFile}), "m1", down, bundles.agentConfig())
+	expect("host down", err, "ssh host "+down+":22", "m1")
+
+	// No init steppe knows: refused before anything is written.
+	err = create(newP(t.TempDir(), true, provider.SSHHost{Address: bare.addr, Key: lab.keyFile, HostKey: bare.hostKey}), "m1", bare.addr, bundles.agentConfig())
+	expect("unknown init", err, "init system \"unknown\" is not one steppe can install its agent under", "nothing was written")
+	unchanged("unknown init", bare, bareTree)
+
+	// An agent that cannot start (its config names no bundle store):
+	// Create fails and removes what it wrote.
+	bad := bundles.agentConfig()
+	bad.BundleStore = ""
+	p := newP(dir, true, provider.SSHHost{Address: h.addr, Key: lab.keyFile})
+	err = create(p, "m1", h.addr, bad)
+	expect("agent does not start", err, "did not answer within 5s", "what was written on the host is removed again")
+	unchanged("agent does not start", h, tree)
+	if ms, err := p.List(ctx); err != nil || len(ms) != 0 {
+		t.Errorf("after a failed Create: machines %+v, %v", ms, err)
+	}
+
+	// The key trusted on first use was recorded: the next provider of
+	// that state directory needs no trust flag for it.
+	b, err := os.ReadFile(filepath.Join(dir, "known_hosts"))
+	if err != nil || !strings.Contains(string(b), strings.TrimPrefix(h.hostKey, "ssh-ed25519 ")) {
+		t.Fatalf("known_hosts after trust on first use: %q, %v", b, err)
+	}
+	if err := create(newP(dir, false, provider.SSHHost{Address: h.addr, Key: lab.keyFile}), "m1", h.addr, bundles.agentConfig()); err != nil {
+		t.Fatalf("with the recorded key: %v\n%s", err, h.logs())
+	}
+	if err := newP(dir, false, provider.SSHHost{Address: h.addr, Key: lab.keyFile}).Destroy(ctx, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	unchanged("destroy", h, tree)
+}

@@ -473,7 +473,9 @@ func (h *testHost) procs(t *testing.T) []string {
 			continue // gone, or a kernel thread
 		}
 		line := strings.TrimSpace(strings.ReplaceAll(string(cmdline), "\x00", " "))
-		if strings.HasPrefix(line, "sshd: ") || strings.Contains(line, "sftp-server") {
+		// sshd's per-connection processes (re-executed with -R, then
+		// renamed "sshd: ...") come and go with every connection.
+		if strings.HasPrefix(line, "sshd: ") || strings.Contains(line, "sftp-server") || (strings.HasPrefix(line, "/usr/sbin/sshd ") && strings.HasSuffix(line, " -R")) {
 			continue
 		}
 		out = append(out, filepath.Base(d)+" "+line)
@@ -487,13 +489,15 @@ func (h *testHost) procs(t *testing.T) []string {
 // and the login records sshd updates at every login).
 func (h *testHost) tree(t *testing.T) []string {
 	t.Helper()
-	root := h.path("")
+	// The trailing slash: /proc/PID/root is a symlink, which WalkDir
+	// would not enter.
+	root := h.path("/")
 	var out []string
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		rel := strings.TrimPrefix(p, root)
+		rel := "/" + strings.TrimPrefix(p, root)
 		switch rel {
 		case "/proc", "/sys", "/dev", "/run", "/tmp":
 			return fs.SkipDir

@@ -506,29 +506,47 @@ func sshAgentClient(c *sshConn) *agent.Client {
 // Create implements Provider: probe, install, start, wait for the agent.
 // Nothing is written on a host whose key is refused, that cannot be
 // reached, where the login is not root or whose init is not one steppe
-// knows.
+// knows. A host steppe was not on before is all or nothing: when a step
+// after the first write fails, what was written is removed again
+// (Destroy) before the error is returned, so a failed up leaves no host
+// half-installed; hosts whose Create succeeded stay as they are, and up
+// run again converges. A host that already was a machine is left as it
+// is on failure (its agent and daemons may be running).
 func (s *SSH) Create(ctx context.Context, req CreateRequest) (Machine, error) {
+	_, err := s.load(req.Machine.Name)
+	fresh := errors.Is(err, fs.ErrNotExist)
+	m, written, err := s.create(ctx, req)
+	if err != nil && fresh && written {
+		if derr := s.Destroy(context.WithoutCancel(ctx), req.Machine.Name); derr != nil {
+			return m, fmt.Errorf("%w; removing what was written failed too: %v (steppe down removes it)", err, derr)
+		}
+		return m, fmt.Errorf("%w; what was written on the host is removed again", err)
+	}
+	return m, err
+}
+
+func (s *SSH) create(ctx context.Context, req CreateRequest) (_ Machine, written bool, _ error) {
 	name := req.Machine.Name
 	h, err := s.hostFor(req.Machine)
 	if err != nil {
-		return Machine{}, err
+		return Machine{}, false, err
 	}
 	c, err := s.dial(ctx, h)
 	if err != nil {
-		return Machine{}, fmt.Errorf("ssh machine %s: %w", name, err)
+		return Machine{}, false, fmt.Errorf("ssh machine %s: %w", name, err)
 	}
 	defer c.Close()
 	out, err := c.run(ctx, initProbe)
 	if err != nil {
-		return Machine{}, fmt.Errorf("ssh machine %s: probe the init system: %w", name, err)
+		return Machine{}, false, fmt.Errorf("ssh machine %s: probe the init system: %w", name, err)
 	}
 	p := parseProbe(out)
 	if p.UID != "0" {
-		return Machine{}, fmt.Errorf("ssh machine %s: host %s: logged in as uid %q, not root: the agent needs root (cgroups); give user = \"root\"", name, h.addr(), p.UID)
+		return Machine{}, false, fmt.Errorf("ssh machine %s: host %s: logged in as uid %q, not root: the agent needs root (cgroups); give user = \"root\"", name, h.addr(), p.UID)
 	}
 	files, start, _, err := serviceDefinition(p.Init, p.RunsvDir)
 	if err != nil {
-		return Machine{}, fmt.Errorf("ssh machine %s: host %s: %w; nothing was written", name, h.addr(), err)
+		return Machine{}, false, fmt.Errorf("ssh machine %s: host %s: %w; nothing was written", name, h.addr(), err)
 	}
 	m := Machine{
 		Name: name, Role: req.Machine.Role, Pool: req.Machine.Pool, Address: h.Address,
@@ -537,7 +555,7 @@ func (s *SSH) Create(ctx context.Context, req CreateRequest) (Machine, error) {
 	}
 	if old, err := s.load(name); err == nil {
 		if old.Machine.Role != m.Role || old.Machine.Pool != m.Pool {
-			return old.Machine, fmt.Errorf("ssh machine %s exists as %s %s, not %s %s: remove it first (steppe down)", name, old.Machine.Role, old.Machine.Pool, m.Role, m.Pool)
+			return old.Machine, false, fmt.Errorf("ssh machine %s exists as %s %s, not %s %s: remove it first (steppe down)", name, old.Machine.Role, old.Machine.Pool, m.Role, m.Pool)
 		}
 		m.Created = old.Machine.Created
 	}
@@ -545,32 +563,32 @@ func (s *SSH) Create(ctx context.Context, req CreateRequest) (Machine, error) {
 	// Recorded before the first write: a Create cut short is destroyed
 	// like any machine.
 	if err := s.save(rec); err != nil {
-		return m, err
+		return m, false, err
 	}
 	if err := s.installBinary(ctx, c); err != nil {
-		return m, fmt.Errorf("ssh machine %s: %w", name, err)
+		return m, true, fmt.Errorf("ssh machine %s: %w", name, err)
 	}
 	if err := c.mkdir(SSHConfigDir, 0o700); err != nil {
-		return m, err
+		return m, true, err
 	}
 	if err := c.mkdir(SSHStateDir, 0o700); err != nil {
-		return m, err
+		return m, true, err
 	}
 	secrets, err := req.Secrets(m.Cluster(), SSHSecretsDir)
 	if err != nil {
-		return m, err
+		return m, true, err
 	}
 	changed, err := s.deliver(c, m, secrets)
 	if err != nil {
-		return m, err
+		return m, true, err
 	}
 	cfgChanged, err := s.writeAgentConfig(c, m, req.Agent)
 	if err != nil {
-		return m, err
+		return m, true, err
 	}
 	for _, f := range files {
 		if err := c.writeFile(f.Path, strings.NewReader(f.Content), os.FileMode(f.Mode)); err != nil {
-			return m, fmt.Errorf("ssh machine %s: service definition: %w", name, err)
+			return m, true, fmt.Errorf("ssh machine %s: service definition: %w", name, err)
 		}
 	}
 	cl := sshAgentClient(c)
@@ -579,7 +597,7 @@ func (s *SSH) Create(ctx context.Context, req CreateRequest) (Machine, error) {
 	cancel()
 	if err == nil && !cfgChanged {
 		m.Running, m.SecretsChanged = true, changed
-		return m, nil
+		return m, true, nil
 	}
 	// A running agent reads its config at start only: a changed one
 	// means a restart of the agent (its daemons stay, adopted).
@@ -588,13 +606,13 @@ func (s *SSH) Create(ctx context.Context, req CreateRequest) (Machine, error) {
 		script = restartCommand(p.Init, p.RunsvDir)
 	}
 	if _, err := c.run(ctx, script); err != nil {
-		return m, fmt.Errorf("ssh machine %s: start the agent under %s: %w", name, p.Init, err)
+		return m, true, fmt.Errorf("ssh machine %s: start the agent under %s: %w", name, p.Init, err)
 	}
 	if err := s.waitAgent(ctx, c, m, p.Init); err != nil {
-		return m, err
+		return m, true, err
 	}
 	m.Running = true
-	return m, nil
+	return m, true, nil
 }
 
 func restartCommand(init Init, runsvDir string) string {
