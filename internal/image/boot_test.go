@@ -1,7 +1,9 @@
 package image_test
 
 import (
+	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -16,6 +18,8 @@ import (
 
 	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/image"
+	"github.com/steppe/steppe/internal/initmode"
+	"github.com/steppe/steppe/internal/supervise"
 	"github.com/steppe/steppe/internal/testenv"
 )
 
@@ -196,7 +200,7 @@ func TestBoot(t *testing.T) {
 	}
 	cmdline, _ := os.ReadFile(filepath.Join(bootDir, "cmdline"))
 
-	run := func(t *testing.T, vm image.VM, wantFormat bool) {
+	run := func(t *testing.T, vm image.VM, wantFormat, crash bool) {
 		took, stop := boot(t, vm)
 		defer stop()
 		t.Logf("VM start to agent answering with its service ready: %s", took.Round(time.Millisecond))
@@ -225,6 +229,9 @@ func TestBoot(t *testing.T) {
 		if !strings.Contains(string(body), res.Release) || strings.Contains(string(body), "not-in-the-image") {
 			t.Errorf("the VM's service answered %q", body)
 		}
+		if crash {
+			crashAgent(t, vm, st)
+		}
 		// ACPI power button: init stops the agent, syncs, powers off.
 		if _, err := image.QMP(context.Background(), vm.Dir, "system_powerdown"); err != nil {
 			t.Fatal(err)
@@ -239,10 +246,57 @@ func TestBoot(t *testing.T) {
 	}
 	t.Run("direct", func(t *testing.T) {
 		run(t, image.VM{Dir: filepath.Join(dir, "vm-direct"), Kernel: filepath.Join(bootDir, "vmlinuz"), Initrd: filepath.Join(bootDir, "initrd.img"),
-			Cmdline: string(cmdline), ConfigDisk: cfg, DataDisk: data, Tap: "stqimg0", MAC: "52:54:00:13:00:02"}, true)
+			Cmdline: string(cmdline), ConfigDisk: cfg, DataDisk: data, Tap: "stqimg0", MAC: "52:54:00:13:00:02"}, true, true)
 	})
 	t.Run("uefi", func(t *testing.T) {
 		// The same data disk: formatted on the first boot only.
-		run(t, image.VM{Dir: filepath.Join(dir, "vm-uefi"), Image: img, ConfigDisk: cfg, DataDisk: data, Tap: "stqimg0", MAC: "52:54:00:13:00:02"}, false)
+		run(t, image.VM{Dir: filepath.Join(dir, "vm-uefi"), Image: img, ConfigDisk: cfg, DataDisk: data, Tap: "stqimg0", MAC: "52:54:00:13:00:02"}, false, false)
 	})
+}
+
+// crashAgent SIGKILLs the VM's agent through init's test hook on the API
+// port: init starts it again and the new agent adopts the running
+// service (same pid, not counted as a restart).
+func crashAgent(t *testing.T, vm image.VM, before agent.StatusReport) {
+	t.Helper()
+	var web supervise.Status
+	for _, s := range before.Services {
+		if s.Name == "web" {
+			web = s
+		}
+	}
+	c, err := net.Dial("unix", filepath.Join(vm.Dir, image.APISocket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte(initmode.KillAgentRequest + "\n")); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if err != nil || !strings.Contains(line, fmt.Sprintf(`"killed":%d`, before.Agent.PID)) {
+		t.Fatalf("kill hook answered %q, %v (agent pid %d)", line, err, before.Agent.PID)
+	}
+	start := time.Now()
+	client := agent.NewClient(filepath.Join(vm.Dir, image.APISocket))
+	for time.Since(start) < 2*time.Minute {
+		st, err := client.Status(context.Background())
+		if err == nil && st.Agent.PID != before.Agent.PID {
+			for _, s := range st.Services {
+				if s.Name != "web" {
+					continue
+				}
+				if s.PID != web.PID || s.Restarts != web.Restarts || !s.Adopted {
+					t.Fatalf("after the agent's crash web is %+v; before it was %+v (want the same process, adopted)", s, web)
+				}
+				t.Logf("agent killed; init restarted it (pid %d -> %d) and it adopted web (pid %d) in %s", before.Agent.PID, st.Agent.PID, s.PID, time.Since(start).Round(time.Millisecond))
+				if !strings.Contains(console(vm), "agent exited; restarting it") {
+					t.Errorf("init did not log the restart:\n%s", console(vm))
+				}
+				return
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("no new agent answered within 2 minutes\nconsole:\n%s", console(vm))
 }

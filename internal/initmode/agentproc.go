@@ -2,8 +2,10 @@ package initmode
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -155,6 +157,17 @@ func (a *agentProc) start() error {
 	return nil
 }
 
+// kill SIGKILLs the agent, as a crash would, and returns its pid.
+func (a *agentProc) kill() int {
+	a.mu.Lock()
+	pid := a.pid
+	a.mu.Unlock()
+	if pid > 0 {
+		_ = unix.Kill(pid, unix.SIGKILL)
+	}
+	return pid
+}
+
 // stop asks the agent to stop (it stops its services in order) and kills
 // it when it takes longer than budget.
 func (a *agentProc) stop(budget time.Duration) {
@@ -201,7 +214,7 @@ func findPort(name string) string {
 // answer per connection as the unix socket, framed by that line, so the
 // host needs no other protocol (`steppe agent status -socket` on the
 // provider's end of the port works as on the machine).
-func serveAPIPort(ctx context.Context, log *slog.Logger, socket string) {
+func serveAPIPort(ctx context.Context, log *slog.Logger, socket string, a *agentProc) {
 	var dev string
 	for dev = findPort(image.APIPortName); dev == ""; dev = findPort(image.APIPortName) {
 		select {
@@ -211,14 +224,20 @@ func serveAPIPort(ctx context.Context, log *slog.Logger, socket string) {
 		}
 	}
 	for ctx.Err() == nil {
-		if err := servePort(ctx, dev, socket); err != nil {
+		if err := servePort(ctx, log, dev, socket, a); err != nil {
 			log.Warn("API port", "device", dev, "err", err)
 			time.Sleep(time.Second)
 		}
 	}
 }
 
-func servePort(ctx context.Context, dev, socket string) error {
+// KillAgentRequest is the one request init answers itself on the API
+// port: it SIGKILLs the agent (which init then restarts, and which adopts
+// its services). A test hook for a crash; the port is the provider's
+// channel, reachable only by root on the host.
+const KillAgentRequest = `{"op":"init.kill-agent"}`
+
+func servePort(ctx context.Context, log *slog.Logger, dev, socket string, a *agentProc) error {
 	f, err := os.OpenFile(dev, os.O_RDWR, 0)
 	if err != nil {
 		return err
@@ -236,6 +255,12 @@ func servePort(ctx context.Context, dev, socket string) error {
 			return err
 		}
 		if len(line) <= 1 {
+			continue
+		}
+		if string(bytes.TrimSpace(line)) == KillAgentRequest {
+			pid := a.kill()
+			log.Warn("agent killed through the API port (test hook)", "pid", pid)
+			fmt.Fprintf(f, `{"result":{"killed":%d}}`+"\n", pid)
 			continue
 		}
 		c, err := net.DialTimeout("unix", socket, 2*time.Second)

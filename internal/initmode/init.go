@@ -151,9 +151,8 @@ func (in *initProc) run() {
 	if c, err := agent.ParseConfig(AgentConfig, in.cfg.Agent); err == nil && c.Socket != "" {
 		socket = c.Socket
 	}
-	go serveAPIPort(ctx, log, socket)
-
 	a := &agentProc{log: log, reaper: reaper}
+	go serveAPIPort(ctx, log, socket, a)
 	reason := a.keep(ctx, sigs, powerOff)
 	in.shutdown(a, reaper, reason)
 }
