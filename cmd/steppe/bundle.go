@@ -273,9 +273,9 @@ func bundleVerify(ctx context.Context, args []string) error {
 
 func bundlePublish(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
-	store := fs.String("store", "", "store: a directory or an http(s):// URL of a bundle server")
+	store := fs.String("store", "", "store: a directory, an http(s):// URL of a bundle server, or s3://BUCKET/PREFIX[?endpoint=URL&region=R] (credentials: the standard AWS chain)")
 	var keys listFlag
-	fs.Var(&keys, "key", "public key the bundle must be signed by (repeatable; directory stores)")
+	fs.Var(&keys, "key", "public key the bundle must be signed by (repeatable; directory and S3 stores)")
 	pos, err := parseArgs(fs, args, "FILE")
 	if err != nil {
 		return err
@@ -295,6 +295,18 @@ func bundlePublish(ctx context.Context, args []string) error {
 			return err
 		}
 		if m, err = st.Publish(ctx, f); err != nil {
+			return err
+		}
+	} else if strings.HasPrefix(*store, "s3://") {
+		pubs, err := bundle.ReadPublicKeyFiles(keys...)
+		if err != nil {
+			return err
+		}
+		st, err := bundle.NewS3Store(ctx, *store, bundle.S3Options{})
+		if err != nil {
+			return err
+		}
+		if m, err = st.Publish(ctx, f, bundle.PublishOptions{Keys: pubs}); err != nil {
 			return err
 		}
 	} else {

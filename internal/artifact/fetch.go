@@ -13,7 +13,10 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/steppe/steppe/internal/backoff"
 )
@@ -32,6 +35,9 @@ type Fetcher struct {
 	Backoff time.Duration
 	// Log receives what was fetched; nil means slog.Default().
 	Log *slog.Logger
+
+	mu sync.Mutex
+	s3 map[string]*s3.Client // by bucket and options (s3.go)
 }
 
 // Fetch is (&Fetcher{}).Fetch: the default cache and client.
@@ -207,11 +213,17 @@ func (f *Fetcher) get(ctx context.Context, rawURL string) ([]byte, error) {
 type httpStatusError struct {
 	url  string
 	code int
+	err  error // what an S3 store said, if that was the store
 }
 
 func (e *httpStatusError) Error() string {
+	if e.err != nil {
+		return e.err.Error()
+	}
 	return fmt.Sprintf("GET %s: %d %s", e.url, e.code, http.StatusText(e.code))
 }
+
+func (e *httpStatusError) Unwrap() error { return e.err }
 
 func (f *Fetcher) do(ctx context.Context, rawURL string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
@@ -220,6 +232,9 @@ func (f *Fetcher) do(ctx context.Context, rawURL string) (*http.Response, error)
 	}
 	if req.URL.Scheme == "file" {
 		return openFileURL(req.URL)
+	}
+	if req.URL.Scheme == "s3" {
+		return f.openS3(ctx, req.URL)
 	}
 	client := f.Client
 	if client == nil {

@@ -47,13 +47,19 @@ type Store interface {
 
 // OpenStore opens the store an agent's configuration names: an http:// or
 // https:// URL of a bundle server (fetched with client; nil means a
-// default client), or a local directory.
+// default client), an s3://bucket/prefix (see S3Store), or a local
+// directory.
 func OpenStore(location string, client *http.Client) (Store, error) {
 	if strings.HasPrefix(location, "http://") || strings.HasPrefix(location, "https://") {
 		return NewHTTPStore(location, client)
 	}
+	if strings.HasPrefix(location, "s3://") {
+		// Loading the AWS configuration reads files and the environment
+		// only; credentials are resolved at the first request.
+		return NewS3Store(context.Background(), location, S3Options{HTTPClient: client})
+	}
 	if strings.Contains(location, "://") {
-		return nil, fmt.Errorf("bundle store %q: want an http:// or https:// URL or a directory", location)
+		return nil, fmt.Errorf("bundle store %q: want an http:// or https:// URL, an s3://BUCKET/PREFIX or a directory", location)
 	}
 	if location == "" {
 		return nil, fmt.Errorf("bundle store: no location given")

@@ -451,8 +451,8 @@ func checkName(what string) func(string, hcl.Range) hcl.Diagnostics {
 	}
 }
 
-// checkArtifactStore accepts the default, an http(s) URL or a file://
-// URL of a store in the release layout.
+// checkArtifactStore accepts the default, an http(s) URL, an s3:// URL or
+// a file:// URL of a store in the release layout.
 func checkArtifactStore(v string, r hcl.Range) hcl.Diagnostics {
 	if v == DefaultArtifactStore {
 		return nil
@@ -465,8 +465,10 @@ func checkArtifactStore(v string, r hcl.Range) hcl.Diagnostics {
 		return nil
 	case u.Scheme == "file" && u.Host == "" && path.IsAbs(u.Path):
 		return nil
+	case u.Scheme == "s3" && u.Host != "":
+		return nil // s3://BUCKET/PREFIX[?endpoint=URL&region=R]: artifact.Fetcher reads it
 	}
-	return errAt(r, "Invalid artifact_store", fmt.Sprintf("%q: want an http(s):// URL or a file:///absolute/path of a store in the release layout (leave it out for the default)", v))
+	return errAt(r, "Invalid artifact_store", fmt.Sprintf("%q: want an http(s):// URL, an s3://BUCKET/PREFIX or a file:///absolute/path of a store in the release layout (leave it out for the default)", v))
 }
 
 func checkNonEmpty(what string) func(string, hcl.Range) hcl.Diagnostics {
