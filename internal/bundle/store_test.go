@@ -294,7 +294,8 @@ func TestHTTPSStore(t *testing.T) {
 func TestOpenStore(t *testing.T) {
 	for loc, want := range map[string]string{
 		"http://127.0.0.1:8480": "*bundle.HTTPStore", "https://bundles.example": "*bundle.HTTPStore",
-		"/var/lib/steppe/store": "*bundle.DirStore", "s3://bucket": "error", "": "error",
+		"/var/lib/steppe/store": "*bundle.DirStore", "s3://bucket/prefix": "*bundle.S3Store",
+		"s3://bucket?endpont=x": "error", "gs://bucket": "error", "": "error",
 	} {
 		st, err := OpenStore(loc, nil)
 		got := "error"

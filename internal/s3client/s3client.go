@@ -9,13 +9,10 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/config"
-	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/smithy-go"
 	smithyhttp "github.com/aws/smithy-go/transport/http"
@@ -112,42 +109,33 @@ func Parse(location string, o Options) (Location, Options, error) {
 	return Location{Bucket: u.Host, Prefix: strings.Trim(u.Path, "/")}, o, nil
 }
 
-// New returns a client for o. The credentials come from the standard AWS
-// chain when the first request needs them. The EC2 metadata address is
-// asked only where AWS_EC2_METADATA_DISABLED=false says so: off a cloud,
-// a probe of it leaves the machine's network (DESIGN decision 11). Each
-// call is tried once: callers back off with internal/backoff, and the
-// SDK's own retries would hide a throttling store behind its quota.
+// New returns a client for o, with the credentials, region and endpoint
+// of the standard AWS chain as far as a machine's agent needs it (see
+// chain.go): the environment, the shared credentials and config files,
+// and the EC2 instance role where AWS_EC2_METADATA_DISABLED=false says
+// so (off a cloud, a probe of the metadata address leaves the machine's
+// network: DESIGN decision 11). The SDK's config module, with its SSO
+// and STS clients, is not linked: it cost every agent 3 MiB of memory.
+// Each call is tried once: callers back off with internal/backoff, and
+// the SDK's own retries would hide a throttling store behind its quota.
 func New(ctx context.Context, o Options) (*s3.Client, error) {
-	opts := []func(*config.LoadOptions) error{
-		config.WithRetryer(func() aws.Retryer { return aws.NopRetryer{} }),
+	ch, err := loadChain(o)
+	if err != nil {
+		return nil, err
 	}
-	if os.Getenv("AWS_EC2_METADATA_DISABLED") != "false" {
-		opts = append(opts, config.WithEC2IMDSClientEnableState(imds.ClientDisabled))
+	so := s3.Options{
+		Region:       ch.region,
+		Credentials:  aws.NewCredentialsCache(ch),
+		Retryer:      aws.NopRetryer{},
+		UsePathStyle: ch.endpoint != "",
 	}
-	if o.Region != "" {
-		opts = append(opts, config.WithRegion(o.Region))
-	}
-	if o.Profile != "" {
-		opts = append(opts, config.WithSharedConfigProfile(o.Profile))
+	if ch.endpoint != "" {
+		so.BaseEndpoint = aws.String(ch.endpoint)
 	}
 	if o.HTTPClient != nil {
-		opts = append(opts, config.WithHTTPClient(o.HTTPClient))
+		so.HTTPClient = o.HTTPClient
 	}
-	cfg, err := config.LoadDefaultConfig(ctx, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("AWS configuration: %w", err)
-	}
-	if cfg.Region == "" {
-		cfg.Region = "us-east-1"
-	}
-	custom := o.Endpoint != "" || os.Getenv("AWS_ENDPOINT_URL_S3") != "" || os.Getenv("AWS_ENDPOINT_URL") != "" || cfg.BaseEndpoint != nil
-	return s3.NewFromConfig(cfg, func(so *s3.Options) {
-		if o.Endpoint != "" {
-			so.BaseEndpoint = aws.String(o.Endpoint)
-		}
-		so.UsePathStyle = custom
-	}), nil
+	return s3.New(so), nil
 }
 
 // Wrap says what op on where failed and wraps ErrNoBucket, ErrNoKey,
