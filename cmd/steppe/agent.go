@@ -122,6 +122,13 @@ func printStatus(w io.Writer, st agent.StatusReport, now time.Time) {
 		}
 	}
 	printAgentResolver(w, st.Resolver, now)
+	for _, r := range st.Recoveries {
+		if r.Error != "" {
+			fmt.Fprintf(w, "%s: nomad client state recovery failed %s ago: %s (moved to %s; %s)\n", r.Service, now.Sub(r.At).Round(time.Second), r.Error, r.MovedTo, r.Reason)
+			continue
+		}
+		fmt.Fprintf(w, "%s: nomad client state recovered %s ago: moved to %s (kept node identity: %v; %s)\n", r.Service, now.Sub(r.At).Round(time.Second), r.MovedTo, r.KeptIdentity, r.Reason)
+	}
 	if st.Agent.ConfigError != "" {
 		fmt.Fprintf(w, "config reload refused (services run the previous config):\n  %s\n", strings.ReplaceAll(st.Agent.ConfigError, "\n", "\n  "))
 	}

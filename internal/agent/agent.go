@@ -43,6 +43,8 @@ type Agent struct {
 	configErr string
 	bundle    *BundleStatus // nil: the machine pulls no bundle
 	resolver  *resolver     // nil: resolv.conf is not the agent's (set before the API serves)
+	// recoveries are the state recoveries of this agent's life (recover.go).
+	recoveries []Recovery
 
 	// applyMu orders applies: the config reload and the pull loop both
 	// hand the supervisor the whole set (the machine's services and the
@@ -107,6 +109,7 @@ func Run(ctx context.Context, opts Options) error {
 	}
 
 	finishMetrics := a.startMetrics(ctx, cfg)
+	go a.watchStateFailures(ctx)
 
 	// The first apply runs in the background so that the API answers while
 	// services wait for their dependencies. The machine first runs what it
@@ -349,6 +352,7 @@ func (a *Agent) setConfigErr(err error) {
 func (a *Agent) Status() StatusReport {
 	a.mu.Lock()
 	cfg, cerr := a.cfg, a.configErr
+	recs := slices.Clone(a.recoveries)
 	var bs *BundleStatus
 	if a.bundle != nil {
 		b := *a.bundle
@@ -369,9 +373,10 @@ func (a *Agent) Status() StatusReport {
 			ConfigError: cerr,
 			Isolation:   iso,
 		},
-		Bundle:   bs,
-		Services: services,
-		Resolver: a.resolverStatus(),
+		Bundle:     bs,
+		Services:   services,
+		Resolver:   a.resolverStatus(),
+		Recoveries: recs,
 	}
 }
 

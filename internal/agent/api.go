@@ -26,6 +26,9 @@ type StatusReport struct {
 	// Resolver is the machine's resolv.conf switch; nil when the agent
 	// leaves resolv.conf alone (the local provider: the host's).
 	Resolver *ResolverStatus `json:"resolver,omitempty"`
+	// Recoveries are the services whose state the agent moved aside
+	// because it would not open (recover.go), oldest first.
+	Recoveries []Recovery `json:"recoveries,omitempty"`
 }
 
 // AgentInfo describes the agent process itself.

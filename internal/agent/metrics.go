@@ -247,6 +247,8 @@ func renderMetrics(st StatusReport, artifacts []artifactInfo) []byte {
 		e.sample("steppe_agent_bundle_last_pull_error", boolValue(b.LastError != ""), "class", class)
 	}
 
+	recoveryMetrics(&e, st)
+
 	if len(artifacts) > 0 {
 		e.family("steppe_agent_artifact_info", "gauge", "An artifact of the running release: product, version and the SHA-256 it was verified with.")
 		for _, a := range artifacts {

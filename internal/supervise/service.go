@@ -23,6 +23,7 @@ const (
 	ctlUpdate               // new spec: in place, or restart if exec-relevant
 	ctlRemove               // stop, clean up, end the actor
 	ctlDetach               // end the actor, leave the processes running
+	ctlKillLeft             // kill what a stopped service left in its cgroup (leftovers.go)
 )
 
 type ctlMsg struct {
@@ -383,6 +384,8 @@ func (a *service) handleCtl(m ctlMsg) {
 	case ctlDetach:
 		a.detach()
 		a.answer(m.reply, nil)
+	case ctlKillLeft:
+		a.answer(m.reply, a.killLeftovers())
 	}
 }
 
