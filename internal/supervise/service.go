@@ -15,15 +15,15 @@ import (
 type ctlOp int
 
 const (
-	ctlInit    ctlOp = iota // adopt what runs, else start
-	ctlStart                // start if not running
-	ctlStop                 // stop; reply when stopped
-	ctlRestart              // stop if running, then start
-	ctlReload               // reload signal to the main process
-	ctlUpdate               // new spec: in place, or restart if exec-relevant
-	ctlRemove               // stop, clean up, end the actor
-	ctlDetach               // end the actor, leave the processes running
-	ctlKillLeft             // kill what a stopped service left in its cgroup (leftovers.go)
+	ctlInit     ctlOp = iota // adopt what runs, else start
+	ctlStart                 // start if not running
+	ctlStop                  // stop; reply when stopped
+	ctlRestart               // stop if running, then start
+	ctlReload                // reload signal to the main process
+	ctlUpdate                // new spec: in place, or restart if exec-relevant
+	ctlRemove                // stop, clean up, end the actor
+	ctlDetach                // end the actor, leave the processes running
+	ctlKillLeft              // kill what a stopped service left in its cgroup (leftovers.go)
 )
 
 type ctlMsg struct {
