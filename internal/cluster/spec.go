@@ -178,6 +178,8 @@ func decodeMemory(a *hcl.Attribute, dst map[string]int64) hcl.Diagnostics {
 type Provider struct {
 	Name    string
 	Options map[string]string
+	// Hosts are provider "ssh"'s existing hosts (hosts.go).
+	Hosts []Host
 }
 
 // DefaultSpec is what an absent or empty cluster.hcl means: 3 servers and
@@ -611,7 +613,7 @@ func decodeVault(b *hcl.Block, v *VaultSpec) hcl.Diagnostics {
 func decodeProvider(b *hcl.Block) (Provider, hcl.Diagnostics) {
 	p := Provider{Name: b.Labels[0], Options: map[string]string{}}
 	diags := checkName("provider name")(p.Name, b.LabelRanges[0])
-	attrs, d := b.Body.JustAttributes()
+	attrs, d := decodeHosts(b, &p)
 	diags = append(diags, d...)
 	names := make([]string, 0, len(attrs))
 	for n := range attrs {
