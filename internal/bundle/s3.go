@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -62,9 +63,20 @@ type S3Store struct {
 	Interval time.Duration
 
 	client *s3.Client
+
+	mu sync.Mutex
+	// seen is when the pointer of a cluster/role was last found unchanged,
+	// by its ETag: the agent's next Fetch after a wait ran out looks again
+	// only an interval after it, so a machine asks once per interval.
+	seen map[string]seenPointer
 	// beforePointer, when set, runs between a publish's object and its
 	// pointer: tests use it to interleave two publishers.
 	beforePointer func()
+}
+
+type seenPointer struct {
+	etag string
+	at   time.Time
 }
 
 // S3Options configure an S3Store beyond its s3:// location (endpoint,
@@ -134,6 +146,23 @@ func (s *S3Store) Fetch(ctx context.Context, cluster, role, etag string, wait ti
 	deadline := time.Now().Add(wait)
 	// The interval, up to a fifth taken off at random.
 	every := backoff.Policy{Min: s.interval(), Max: s.interval(), Factor: 1, Jitter: 0.2}
+	if etag != "" {
+		s.mu.Lock()
+		last, ok := s.seen[pk]
+		s.mu.Unlock()
+		if ok && last.etag == etag {
+			next := last.at.Add(every.Delay(0))
+			if next.After(deadline) {
+				next = deadline
+			}
+			if err := sleepUntil(ctx, next); err != nil {
+				return nil, err
+			}
+			if !time.Now().Before(deadline) {
+				return nil, ErrNotModified
+			}
+		}
+	}
 	for {
 		ptr, cur, err := s.readPointer(ctx, pk, etag)
 		switch {
@@ -141,6 +170,12 @@ func (s *S3Store) Fetch(ctx context.Context, cluster, role, etag string, wait ti
 			return s.fetchObject(ctx, ptr, cur)
 		case err == nil, errors.Is(err, ErrNotModified):
 			err = ErrNotModified
+			s.mu.Lock()
+			if s.seen == nil {
+				s.seen = map[string]seenPointer{}
+			}
+			s.seen[pk] = seenPointer{etag: etag, at: time.Now()}
+			s.mu.Unlock()
 		case errors.Is(err, ErrNotFound):
 		default:
 			return nil, err
@@ -149,13 +184,24 @@ func (s *S3Store) Fetch(ctx context.Context, cluster, role, etag string, wait ti
 		if left <= 0 {
 			return nil, err
 		}
-		t := time.NewTimer(min(every.Delay(0), left))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		case <-t.C:
+		if err := sleepUntil(ctx, time.Now().Add(min(every.Delay(0), left))); err != nil {
+			return nil, err
 		}
+	}
+}
+
+func sleepUntil(ctx context.Context, t time.Time) error {
+	d := time.Until(t)
+	if d <= 0 {
+		return nil
+	}
+	tm := time.NewTimer(d)
+	defer tm.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-tm.C:
+		return nil
 	}
 }
 

@@ -122,7 +122,8 @@ func TestS3Store(t *testing.T) {
 		// A reads the pointer (version 1) and writes its object; before it
 		// writes the pointer, B publishes version 3 all the way. A's
 		// pointer write, conditional on version 1's pointer, must fail.
-		a := *st
+		a := openS3(t, loc, S3Options{})
+		a.Prefix = st.Prefix
 		inB := make(chan struct{})
 		bDone := make(chan error)
 		a.beforePointer = func() {
