@@ -36,14 +36,7 @@ func TestPullFromS3(t *testing.T) {
 		t.Fatal(err)
 	}
 	bucket := "agents"
-	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(300 * time.Millisecond) {
-		if _, err = c.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: &bucket}); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create bucket: %v", err)
-		}
-	}
+	w.CreateBucket(t, bucket)
 	s := newTestStore(t)
 	publish := func(v uint64) {
 		t.Helper()

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
@@ -30,17 +29,7 @@ func TestFetchFromS3(t *testing.T) {
 		t.Fatal(err)
 	}
 	bucket := "artifacts"
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		_, err := c.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: &bucket})
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create bucket: %v", err)
-		}
-		time.Sleep(300 * time.Millisecond)
-	}
+	w.CreateBucket(t, bucket)
 	upload := func(rel string, b []byte) {
 		key := "store/" + rel
 		if _, err := c.PutObject(ctx, &s3.PutObjectInput{Bucket: &bucket, Key: &key, Body: strings.NewReader(string(b))}); err != nil {

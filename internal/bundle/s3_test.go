@@ -27,23 +27,6 @@ func openS3(t *testing.T, location string, o S3Options) *S3Store {
 	return st
 }
 
-// createBucket creates the store's bucket, retrying while SeaweedFS's
-// volume server is still joining its master.
-func createBucket(t *testing.T, st *S3Store) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		_, err := st.client.CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: &st.Bucket})
-		if err == nil || strings.Contains(err.Error(), "BucketAlreadyOwnedByYou") || strings.Contains(err.Error(), "BucketAlreadyExists") {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create bucket %s: %v", st.Bucket, err)
-		}
-		time.Sleep(300 * time.Millisecond)
-	}
-}
-
 func putRaw(t *testing.T, st *S3Store, key string, body []byte) {
 	t.Helper()
 	if _, err := st.client.PutObject(context.Background(), &s3.PutObjectInput{Bucket: &st.Bucket, Key: &key, Body: bytes.NewReader(body)}); err != nil {
@@ -75,7 +58,7 @@ func TestS3Store(t *testing.T) {
 
 	t.Run("publish and poll", func(t *testing.T) {
 		st := openS3(t, loc, S3Options{Interval: 100 * time.Millisecond})
-		createBucket(t, st)
+		w.CreateBucket(t, st.Bucket)
 		if _, err := st.Fetch(context.Background(), "prod", "server", "", 0); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("nothing published: want ErrNotFound, got %v", err)
 		}
@@ -114,7 +97,7 @@ func TestS3Store(t *testing.T) {
 
 	t.Run("two publishers", func(t *testing.T) {
 		st := openS3(t, loc, S3Options{})
-		createBucket(t, st)
+		w.CreateBucket(t, st.Bucket)
 		st.Prefix = "two-publishers"
 		if _, err := st.Publish(context.Background(), bytes.NewReader(buildBundle(t, &key, baseManifest(1), sampleFiles)), PublishOptions{}); err != nil {
 			t.Fatal(err)
@@ -182,7 +165,7 @@ func TestS3Store(t *testing.T) {
 
 	t.Run("torn and stale", func(t *testing.T) {
 		st := openS3(t, loc, S3Options{})
-		createBucket(t, st)
+		w.CreateBucket(t, st.Bucket)
 		st.Prefix = "torn"
 		v1 := buildBundle(t, &key, baseManifest(1), sampleFiles)
 		if _, err := st.Publish(context.Background(), bytes.NewReader(v1), PublishOptions{}); err != nil {
@@ -249,7 +232,7 @@ func TestS3Store(t *testing.T) {
 		// A proxy in front of the gateway answers 503 SlowDown while on.
 		th := w.ThrottlingProxy(t)
 		direct := openS3(t, loc, S3Options{})
-		createBucket(t, direct)
+		w.CreateBucket(t, direct.Bucket)
 		direct.Prefix = "throttle"
 		if _, err := direct.Publish(context.Background(), bytes.NewReader(buildBundle(t, &key, baseManifest(1), sampleFiles)), PublishOptions{}); err != nil {
 			t.Fatal(err)

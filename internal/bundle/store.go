@@ -67,6 +67,25 @@ func OpenStore(location string, client *http.Client) (Store, error) {
 	return NewDirStore(location), nil
 }
 
+// Publisher is a store the operator publishes into as well as agents
+// pull from: a DirStore or an S3Store.
+type Publisher interface {
+	Store
+	Publish(ctx context.Context, r io.Reader, o PublishOptions) (*Manifest, error)
+}
+
+// OpenPublisher opens the store at location for publishing: an
+// s3://bucket/prefix or a local directory.
+func OpenPublisher(ctx context.Context, location string) (Publisher, error) {
+	if strings.HasPrefix(location, "s3://") {
+		return NewS3Store(ctx, location, S3Options{})
+	}
+	if strings.Contains(location, "://") || location == "" {
+		return nil, fmt.Errorf("bundle store %q: want an s3://BUCKET/PREFIX or a directory to publish into", location)
+	}
+	return NewDirStore(location), nil
+}
+
 // latestName is the file in DIR/<cluster>/<role>/ that holds the latest
 // bundle; published versions sit beside it as <version>.tar.gz.
 const latestName = "latest.tar.gz"

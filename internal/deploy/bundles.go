@@ -308,7 +308,11 @@ func publishRole(ctx context.Context, storeDir, clusterName string, p cluster.Ro
 	if _, err := bundle.Build(&out, tmp, m, &key); err != nil {
 		return published{}, fmt.Errorf("bundle %s: %w", p.Role, err)
 	}
-	if _, err := bundle.NewDirStore(storeDir).Publish(ctx, &out, bundle.PublishOptions{Keys: []bundle.PublicKey{key.Public()}, Cluster: clusterName, Role: p.Role}); err != nil {
+	st, err := bundle.OpenPublisher(ctx, storeDir)
+	if err != nil {
+		return published{}, err
+	}
+	if _, err := st.Publish(ctx, &out, bundle.PublishOptions{Keys: []bundle.PublicKey{key.Public()}, Cluster: clusterName, Role: p.Role}); err != nil {
 		return published{}, fmt.Errorf("bundle %s: %w", p.Role, err)
 	}
 	return published{Role: p.Role, Version: m.Version, Changed: true}, nil
@@ -317,7 +321,11 @@ func publishRole(ctx context.Context, storeDir, clusterName string, p cluster.Ro
 // latestManifest reads the manifest of the latest bundle published for a
 // role, nil when none is.
 func latestManifest(ctx context.Context, storeDir, clusterName, role string) (*bundle.Manifest, error) {
-	f, err := bundle.NewDirStore(storeDir).Fetch(ctx, clusterName, role, "", 0)
+	st, err := bundle.OpenPublisher(ctx, storeDir)
+	if err != nil {
+		return nil, err
+	}
+	f, err := st.Fetch(ctx, clusterName, role, "", 0)
 	if errors.Is(err, bundle.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}

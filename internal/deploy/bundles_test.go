@@ -3,11 +3,13 @@ package deploy
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"strings"
 	"testing"
 
 	"github.com/steppe/steppe/internal/bundle"
 	"github.com/steppe/steppe/internal/cluster"
+	"github.com/steppe/steppe/internal/testenv"
 )
 
 func TestHCLTemplate(t *testing.T) {
@@ -61,7 +63,24 @@ func TestServiceHCLNamesTheReleaseFiles(t *testing.T) {
 // Publishing the same plan again publishes nothing; a change publishes
 // the next version.
 func TestPublishRoleOnlyWhenChanged(t *testing.T) {
-	dir := t.TempDir()
+	publishRoleOnlyWhenChanged(t, t.TempDir(), t.TempDir)
+}
+
+// The same into an S3 bundle store (bundle_store = "s3://…") on a real
+// SeaweedFS gateway on 127.0.0.1.
+func TestPublishRoleToS3(t *testing.T) {
+	w := testenv.StartWeed(t)
+	w.Env(t)
+	w.CreateBucket(t, "deploy")
+	n := 0
+	fresh := func() string {
+		n++
+		return fmt.Sprintf("s3://deploy/fresh-%d?endpoint=%s", n, url.QueryEscape(w.Endpoint))
+	}
+	publishRoleOnlyWhenChanged(t, "s3://deploy/a?endpoint="+url.QueryEscape(w.Endpoint), fresh)
+}
+
+func publishRoleOnlyWhenChanged(t *testing.T, dir string, fresh func() string) {
 	key, err := bundle.GenerateKey()
 	if err != nil {
 		t.Fatal(err)
@@ -86,7 +105,7 @@ func TestPublishRoleOnlyWhenChanged(t *testing.T) {
 	}
 	// A name whose bundles left the store (a removed machine) continues
 	// above the highest version it ever had.
-	if again, err := publishRole(ctx, t.TempDir(), "c1", p, "file:///store", key, 7); err != nil || !again.Changed || again.Version != 8 {
+	if again, err := publishRole(ctx, fresh(), "c1", p, "file:///store", key, 7); err != nil || !again.Changed || again.Version != 8 {
 		t.Fatalf("publish after 7 in an empty store %+v %v", again, err)
 	}
 }

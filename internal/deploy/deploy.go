@@ -150,8 +150,11 @@ func open(opts Options) (*env, error) {
 // bundleStoreDir is the directory store the machines pull from.
 func (e *env) bundleStoreDir() (string, error) {
 	s := e.spec.BundleStore
+	if strings.HasPrefix(s, "s3://") {
+		return s, nil // published by bundle.S3Store, pulled by the agents from it
+	}
 	if strings.Contains(s, "://") {
-		return "", fmt.Errorf("bundle_store %q: the local provider publishes into a directory; leave bundle_store out or give a path", s)
+		return "", fmt.Errorf("bundle_store %q: the local provider publishes into a directory or an s3://BUCKET/PREFIX; leave bundle_store out or give a path", s)
 	}
 	if !filepath.IsAbs(s) {
 		s = filepath.Join(e.stateDir, s)

@@ -600,7 +600,8 @@ func (o *fleetOps) Destroy(ctx context.Context, machine string) error {
 		return fmt.Errorf("machine %s: %w", machine, err)
 	}
 	// Its bundles go too: nothing pulls them any more.
-	if store, err := o.bundleStoreDir(); err == nil && bundle.CheckName("machine", machine) == nil {
+	// (An S3 store keeps them: its bucket's lifecycle rules expire them.)
+	if store, err := o.bundleStoreDir(); err == nil && !strings.HasPrefix(store, "s3://") && bundle.CheckName("machine", machine) == nil {
 		if err := os.RemoveAll(filepath.Join(store, o.spec.Name, machine)); err != nil {
 			return fmt.Errorf("machine %s: bundles: %w", machine, err)
 		}

@@ -541,7 +541,7 @@ func Down(ctx context.Context, opts Options) error {
 	if err := e.local.Cleanup(ctx); err != nil {
 		return fmt.Errorf("down: %w", err)
 	}
-	if store, err := e.bundleStoreDir(); err == nil && !strings.HasPrefix(store, e.stateDir+string(filepath.Separator)) {
+	if store, err := e.bundleStoreDir(); err == nil && !strings.HasPrefix(store, "s3://") && !strings.HasPrefix(store, e.stateDir+string(filepath.Separator)) {
 		if err := os.RemoveAll(filepath.Join(store, e.spec.Name)); err != nil {
 			return fmt.Errorf("down: bundles: %w", err)
 		}

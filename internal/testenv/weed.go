@@ -14,10 +14,15 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/steppe/steppe/internal/s3client"
 )
 
 // WeedVersion is the SeaweedFS module version scripts/build-weed builds.
@@ -219,4 +224,25 @@ func (w *Weed) ThrottlingProxy(t testing.TB) *Throttle {
 	t.Cleanup(srv.Close)
 	th.URL = srv.URL
 	return th
+}
+
+// CreateBucket creates bucket with the "default" profile's keys, waiting
+// (up to a minute) while SeaweedFS's volume server is still joining its
+// master. A bucket that exists already is fine.
+func (w *Weed) CreateBucket(t testing.TB, bucket string) {
+	t.Helper()
+	ctx := context.Background()
+	c, err := s3client.New(ctx, s3client.Options{Endpoint: w.Endpoint, Profile: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(300 * time.Millisecond) {
+		_, err := c.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: &bucket})
+		if err == nil || strings.Contains(err.Error(), "BucketAlreadyOwnedByYou") || strings.Contains(err.Error(), "BucketAlreadyExists") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("create bucket %s at %s: %v", bucket, w.Endpoint, err)
+		}
+	}
 }
