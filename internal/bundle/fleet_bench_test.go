@@ -264,4 +264,7 @@ func BenchmarkFleetLongPoll(b *testing.B) {
 	b.ReportMetric(float64(idleReqs)/idle.Seconds(), "requests/s-idle")
 	b.ReportMetric(float64(fl.errs.Load()), "agent-errors")
 	b.Logf("%d agents; server RSS %d MiB before, %d MiB all waiting, %d MiB after %v idle", agents, rss0>>20, rss1>>20, rss2>>20, idle)
+	if last, _ := fl.lastErr.Load().(string); last != "" {
+		b.Logf("agents' errors (each retried after a backoff): %d, the last: %s", fl.errs.Load(), last)
+	}
 }

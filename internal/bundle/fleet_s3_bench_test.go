@@ -120,6 +120,9 @@ func BenchmarkFleetS3(b *testing.B) {
 	b.ReportMetric(float64(fl.errs.Load()), "agent-errors")
 	b.Logf("%d agents; gateway RSS %d MiB before, %d MiB polling, %d MiB after %v; %d connections held",
 		agents, rss0>>20, rss1>>20, rss2>>20, idle, fds1-fds0)
+	if last, _ := fl.lastErr.Load().(string); last != "" {
+		b.Logf("agents' errors (each retried after a backoff): %d, the last: %s", fl.errs.Load(), last)
+	}
 }
 
 // countingTransport counts the requests it sends.
