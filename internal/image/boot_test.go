@@ -34,7 +34,7 @@ func cacheDir() string {
 }
 
 // bootPrereqs ends the test unless QEMU, OVMF, the kernel and root are here.
-func bootPrereqs(t *testing.T) string {
+func bootPrereqs(t testing.TB) string {
 	t.Helper()
 	testenv.NeedRoot(t, "a VM on a tap device")
 	for _, tool := range []string{"qemu-system-x86_64", "objcopy"} {
@@ -55,7 +55,7 @@ func bootPrereqs(t *testing.T) string {
 }
 
 // buildSteppe builds a static steppe, as an image carries it.
-func buildSteppe(t *testing.T, dir string) string {
+func buildSteppe(t testing.TB, dir string) string {
 	t.Helper()
 	out := filepath.Join(dir, "steppe")
 	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, "github.com/steppe/steppe/cmd/steppe")
@@ -68,7 +68,7 @@ func buildSteppe(t *testing.T, dir string) string {
 
 // bridge makes the cluster's bridge (the host at 10.213.0.1) and a tap on
 // it, in this test's own network namespace (scripts/offline).
-func bridge(t *testing.T, tap string) {
+func bridge(t testing.TB, tap string) {
 	t.Helper()
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "stbimg0"}}
 	if err := netlink.LinkAdd(br); err != nil && !os.IsExist(err) {
@@ -112,7 +112,13 @@ service "web" {
 
 // boot starts vm and waits until its agent, through the API port,
 // reports the web service running; it returns how long that took.
-func boot(t *testing.T, vm image.VM) (time.Duration, func()) {
+func boot(t testing.TB, vm image.VM) (time.Duration, func()) {
+	_, ready, stop := bootTimes(t, vm)
+	return ready, stop
+}
+
+// bootTimes is boot, also returning when the agent first answered.
+func bootTimes(t testing.TB, vm image.VM) (agentAt, readyAt time.Duration, stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd, err := vm.Command(ctx)
@@ -127,7 +133,7 @@ func boot(t *testing.T, vm image.VM) (time.Duration, func()) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	stop := func() {
+	stop = func() {
 		cancel()
 		<-exited
 	}
@@ -146,20 +152,23 @@ func boot(t *testing.T, vm image.VM) (time.Duration, func()) {
 		st, err := client.Status(cctx)
 		ccancel()
 		if err == nil {
+			if agentAt == 0 {
+				agentAt = time.Since(start)
+			}
 			for _, s := range st.Services {
 				if s.Name == "web" && s.State == "running" && s.Ready {
-					return time.Since(start), stop
+					return agentAt, time.Since(start), stop
 				}
 			}
 			lastErr = nil
 		} else {
 			lastErr = err
 		}
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 	}
 	stop()
 	t.Fatalf("the agent did not report web ready within 3 minutes (last: %v)\nconsole:\n%s", lastErr, console(vm))
-	return 0, nil
+	return 0, 0, nil
 }
 
 func console(vm image.VM) string {

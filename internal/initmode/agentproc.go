@@ -101,6 +101,8 @@ type agentProc struct {
 	mu     sync.Mutex
 	pid    int
 	exited <-chan unix.WaitStatus
+	// initStart is when init started, for the boot's timings in the log.
+	initStart time.Time
 }
 
 // keep runs the agent until a shutdown is asked for, restarting it
@@ -153,7 +155,7 @@ func (a *agentProc) start() error {
 	a.pid = cmd.Process.Pid
 	a.exited = a.reaper.watch(a.pid)
 	a.mu.Unlock()
-	a.log.Info("agent started", "pid", a.pid)
+	a.log.Info("agent started", "pid", a.pid, "since_init", time.Since(a.initStart).Round(time.Millisecond))
 	return nil
 }
 

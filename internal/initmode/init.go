@@ -151,7 +151,7 @@ func (in *initProc) run() {
 	if c, err := agent.ParseConfig(AgentConfig, in.cfg.Agent); err == nil && c.Socket != "" {
 		socket = c.Socket
 	}
-	a := &agentProc{log: log, reaper: reaper}
+	a := &agentProc{log: log, reaper: reaper, initStart: in.start}
 	go serveAPIPort(ctx, log, socket, a)
 	reason := a.keep(ctx, sigs, powerOff)
 	in.shutdown(a, reaper, reason)
