@@ -22,7 +22,7 @@ import (
 // sshBundles serves signed bundles to the test hosts from the bridge's
 // address, as an operator's bundle server would.
 type sshBundles struct {
-	t       *testing.T
+	t       testing.TB
 	store   string
 	key     bundle.PrivateKey
 	pubFile string
@@ -30,7 +30,7 @@ type sshBundles struct {
 	version uint64
 }
 
-func newSSHBundles(t *testing.T) *sshBundles {
+func newSSHBundles(t testing.TB) *sshBundles {
 	t.Helper()
 	b := &sshBundles{t: t, store: t.TempDir()}
 	var err error

@@ -185,7 +185,7 @@ func hostInitMain(cfgJSON string) error {
 
 // sshLab is a test's bridge, its SSH client key and its hosts.
 type sshLab struct {
-	t       *testing.T
+	t       testing.TB
 	rootfs  string
 	bridge  string
 	keyFile string // the operator's private key
@@ -200,7 +200,7 @@ const sshSubnetPrefix = "10.214.0."
 
 // testRootfs is scripts/prepare-rootfs's directory (built if missing:
 // cached, instant the second time).
-func testRootfs(t *testing.T) string {
+func testRootfs(t testing.TB) string {
 	t.Helper()
 	if _, err := exec.LookPath("debootstrap"); err != nil {
 		testenv.Lacks(t, "debootstrap not installed (apt-get install debootstrap): the ssh provider's test hosts are made with it")
@@ -216,7 +216,7 @@ func testRootfs(t *testing.T) string {
 	return strings.TrimSpace(string(out))
 }
 
-func newSSHLab(t *testing.T) *sshLab {
+func newSSHLab(t testing.TB) *sshLab {
 	t.Helper()
 	testenv.NeedRoot(t, "the ssh provider's test hosts (namespaces, overlay, cgroups)")
 	l := &sshLab{t: t, rootfs: testRootfs(t)}
@@ -445,7 +445,7 @@ func (h *testHost) path(p string) string {
 	return fmt.Sprintf("/proc/%d/root%s", h.cmd.Process.Pid, p)
 }
 
-func (h *testHost) stop(t *testing.T) {
+func (h *testHost) stop(t testing.TB) {
 	select {
 	case <-h.exited:
 		return
@@ -462,7 +462,7 @@ func (h *testHost) stop(t *testing.T) {
 
 // procs are the host's processes as "comm args" lines, sorted, without
 // the SSH sessions of the test itself.
-func (h *testHost) procs(t *testing.T) []string {
+func (h *testHost) procs(t testing.TB) []string {
 	t.Helper()
 	// The host's own /proc (its PID namespace) is mounted in its root.
 	dirs, _ := filepath.Glob(h.path("/proc/[0-9]*"))
@@ -487,7 +487,7 @@ func (h *testHost) procs(t *testing.T) []string {
 // tree lists the host's files (path, type, mode, size, link target), all
 // but the kernel's and the volatile ones (/proc, /sys, /dev, /run, /tmp,
 // and the login records sshd updates at every login).
-func (h *testHost) tree(t *testing.T) []string {
+func (h *testHost) tree(t testing.TB) []string {
 	t.Helper()
 	// The trailing slash: /proc/PID/root is a symlink, which WalkDir
 	// would not enter.

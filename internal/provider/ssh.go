@@ -91,6 +91,10 @@ type SSHOptions struct {
 	ConnectTimeout time.Duration
 	// StartTimeout bounds the wait for an agent's API; 0 means 60 s.
 	StartTimeout time.Duration
+	// Phase, when set, is told how long each phase of a Create took:
+	// connect (TCP, handshake, auth), probe, binary, files (config,
+	// keys, secrets, service definition), start (until the API answers).
+	Phase func(machine, phase string, d time.Duration)
 }
 
 // SSH is the ssh provider.
@@ -531,11 +535,19 @@ func (s *SSH) create(ctx context.Context, req CreateRequest) (_ Machine, written
 	if err != nil {
 		return Machine{}, false, err
 	}
+	t0 := time.Now()
+	phase := func(p string) {
+		if s.opts.Phase != nil {
+			s.opts.Phase(name, p, time.Since(t0))
+		}
+		t0 = time.Now()
+	}
 	c, err := s.dial(ctx, h)
 	if err != nil {
 		return Machine{}, false, fmt.Errorf("ssh machine %s: %w", name, err)
 	}
 	defer c.Close()
+	phase("connect")
 	out, err := c.run(ctx, initProbe)
 	if err != nil {
 		return Machine{}, false, fmt.Errorf("ssh machine %s: probe the init system: %w", name, err)
@@ -559,6 +571,7 @@ func (s *SSH) create(ctx context.Context, req CreateRequest) (_ Machine, written
 		}
 		m.Created = old.Machine.Created
 	}
+	phase("probe")
 	rec := sshRecord{Machine: m, Host: h.addr(), Init: p.Init, RunsvDir: p.RunsvDir}
 	// Recorded before the first write: a Create cut short is destroyed
 	// like any machine.
@@ -568,6 +581,7 @@ func (s *SSH) create(ctx context.Context, req CreateRequest) (_ Machine, written
 	if err := s.installBinary(ctx, c); err != nil {
 		return m, true, fmt.Errorf("ssh machine %s: %w", name, err)
 	}
+	phase("binary")
 	if err := c.mkdir(SSHConfigDir, 0o700); err != nil {
 		return m, true, err
 	}
@@ -591,6 +605,7 @@ func (s *SSH) create(ctx context.Context, req CreateRequest) (_ Machine, written
 			return m, true, fmt.Errorf("ssh machine %s: service definition: %w", name, err)
 		}
 	}
+	phase("files")
 	cl := sshAgentClient(c)
 	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	_, err = cl.Status(sctx)
@@ -611,6 +626,7 @@ func (s *SSH) create(ctx context.Context, req CreateRequest) (_ Machine, written
 	if err := s.waitAgent(ctx, c, m, p.Init); err != nil {
 		return m, true, err
 	}
+	phase("start")
 	m.Running = true
 	return m, true, nil
 }

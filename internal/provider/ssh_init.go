@@ -59,7 +59,7 @@ const initProbe = `uid=$(id -u); echo "uid=$uid"; echo "arch=$(uname -m)"
 if [ -d /run/systemd/system ]; then echo init=systemd; exit 0; fi
 if [ -f /run/openrc/softlevel ] && command -v openrc-run >/dev/null 2>&1; then echo init=openrc; exit 0; fi
 for d in /proc/[0-9]*; do
-  c=$(cat "$d/comm" 2>/dev/null) || continue
+  read -r c <"$d/comm" 2>/dev/null || continue
   if [ "$c" = runsvdir ]; then
     echo init=runit
     echo "runsvdir=$(tr '\0' '\n' <"$d/cmdline" | sed -n '$p')"
