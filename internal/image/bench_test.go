@@ -48,7 +48,7 @@ func BenchmarkBoot(b *testing.B) {
 	}
 	bridge(b, "stqimg0")
 	cfg := filepath.Join(dir, "config.img")
-	if err := image.WriteConfigDisk(cfg, image.ConfigDisk{Machine: image.MachineConfig{Name: "vm1", Address: "10.213.0.2/24"}, Agent: []byte(agentHCL)}); err != nil {
+	if err := image.WriteConfigDisk(cfg, image.ConfigDisk{Machine: image.MachineConfig{Name: "vm1", Address: "10.213.30.2/24"}, Agent: []byte(agentHCL)}); err != nil {
 		b.Fatal(err)
 	}
 	cmdline, _ := os.ReadFile(filepath.Join(bootDir, "cmdline"))

@@ -66,7 +66,7 @@ func buildSteppe(t testing.TB, dir string) string {
 	return out
 }
 
-// bridge makes the cluster's bridge (the host at 10.213.0.1) and a tap on
+// bridge makes the cluster's bridge (the host at 10.213.30.1) and a tap on
 // it, in this test's own network namespace (scripts/offline).
 func bridge(t testing.TB, tap string) {
 	t.Helper()
@@ -74,7 +74,7 @@ func bridge(t testing.TB, tap string) {
 	if err := netlink.LinkAdd(br); err != nil && !os.IsExist(err) {
 		t.Fatalf("bridge: %v", err)
 	}
-	addr, _ := netlink.ParseAddr("10.213.0.1/24")
+	addr, _ := netlink.ParseAddr("10.213.30.1/24")
 	if err := netlink.AddrReplace(br, addr); err != nil {
 		t.Fatal(err)
 	}
@@ -97,15 +97,15 @@ const agentHCL = `agent {
 }
 machine {
   name    = "vm1"
-  address = "10.213.0.2"
+  address = "10.213.30.2"
 }
 # A service that answers on the machine's address: the image's own
 # steppe serving its /etc/steppe over HTTP.
 service "web" {
   command = "/init"
-  args    = ["artifact", "serve", "/etc/steppe", "-addr", "10.213.0.2:8080"]
+  args    = ["artifact", "serve", "/etc/steppe", "-addr", "10.213.30.2:8080"]
   ready {
-    http = "http://10.213.0.2:8080/image.json"
+    http = "http://10.213.30.2:8080/image.json"
   }
 }
 `
@@ -197,7 +197,7 @@ func TestBoot(t *testing.T) {
 	bridge(t, "stqimg0")
 	cfg := filepath.Join(dir, "config.img")
 	if err := image.WriteConfigDisk(cfg, image.ConfigDisk{
-		Machine: image.MachineConfig{Name: "vm1", Address: "10.213.0.2/24"},
+		Machine: image.MachineConfig{Name: "vm1", Address: "10.213.30.2/24"},
 		Agent:   []byte(agentHCL),
 		Files:   []image.ConfigFile{{Path: "/run/steppe/secrets/token", Mode: 0o600, Data: []byte("not-in-the-image")}},
 	}); err != nil {
@@ -229,7 +229,7 @@ func TestBoot(t *testing.T) {
 		}
 		// The service answers on the VM's address, across the tap and bridge.
 		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: (&net.Dialer{}).DialContext}}
-		resp, err := hc.Get("http://10.213.0.2:8080/image.json")
+		resp, err := hc.Get("http://10.213.30.2:8080/image.json")
 		if err != nil {
 			t.Fatalf("GET the VM's service: %v", err)
 		}

@@ -94,8 +94,8 @@ func testTLS(t *testing.T, ip string) (caPEM []byte, cert tls.Certificate) {
 func TestQEMUMachine(t *testing.T) {
 	dir := t.TempDir()
 	kernel, initrd, cmdline := qemuImage(t, dir)
-	ca, cert := testTLS(t, "10.213.0.1")
-	q, err := NewQEMU(QEMUOptions{Dir: filepath.Join(dir, "machines"), Cluster: "cq", Kernel: kernel, Initrd: initrd, Cmdline: cmdline, TrustedCA: ca, DataDiskSize: 256 << 20})
+	ca, cert := testTLS(t, "10.213.31.1")
+	q, err := NewQEMU(QEMUOptions{Dir: filepath.Join(dir, "machines"), Cluster: "cq", Subnet: "10.213.31.0/24", Kernel: kernel, Initrd: initrd, Cmdline: cmdline, TrustedCA: ca, DataDiskSize: 256 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,9 +122,9 @@ func TestQEMUMachine(t *testing.T) {
 	os.MkdirAll(filepath.Join(src, "services"), 0o755)
 	os.WriteFile(filepath.Join(src, "services", "steppe.hcl"), []byte(`service "web" {
   command = "/init"
-  args    = ["artifact", "serve", "/run/steppe", "-addr", "10.213.0.100:8080"]
+  args    = ["artifact", "serve", "/run/steppe", "-addr", "10.213.31.100:8080"]
   ready {
-    http = "http://10.213.0.100:8080/"
+    http = "http://10.213.31.100:8080/"
   }
 }
 `), 0o644)
@@ -137,7 +137,7 @@ func TestQEMUMachine(t *testing.T) {
 	if _, err := bundle.NewDirStore(store).Publish(context.Background(), bytes.NewReader(buf.Bytes()), bundle.PublishOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "10.213.0.1:8480")
+	ln, err := net.Listen("tcp", "10.213.31.1:8480")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,9 +149,9 @@ func TestQEMUMachine(t *testing.T) {
 	start := time.Now()
 	m, err := q.Create(ctx, CreateRequest{
 		Machine: cluster.Machine{Name: "c1", Role: cluster.RoleClient, Pool: "vm"},
-		Agent:   AgentConfig{Cluster: "cq", BundleRole: "client", BundleStore: "https://10.213.0.1:8480", BundleKeys: []string{pub}},
+		Agent:   AgentConfig{Cluster: "cq", BundleRole: "client", BundleStore: "https://10.213.31.1:8480", BundleKeys: []string{pub}},
 		Secrets: func(cm cluster.Machine, secretsDir string) (map[string][]byte, error) {
-			if secretsDir != image.SecretsDir || cm.Address != "10.213.0.100" {
+			if secretsDir != image.SecretsDir || cm.Address != "10.213.31.100" {
 				t.Errorf("secrets asked for %+v in %s", cm, secretsDir)
 			}
 			return map[string][]byte{"token": []byte("s3cret-" + cm.Name)}, nil
@@ -162,7 +162,7 @@ func TestQEMUMachine(t *testing.T) {
 	}
 	t.Logf("Create (VM start to agent answering): %s", time.Since(start).Round(time.Millisecond))
 	defer q.Destroy(ctx, "c1")
-	if m.Address != "10.213.0.100" || !m.Running || m.Socket != filepath.Join(m.Dir, image.APISocket) {
+	if m.Address != "10.213.31.100" || !m.Running || m.Socket != filepath.Join(m.Dir, image.APISocket) {
 		t.Fatalf("machine %+v", m)
 	}
 	waitWeb := func(what string) agent.StatusReport {
@@ -194,7 +194,7 @@ func TestQEMUMachine(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return string(b)
 	}
-	if got := get("http://10.213.0.100:8080/secrets/token"); got != "s3cret-c1" {
+	if got := get("http://10.213.31.100:8080/secrets/token"); got != "s3cret-c1" {
 		t.Errorf("the secret on the machine: %q", got)
 	}
 	for _, f := range []string{"config.img"} {
