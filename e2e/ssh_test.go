@@ -193,6 +193,30 @@ func TestSSHProvider(t *testing.T) {
 			t.Errorf("%s: the sleeper was not adopted: pid %d restarts %d before, pid %d restarts %d after", name, s.PID, s.Restarts, after.PID, after.Restarts)
 		}
 	}
+	// Create again is idempotent: the same agent (no restart), its daemon
+	// the same; new secrets are delivered and said to have changed.
+	for _, h := range hosts {
+		name := "m-" + h.init
+		agentPID := hostAgentPID(t, h)
+		req := sshRequest(name, bundles.agentConfig())
+		req.Machine.Address = h.addr
+		m, err := p.Create(ctx, req)
+		if err != nil || !m.Running || m.SecretsChanged {
+			t.Fatalf("%s: Create again: %+v, %v", name, m, err)
+		}
+		req.Secrets = func(cluster.Machine, string) (map[string][]byte, error) {
+			return map[string][]byte{"token": []byte("rotated")}, nil
+		}
+		if m, err = p.Create(ctx, req); err != nil || !m.Running || !m.SecretsChanged {
+			t.Fatalf("%s: Create with new secrets: %+v, %v", name, m, err)
+		}
+		if b, err := os.ReadFile(h.path(provider.SSHSecretsDir + "/token")); err != nil || string(b) != "rotated" {
+			t.Errorf("%s: token %q, %v", name, b, err)
+		}
+		if pid := hostAgentPID(t, h); pid != agentPID {
+			t.Errorf("%s: the agent was restarted by an unchanged Create: pid %d, then %d", name, agentPID, pid)
+		}
+	}
 	for _, h := range hosts {
 		name := "m-" + h.init
 		if err := p.Destroy(ctx, name); err != nil {
