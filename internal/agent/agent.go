@@ -162,6 +162,9 @@ func Run(ctx context.Context, opts Options) error {
 	stopCtx, cancel := context.WithTimeout(context.Background(), a.shutdownBudget())
 	defer cancel()
 	shutdownErr := a.sup.Shutdown(stopCtx)
+	if shutdownErr == nil {
+		a.cleanDockerLeftovers()
+	}
 	finishMetrics()
 	_ = ln.Close()
 	_ = os.Remove(cfg.Socket)

@@ -130,9 +130,12 @@ type ArtifactRef struct {
 // binary is the command, and Args are templates over the machine facts.
 type ServiceDef struct {
 	Name     string
-	Artifact string   // product; the agent resolves its binary path
-	Args     []string // templates
-	Env      []string
+	Artifact string // product; the agent resolves its binary path
+	// Command is the absolute path of a program of the machine, for a
+	// service that is no artifact (dockerd: plan_docker.go).
+	Command string
+	Args    []string // templates
+	Env     []string
 	// Dir is the working directory (a template); the agent creates it
 	// when absent, as systemd does a StateDirectory. "" is the release.
 	Dir          string
@@ -253,6 +256,7 @@ func planRole(spec *Spec, role Role, pool Pool, join []string) (RolePlan, error)
 		// and Nomad's tasks need it.
 		p.Services = []ServiceDef{vs, cs, ns}
 	}
+	dockerServices(spec, role, pool, &p)
 	if err := planCoreDNS(spec, &p, mem); err != nil {
 		return RolePlan{}, err
 	}
@@ -619,6 +623,7 @@ func nomadRoleConfig(spec *Spec, role Role, pool Pool, join []string) map[string
 		c["plugin"] = map[string]any{
 			"raw_exec": map[string]any{"config": map[string]any{"enabled": true}},
 		}
+		dockerPlugins(pool, c)
 		if spec.Versions.Vault != "" && len(join) > 0 {
 			// One Vault address: a standby forwards to the active node.
 			c["vault"] = map[string]any{

@@ -122,6 +122,9 @@ type Pool struct {
 	Meta      map[string]string
 	// Memory is each daemon's memory limit in bytes, by product.
 	Memory map[string]int64
+	// Drivers are the Nomad task drivers the pool's clients run
+	// (plan_docker.go); nil is DefaultDrivers.
+	Drivers []string
 }
 
 // Default memory limits of the daemons (spec: servers and pool blocks,
@@ -286,7 +289,7 @@ var (
 	}}
 	versionsSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "nomad"}, {Name: "consul"}, {Name: "vault"}, {Name: "coredns"}}}
 	serversSchema  = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "memory"}}}
-	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}, {Name: "memory"}}}
+	poolSchema     = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}, {Name: "node_class"}, {Name: "meta"}, {Name: "memory"}, {Name: "drivers"}}}
 )
 
 // validName is what cluster, pool, region and datacenter names may be
@@ -555,6 +558,9 @@ func decodePool(b *hcl.Block) (Pool, hcl.Diagnostics) {
 	}
 	if a, ok := c.Attributes["memory"]; ok {
 		diags = append(diags, decodeMemory(a, p.Memory)...)
+	}
+	if a, ok := c.Attributes["drivers"]; ok {
+		diags = append(diags, decodeDrivers(a, &p.Drivers)...)
 	}
 	return p, diags
 }

@@ -134,10 +134,14 @@ func ServiceHCL(defs []cluster.ServiceDef) ([]byte, error) {
 
 func writeService(b *strings.Builder, d cluster.ServiceDef) error {
 	fmt.Fprintf(b, "\nservice %q {\n", d.Name)
-	if d.Artifact == "" {
-		return errors.New("no artifact to run")
+	switch {
+	case d.Artifact != "":
+		fmt.Fprintf(b, "  command = artifact.%s\n", d.Artifact)
+	case d.Command != "":
+		fmt.Fprintf(b, "  command = %q\n", d.Command) // a program of the machine (cluster.ServiceDef)
+	default:
+		return errors.New("no artifact or command to run")
 	}
-	fmt.Fprintf(b, "  command = artifact.%s\n", d.Artifact)
 	args, err := hclList(d.Args)
 	if err != nil {
 		return err
