@@ -261,12 +261,14 @@ func newSSHLab(t testing.TB) *sshLab {
 	if v2 == "" {
 		t.Fatal("no cgroup v2 mount")
 	}
-	l.cgroup = filepath.Join(v2, fmt.Sprintf("steppe-e2e-ssh-%d", os.Getpid()))
+	// Its own per lab: a benchmark makes one lab per run of its function.
+	tag := fmt.Sprintf("steppe-e2e-ssh-%d-%s", os.Getpid(), hex.EncodeToString(rnd[:]))
+	l.cgroup = filepath.Join(v2, tag)
 	if err := os.MkdirAll(l.cgroup, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if mem, _ := supervise.MemoryV1Cgroup(os.Getpid()); mem != "" {
-		l.memcg = filepath.Join(mem, fmt.Sprintf("steppe-e2e-ssh-%d", os.Getpid()))
+		l.memcg = filepath.Join(mem, tag)
 		if err := os.MkdirAll(l.memcg, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -274,15 +276,19 @@ func newSSHLab(t testing.TB) *sshLab {
 	t.Cleanup(func() {
 		for _, d := range []string{l.cgroup, l.memcg} {
 			if d != "" {
-				rmCgroupTree(d)
+				if err := rmCgroupTree(d); err != nil {
+					t.Errorf("test hosts' cgroups left behind: %v", err)
+				}
 			}
 		}
 	})
 	return l
 }
 
-// rmCgroupTree removes a cgroup and its descendants, deepest first.
-func rmCgroupTree(root string) {
+// rmCgroupTree removes a cgroup and its descendants, deepest first,
+// waiting (up to 10 s) for the kernel to finish with the processes of the
+// hosts just killed.
+func rmCgroupTree(root string) error {
 	var dirs []string
 	_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err == nil && d.IsDir() {
@@ -291,11 +297,20 @@ func rmCgroupTree(root string) {
 		return nil
 	})
 	slices.Reverse(dirs)
+	deadline := time.Now().Add(10 * time.Second)
 	for _, d := range dirs {
-		for i := 0; i < 50 && unix.Rmdir(d) != nil; i++ {
-			time.Sleep(20 * time.Millisecond)
+		for {
+			err := unix.Rmdir(d)
+			if err == nil || errors.Is(err, unix.ENOENT) {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("rmdir %s: %w", d, err)
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
+	return nil
 }
 
 // testHost is one running test host.
