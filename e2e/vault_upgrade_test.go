@@ -18,11 +18,12 @@ import (
 	"github.com/steppe/steppe/internal/upgrade"
 )
 
-// upgVaultFrom is the Vault an upgrade test starts on: the newest 1.20
-// that builds here (DESIGN facts); it moves to cluster.DefaultVaultVersion.
-const upgVaultFrom = "1.20.4"
+// upgVaultFrom is the Vault an upgrade test starts on: a 1.20 that
+// builds here (1.20.4 does not: its source needs an sdk newer than the
+// v0.18.0 its go.mod requires); it moves to cluster.DefaultVaultVersion.
+const upgVaultFrom = "1.20.0"
 
-// TestVaultUpgrade upgrades a cluster's Vault servers (1.20.4 → 1.21.0)
+// TestVaultUpgrade upgrades a cluster's Vault servers (1.20.0 → 1.21.0)
 // with `steppe upgrade -vault` while two probes run: the web job's probe
 // of TestUpgradeScale, and a client reading a KV secret through Vault
 // every 100 ms. Neither may fail. The upgrade snapshots Vault first,
