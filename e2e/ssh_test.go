@@ -315,7 +315,7 @@ func TestSSHRefusals(t *testing.T) {
 	// Unknown key, no trust on first use: refused, says how to trust it.
 	dir := t.TempDir()
 	err = create(newP(dir, false, provider.SSHHost{Address: h.addr, Key: lab.keyFile}), "m1", h.addr, bundles.agentConfig())
-	expect("unknown host key", err, "host key refused", "is unknown", "-trust-host-keys")
+	expect("unknown host key", err, "host key refused", "is unknown", "trust it on first use")
 	unchanged("unknown host key", h, tree)
 
 	// A known_hosts that holds another key for the address: refused even

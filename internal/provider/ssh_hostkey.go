@@ -64,7 +64,7 @@ func (s *SSH) hostKeyCallback(h SSHHost) ssh.HostKeyCallback {
 			}
 		}
 		if !s.opts.TrustOnFirstUse {
-			return fmt.Errorf("host key refused: the host's key %s %s is unknown: give it in the spec (host_key), in a known_hosts file (known_hosts), or run again with -trust-host-keys to trust it on first use (it is then recorded in %s)", key.Type(), fp, own)
+			return fmt.Errorf("host key refused: the host's key %s %s is unknown: give it in the spec (host_key), in a known_hosts file (known_hosts), or trust it on first use, an explicit choice of the operator (SSHOptions.TrustOnFirstUse; it is then recorded in %s)", key.Type(), fp, own)
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
