@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -41,8 +42,16 @@ provider "netns" {
 	if err := os.WriteFile(c.spec, []byte(spec), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, took := c.up()
-	t.Logf("steppe up (netns, nomad %s) took %v", upgNomadFrom, took.Round(time.Millisecond))
+	// up with live progress (as on a terminal: TestPTY proves auto picks
+	// it there): a line per machine and per phase, redrawn in place.
+	start := time.Now()
+	out, err := c.steppe(15*time.Minute, "up", "-spec", c.spec, "-state", c.state, "-progress=tty")
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("steppe up: %v\n%s", err, out)
+	}
+	t.Logf("steppe up (netns, nomad %s) with live progress took %v", upgNomadFrom, took.Round(time.Millisecond))
+	checkLive(t, "up", out, `steppe up +\d+s  agents healthy`, `e2enpart-server-1 +\d+s  \S`)
 	st := c.status()
 	if !st.Healthy {
 		t.Fatalf("not healthy after up: %q\n%s", st.Problems, out)
@@ -159,5 +168,30 @@ provider "netns" {
 	t.Logf("probe: %s", counts)
 	if counts.failed > 0 || counts.ok == 0 {
 		t.Errorf("the probe failed %d times through the partition and the upgrade:\n%s", counts.failed, counts.failureLines())
+	}
+
+	// down with live progress: a line per machine while it is removed.
+	out, err = c.steppe(5*time.Minute, "down", "-state", c.state, "-progress=tty")
+	if err != nil {
+		t.Fatalf("steppe down: %v\n%s", err, out)
+	}
+	c.downDone = true
+	checkLive(t, "down", out, `e2enpart-default-1 +\d+s  stopping its agent`)
+	if !strings.Contains(out, "cluster e2enpart removed in") {
+		t.Errorf("steppe down's output lacks its last line:\n%q", out)
+	}
+}
+
+// checkLive checks that a command's output (with -progress=tty) redrew
+// lines in place and showed each live line matching one of lines.
+func checkLive(t *testing.T, what, out string, lines ...string) {
+	t.Helper()
+	if !strings.Contains(out, "\x1b[1A") || !strings.Contains(out, "\r\x1b[J") {
+		t.Errorf("steppe %s -progress=tty redrew nothing in place:\n%q", what, out)
+	}
+	for _, l := range lines {
+		if !regexp.MustCompile(`  ` + l).MatchString(out) {
+			t.Errorf("steppe %s -progress=tty showed no live line %q:\n%q", what, l, out)
+		}
 	}
 }
