@@ -87,6 +87,17 @@ func Run(ctx context.Context, opts Options) error {
 		return fmt.Errorf("supervisor: %w", err)
 	}
 
+	// The bundle source is checked before the API answers: an agent that
+	// is about to exit on its config must not look started to whoever
+	// waits for its socket (a provider's Create took such an agent for
+	// a healthy one).
+	var pull *puller
+	if cfg.Bundle != nil {
+		if pull, err = a.newPuller(cfg); err != nil {
+			a.sup.Close()
+			return err
+		}
+	}
 	ln, err := listenUnix(cfg.Socket)
 	if err != nil {
 		a.sup.Close()
@@ -98,15 +109,6 @@ func Run(ctx context.Context, opts Options) error {
 	api := &apiServer{ctl: a.sup, status: a.Status, log: log}
 	go api.serve(ctx, ln)
 	log.Info("agent started", "config", opts.ConfigPath, "state_dir", cfg.StateDir, "socket", cfg.Socket, "services", len(cfg.Services))
-
-	var pull *puller
-	if cfg.Bundle != nil {
-		if pull, err = a.newPuller(cfg); err != nil {
-			a.sup.Close()
-			ln.Close()
-			return err
-		}
-	}
 
 	finishMetrics := a.startMetrics(ctx, cfg)
 	go a.watchStateFailures(ctx)

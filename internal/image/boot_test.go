@@ -220,7 +220,9 @@ func TestBoot(t *testing.T) {
 		if want := "formatted=" + map[bool]string{true: "true", false: "false"}[wantFormat]; !strings.Contains(con, want) {
 			t.Errorf("console lacks %s:\n%s", want, con)
 		}
-		st, err := agent.NewClient(filepath.Join(vm.Dir, image.APISocket)).Status(context.Background())
+		sctx, scancel := context.WithTimeout(context.Background(), 30*time.Second)
+		st, err := agent.NewClient(filepath.Join(vm.Dir, image.APISocket)).Status(sctx)
+		scancel()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -289,7 +291,11 @@ func crashAgent(t *testing.T, vm image.VM, before agent.StatusReport) {
 	start := time.Now()
 	client := agent.NewClient(filepath.Join(vm.Dir, image.APISocket))
 	for time.Since(start) < 2*time.Minute {
-		st, err := client.Status(context.Background())
+		// Each try bounded: a call that catches the port between the old
+		// agent and the new one must not wait for ever (CI saw one hang).
+		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+		st, err := client.Status(sctx)
+		scancel()
 		if err == nil && st.Agent.PID != before.Agent.PID {
 			for _, s := range st.Services {
 				if s.Name != "web" {
