@@ -36,6 +36,8 @@ func runAgent(ctx context.Context, args []string) error {
 	config := fs.String("config", "", "the agent's config file (HCL)")
 	state := fs.String("state", "", "state directory (overrides agent.state_dir; default "+agent.DefaultStateDir+")")
 	socket := fs.String("socket", "", "local API socket (overrides agent.socket; default "+agent.DefaultSocket+")")
+	pidfile := fs.String("pidfile", "", "write the agent's pid to this file as it starts")
+	byInit := fs.Bool("restarted-by-init", false, "an init system restarts the agent when it dies (a failed self-upgrade leaves the restart to it)")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
@@ -65,8 +67,11 @@ func runAgent(ctx context.Context, args []string) error {
 		// link (the child resolves it after fork): it works when the file
 		// was deleted (`go run`) or replaced by a newer steppe, whose
 		// trampoline this agent may not speak.
-		Exec:   []string{"/proc/self/exe"},
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)),
+		Exec:            []string{"/proc/self/exe"},
+		Logger:          slog.New(slog.NewTextHandler(os.Stderr, nil)),
+		Version:         steppeVersion(),
+		PIDFile:         *pidfile,
+		RestartedByInit: *byInit,
 	})
 }
 
@@ -101,7 +106,10 @@ func agentStatus(ctx context.Context, args []string) error {
 }
 
 func printStatus(w io.Writer, st agent.StatusReport, now time.Time) {
-	fmt.Fprintf(w, "agent pid %d, up %s, config %s\n", st.Agent.PID, now.Sub(st.Agent.StartedAt).Round(time.Second), st.Agent.Config)
+	fmt.Fprintf(w, "agent pid %d, steppe %s, up %s, config %s\n", st.Agent.PID, dash(st.Agent.Version), now.Sub(st.Agent.StartedAt).Round(time.Second), st.Agent.Config)
+	if su := st.Agent.SelfUpgrade; su != nil && su.State == agent.TrialRolledBack {
+		fmt.Fprintf(w, "self-upgrade to steppe %s failed %s ago: %s\n", su.Version, now.Sub(su.At).Round(time.Second), su.Error)
+	}
 	if st.Agent.Isolation == "fallback" {
 		fmt.Fprintln(w, "WARNING: no writable cgroup v2: services are tracked by process group and lock only; a double fork can escape")
 	}

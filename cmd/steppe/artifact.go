@@ -9,8 +9,10 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/artifact"
 )
 
@@ -18,6 +20,9 @@ const artifactUsage = `usage:
   steppe artifact build PRODUCT@VERSION... [-cache DIR] [-out DIR]
       build static binaries from Go module sources (cached) and publish them
       into a release-style store (default: CACHE/store)
+  steppe artifact publish PRODUCT@VERSION FILE [-cache DIR] [-out DIR]
+      publish a binary made elsewhere (steppe itself: steppe@V, for
+      steppe upgrade -steppe V) into the store, signed by the store key
   steppe artifact path PRODUCT@VERSION [-cache DIR]
       print the path of a built binary
   steppe artifact serve DIR [-addr ADDR]
@@ -36,6 +41,8 @@ func runArtifact(ctx context.Context, args []string) error {
 		return artifactBuild(ctx, args[1:])
 	case "path":
 		return artifactPath(args[1:])
+	case "publish":
+		return artifactPublish(ctx, args[1:])
 	case "serve":
 		return artifactServe(ctx, args[1:])
 	case "help", "-h", "-help", "--help":
@@ -183,4 +190,41 @@ func artifactServe(ctx context.Context, args []string) error {
 		}
 		return fmt.Errorf("artifact serve: %w", err)
 	}
+}
+
+func artifactPublish(ctx context.Context, args []string) error {
+	fs, cache := artifactFlags("publish")
+	out := fs.String("out", "", "store directory (default CACHE/store)")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil || len(pos) != 2 {
+		return fmt.Errorf("%w: steppe artifact publish PRODUCT@VERSION FILE [-cache DIR] [-out DIR]", errUsage)
+	}
+	// Any product: a binary made elsewhere need not be one steppe builds.
+	p, v, ok := strings.Cut(pos[0], "@")
+	if !ok || p == "" || v == "" {
+		return fmt.Errorf("%w: artifact %q: want PRODUCT@VERSION, e.g. steppe@0.2.0", errUsage, pos[0])
+	}
+	v = strings.TrimPrefix(v, "v")
+	dir, err := cacheDirFlag(*cache)
+	if err != nil {
+		return err
+	}
+	store := *out
+	if store == "" {
+		store = artifact.DefaultStoreDir(dir)
+	}
+	if store, err = filepath.Abs(store); err != nil {
+		return err
+	}
+	if p == agent.SteppeProduct {
+		if err := agent.CheckVersion(ctx, pos[1], v); err != nil {
+			return fmt.Errorf("publish %s: %w", pos[0], err)
+		}
+	}
+	pub, err := artifact.Publish(dir, store, p, v, pos[1])
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%s@%s published: %s (sha256 %s), signed by %s\n", p, v, pub.Archive, pub.ArchiveSHA256, pub.PublicKey)
+	return nil
 }

@@ -10,14 +10,18 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
+	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/initmode"
 	"github.com/steppe/steppe/internal/provider"
 	"github.com/steppe/steppe/internal/supervise"
 )
 
 const usage = `steppe: run Nomad somewhere, and keep it healthy.
+
+  steppe version                       this binary's version
 
 Machine:
   steppe agent -config FILE            run the machine agent
@@ -45,6 +49,36 @@ build, machine or step on a terminal, plain lines elsewhere; -progress=plain|tty
 or STEPPE_PROGRESS=plain|tty forces either.
 `
 
+// version is steppe's version, stamped at build time:
+// go build -ldflags "-X main.version=0.2.0" ./cmd/steppe
+var version string
+
+// steppeVersion is the stamped version, else 0.0.0-dev with the commit the
+// binary was built from (and .dirty when the tree had changes).
+func steppeVersion() string {
+	if version != "" {
+		return version
+	}
+	v := "0.0.0-dev"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		var rev, dirty string
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				rev = s.Value
+			case "vcs.modified":
+				if s.Value == "true" {
+					dirty = ".dirty"
+				}
+			}
+		}
+		if len(rev) >= 12 {
+			v += "+" + rev[:12] + dirty
+		}
+	}
+	return v
+}
+
 // errUsage marks errors caused by how steppe was invoked; they exit with 2.
 var errUsage = errors.New("usage")
 
@@ -59,6 +93,14 @@ func main() {
 		err := supervise.ExecMain(os.Args[2:])
 		fmt.Fprintf(os.Stderr, "steppe exec: %v\n", err)
 		os.Exit(127)
+	}
+	// A self-upgrading agent leaves a watchdog of its previous binary.
+	if len(os.Args) > 1 && os.Args[1] == agent.WatchArg {
+		if err := agent.WatchMain(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "steppe upgrade watchdog: %v\n", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	}
 	// The netns provider starts each machine's agent through steppe
 	// itself, which enters the machine's namespaces and then execs it.
@@ -103,6 +145,12 @@ func run(ctx context.Context, args []string) error {
 		return runArtifact(ctx, rest)
 	case "bundle":
 		return runBundle(ctx, rest)
+	case "version":
+		if len(rest) > 0 {
+			return fmt.Errorf("%w: steppe version takes no arguments", errUsage)
+		}
+		fmt.Println("steppe " + steppeVersion())
+		return nil
 	case "help", "-h", "-help", "--help":
 		fmt.Print(usage)
 		return nil

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/steppe/steppe/internal/artifact"
+	"github.com/steppe/steppe/internal/atomicfile"
 	"github.com/steppe/steppe/internal/bundle"
 	"github.com/steppe/steppe/internal/supervise"
 )
@@ -29,6 +30,16 @@ type Options struct {
 	Socket     string   // overrides the config's agent.socket
 	Exec       []string // argv prefix of steppe's exec trampoline (see supervise.ExecArg)
 	Logger     *slog.Logger
+	// Version is steppe's own version, which the agent reports and which
+	// a release's steppe artifact is compared with (selfupgrade.go); ""
+	// never upgrades itself.
+	Version string
+	// PIDFile, when set, is where the agent writes its pid as it starts
+	// (a rolled-back self-upgrade runs the agent under another pid).
+	PIDFile string
+	// RestartedByInit says that an init system restarts the agent when it
+	// dies: a failed self-upgrade leaves the restart to it.
+	RestartedByInit bool
 }
 
 // Agent is a running machine agent.
@@ -45,6 +56,10 @@ type Agent struct {
 	resolver  *resolver     // nil: resolv.conf is not the agent's (set before the API serves)
 	// recoveries are the state recoveries of this agent's life (recover.go).
 	recoveries []Recovery
+	// binary is the file the agent runs from, which a self-upgrade
+	// replaces; selfUpgrade is the last one's outcome.
+	binary     string
+	selfStatus *SelfUpgradeStatus
 
 	// applyMu orders applies: the config reload and the pull loop both
 	// hand the supervisor the whole set (the machine's services and the
@@ -76,6 +91,18 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	defer unlock()
+	if a.binary, err = os.Executable(); err != nil {
+		log.Warn("the agent's own binary is unknown: it cannot upgrade itself", "err", err)
+	}
+	if opts.PIDFile != "" {
+		if err := atomicfile.WriteFile(opts.PIDFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600); err != nil {
+			return fmt.Errorf("pidfile: %w", err)
+		}
+	}
+	trial, err := a.selfStart(cfg.StateDir)
+	if err != nil {
+		return err
+	}
 
 	a.sup, err = supervise.New(ctx, supervise.Options{
 		StateDir:     filepath.Join(cfg.StateDir, "services"),
@@ -108,7 +135,7 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	api := &apiServer{ctl: a.sup, status: a.Status, log: log}
 	go api.serve(ctx, ln)
-	log.Info("agent started", "config", opts.ConfigPath, "state_dir", cfg.StateDir, "socket", cfg.Socket, "services", len(cfg.Services))
+	log.Info("agent started", "version", opts.Version, "config", opts.ConfigPath, "state_dir", cfg.StateDir, "socket", cfg.Socket, "services", len(cfg.Services))
 
 	finishMetrics := a.startMetrics(ctx, cfg)
 	go a.watchStateFailures(ctx)
@@ -126,6 +153,11 @@ func Run(ctx context.Context, opts Options) error {
 		// release: an apply without the release would stop its services.
 		if err := pull.boot(ctx); err != nil {
 			log.Error("starting the last good release", "err", err)
+			if trial != nil {
+				// A new binary that cannot run the release is not committed.
+				applied <- err
+				return
+			}
 			if a.runningRelease() == nil {
 				if err := a.applyOwn(ctx, cfg); err != nil {
 					applied <- err
@@ -133,8 +165,13 @@ func Run(ctx context.Context, opts Options) error {
 				}
 			}
 		}
-		go pull.run(ctx)
 		applied <- nil
+		if trial == nil {
+			// The release may name another steppe than this one (a machine
+			// made from an older binary): the bundle says what runs.
+			a.selfUpgrade(ctx, pull.bootSteppe())
+		}
+		go pull.run(ctx)
 	}()
 
 	hup := make(chan os.Signal, 1)
@@ -147,6 +184,11 @@ func Run(ctx context.Context, opts Options) error {
 			if err != nil && ctx.Err() == nil {
 				log.Error("apply config", "err", err)
 				a.setConfigErr(err)
+			}
+			if err == nil && trial != nil {
+				if err := a.commitSelf(ctx, trial, cfg); err != nil {
+					log.Error("self-upgrade not committed", "err", err)
+				}
 			}
 		case <-hup:
 			if err := a.ReloadConfig(ctx); err != nil {
@@ -319,16 +361,17 @@ func (a *Agent) newPuller(cfg *Config) (*puller, error) {
 	a.bundle = &BundleStatus{Store: src.Store, Cluster: src.Cluster, Role: src.Role}
 	a.mu.Unlock()
 	return &puller{
-		src:     src,
-		facts:   dirTags(discoverFacts(cfg.Machine, cfg.Bundle), cfg.StateDir),
-		dir:     cfg.StateDir,
-		keys:    keys,
-		keyring: keyring,
-		store:   store,
-		fetcher: &artifact.Fetcher{CacheDir: filepath.Join(cfg.StateDir, "artifacts"), Log: a.log},
-		log:     a.log,
-		sup:     a.sup,
-		apply:   a.applyRelease,
+		src:         src,
+		facts:       dirTags(discoverFacts(cfg.Machine, cfg.Bundle), cfg.StateDir),
+		dir:         cfg.StateDir,
+		keys:        keys,
+		keyring:     keyring,
+		store:       store,
+		fetcher:     &artifact.Fetcher{CacheDir: filepath.Join(cfg.StateDir, "artifacts"), Log: a.log},
+		log:         a.log,
+		sup:         a.sup,
+		apply:       a.applyRelease,
+		selfUpgrade: a.selfUpgrade,
 		external: func() []string {
 			var names []string
 			for _, s := range a.currentConfig().Services {
@@ -357,6 +400,11 @@ func (a *Agent) setConfigErr(err error) {
 func (a *Agent) Status() StatusReport {
 	a.mu.Lock()
 	cfg, cerr := a.cfg, a.configErr
+	var self *SelfUpgradeStatus
+	if a.selfStatus != nil {
+		su := *a.selfStatus
+		self = &su
+	}
 	recs := slices.Clone(a.recoveries)
 	var bs *BundleStatus
 	if a.bundle != nil {
@@ -377,6 +425,9 @@ func (a *Agent) Status() StatusReport {
 			StartedAt:   a.started,
 			ConfigError: cerr,
 			Isolation:   iso,
+			Version:     a.opts.Version,
+			Binary:      a.binary,
+			SelfUpgrade: self,
 		},
 		Bundle:     bs,
 		Services:   services,

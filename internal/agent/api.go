@@ -43,6 +43,12 @@ type AgentInfo struct {
 	// Isolation is "cgroup2", or "fallback" when no writable cgroup v2 was
 	// found and a double fork could escape supervision.
 	Isolation string `json:"isolation"`
+	// Version is the agent's steppe version; Binary the file it runs
+	// from, which a self-upgrade replaces.
+	Version string `json:"version,omitempty"`
+	Binary  string `json:"binary,omitempty"`
+	// SelfUpgrade is the outcome of the agent's last self-upgrade.
+	SelfUpgrade *SelfUpgradeStatus `json:"self_upgrade,omitempty"`
 }
 
 // control is the part of the supervisor the local API drives.

@@ -33,7 +33,10 @@ type Config struct {
 	StateDir string
 	Socket   string
 	Cgroup   string // parent of the services' cgroups: below the agent's own cgroup v2, or below the v2 mount if it starts with "/"
-	Machine  Machine
+	// UpgradeTimeout is how long a new steppe binary has to report healthy
+	// before it is rolled back; 0 means DefaultUpgradeTimeout.
+	UpgradeTimeout time.Duration
+	Machine        Machine
 	// Bundle is where the machine pulls its role's config from; nil: the
 	// agent runs only the services of this file.
 	Bundle *BundleSource
@@ -198,6 +201,7 @@ var agentSchema = &hcl.BodySchema{
 		{Name: "state_dir"},
 		{Name: "socket"},
 		{Name: "cgroup"},
+		{Name: "upgrade_timeout"},
 	},
 }
 
@@ -349,6 +353,7 @@ func (p *parser) config(body hcl.Body) *Config {
 				p.str(ac.Attributes, "state_dir", &cfg.StateDir)
 				p.str(ac.Attributes, "socket", &cfg.Socket)
 				p.str(ac.Attributes, "cgroup", &cfg.Cgroup)
+				p.duration(ac.Attributes, "upgrade_timeout", &cfg.UpgradeTimeout)
 			}
 		case "machine":
 			if mc := p.content(b.Body, machineSchema); mc != nil {

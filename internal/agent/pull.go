@@ -37,6 +37,14 @@ type plan struct {
 	Services []serviceDef `json:"services"`
 	// Digests are per service: the files it reads, after rendering.
 	Digests map[string]string `json:"digests"`
+	// Steppe is the agent's own binary the release names (selfupgrade.go).
+	Steppe *steppeArtifact `json:"steppe,omitempty"`
+}
+
+// steppeArtifact is a verified steppe binary of a release.
+type steppeArtifact struct {
+	Version string `json:"version"`
+	Path    string `json:"path"`
 }
 
 // bundleState is the pull loop's persistent record.
@@ -87,6 +95,9 @@ type puller struct {
 	external func() []string                          // the machine's own services' names
 	sup      readiness
 	onStatus func(func(*BundleStatus))
+	// selfUpgrade moves the agent to a release's steppe binary; it does not
+	// return when it execs it.
+	selfUpgrade func(ctx context.Context, art *steppeArtifact)
 }
 
 // readiness is what the health gate needs of the supervisor.
@@ -180,6 +191,19 @@ func (p *puller) boot(ctx context.Context) error {
 		return err
 	}
 	return p.apply(ctx, pl)
+}
+
+// bootSteppe is the steppe binary the last good release names, nil if none.
+func (p *puller) bootSteppe() *steppeArtifact {
+	st, err := p.loadState()
+	if err != nil || st.Good == 0 {
+		return nil
+	}
+	pl, err := p.loadPlan(st.Good)
+	if err != nil {
+		return nil
+	}
+	return pl.Steppe
 }
 
 // run pulls until ctx ends. Errors never stop it: the machine keeps
@@ -306,6 +330,10 @@ func (p *puller) install(ctx context.Context, f *bundle.Fetched) (retry bool, er
 	if aerr := bundle.SaveAccepted(p.bundleDir(), rel.Version); aerr != nil {
 		return false, errors.Join(err, aerr)
 	}
+	if err == nil && p.selfUpgrade != nil {
+		// The release runs and is accepted: the new binary boots into it.
+		p.selfUpgrade(ctx, pl.Steppe)
+	}
 	return false, err
 }
 
@@ -317,6 +345,7 @@ func (p *puller) prepare(ctx context.Context, rel *bundle.Release) (*plan, error
 		return nil, err
 	}
 	binaries := map[string]string{}
+	var steppe *steppeArtifact
 	for _, a := range m.Artifacts {
 		var path string
 		var err error
@@ -330,6 +359,11 @@ func (p *puller) prepare(ctx context.Context, rel *bundle.Release) (*plan, error
 		}
 		if err != nil {
 			return nil, fmt.Errorf("artifact %s %s: %w", a.Product, a.Version, err)
+		}
+		if a.Product == SteppeProduct {
+			// The agent's own binary: no service runs it.
+			steppe = &steppeArtifact{Version: a.Version, Path: path}
+			continue
 		}
 		binaries[a.Product] = path
 	}
@@ -357,7 +391,7 @@ func (p *puller) prepare(ctx context.Context, rel *bundle.Release) (*plan, error
 	if err != nil {
 		return nil, err
 	}
-	pl := &plan{Version: rel.Version, Digests: map[string]string{}}
+	pl := &plan{Version: rel.Version, Digests: map[string]string{}, Steppe: steppe}
 	for _, d := range defs {
 		if d.Spec.Dir == "" {
 			d.Spec.Dir = current

@@ -289,3 +289,29 @@ func writeJSON(path string, v any) error {
 	}
 	return atomicfile.WriteFile(path, append(b, '\n'), 0o644)
 }
+
+// Publish puts a binary made elsewhere (steppe itself, which is not built
+// from module sources here) into the store at storeDir as a linux/amd64
+// build of product@version, signed with the store key of the cache
+// cacheDir (made when it has none), as Build publishes what it builds.
+func Publish(cacheDir, storeDir, product, version, binary string) (Published, error) {
+	if err := checkName("product", product); err != nil {
+		return Published{}, err
+	}
+	ver, err := normalizeVersion(version)
+	if err != nil {
+		return Published{}, fmt.Errorf("%s: %w", product, err)
+	}
+	st, err := os.Stat(binary)
+	if err != nil {
+		return Published{}, fmt.Errorf("publish %s %s: %w", product, ver, err)
+	}
+	if !st.Mode().IsRegular() || st.Mode().Perm()&0o111 == 0 {
+		return Published{}, fmt.Errorf("publish %s %s: %s is not an executable file", product, ver, binary)
+	}
+	key, err := loadOrCreateKey(keyFile(cacheDir))
+	if err != nil {
+		return Published{}, fmt.Errorf("store key: %w", err)
+	}
+	return publish(storeDir, key, product, ver, binary, st.ModTime().UTC().Truncate(time.Second))
+}

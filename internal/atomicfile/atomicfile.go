@@ -229,3 +229,26 @@ func (host) Open(name string) (*os.File, error)   { return os.Open(name) }
 func (host) Rename(oldname, newname string) error { return os.Rename(oldname, newname) }
 func (host) Link(oldname, newname string) error   { return os.Link(oldname, newname) }
 func (host) Remove(name string) error             { return os.Remove(name) }
+
+// CopyFile copies the file src to dst as Write does: dst has the old
+// content or all of src, never a part.
+func CopyFile(src, dst string, perm os.FileMode) error {
+	p, err := CreateCopy(src, dst, perm)
+	if err != nil {
+		return err
+	}
+	return p.Commit()
+}
+
+// CreateCopy is Create with the content of the file src.
+func CreateCopy(src, dst string, perm os.FileMode) (*Pending, error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return nil, err
+	}
+	defer in.Close()
+	return Create(dst, perm, func(w io.Writer) error {
+		_, err := io.Copy(w, in)
+		return err
+	})
+}
