@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/steppe/steppe/internal/agent"
 	"github.com/steppe/steppe/internal/deploy"
 	"github.com/steppe/steppe/internal/upgrade"
 )
@@ -51,8 +52,26 @@ func runUpgrade(ctx context.Context, args []string) error {
 	stable := fs.Duration("stable", 10*time.Second, "how long each upgraded server must stay healthy before the next")
 	gateTimeout := fs.Duration("gate-timeout", 5*time.Minute, "how long a server may take to pass its gate")
 	machineTimeout := fs.Duration("machine-timeout", 5*time.Minute, "how long a machine may take to run its new release")
+	steppe := fs.String("steppe", "", "steppe version the machines' agents move to (no daemon restarts); alone, not with other versions")
+	steppeBinary := fs.String("steppe-binary", "", "with -steppe: a steppe binary of that version to publish into the cluster's store (default: this binary, if it is that version)")
 	if _, err := parseNoArgs(fs, args); err != nil {
 		return err
+	}
+	if *steppe != "" {
+		if *nomad != "" || *consul != "" || *vault != "" || *surge {
+			return fmt.Errorf("%w: upgrade -steppe runs on its own: upgrade the daemons before or after it", errUsage)
+		}
+		mt := *machineTimeout
+		if !flagSet(fs, "machine-timeout") {
+			mt = 0
+		}
+		defer closeProgress(o.Out)
+		return deploy.UpgradeSteppe(ctx, deploy.SteppeUpgradeOptions{
+			Options: *o, Version: *steppe, Source: *steppeBinary, Parallel: *parallel, MachineTimeout: mt,
+		})
+	}
+	if *steppeBinary != "" {
+		return fmt.Errorf("%w: -steppe-binary goes with -steppe V", errUsage)
 	}
 	target := map[string]string{}
 	for p, v := range map[string]string{"nomad": *nomad, "consul": *consul, "vault": *vault} {
@@ -213,6 +232,11 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", a.Machine, a.Address, a.Role, agentCol, a.Release, machineVersions(a), strings.Join(svcs, "; "))
 	}
 	tw.Flush()
+	for _, a := range st.Agents {
+		if su := a.SelfUpgrade; su != nil && su.State == agent.TrialRolledBack {
+			fmt.Fprintf(w, "%s: self-upgrade to steppe %s rolled back: %s\n", a.Machine, su.Version, su.Error)
+		}
+	}
 	printDNS(w, st)
 	if len(st.Problems) > 0 {
 		fmt.Fprintln(w, "\nproblems:")
@@ -227,7 +251,7 @@ func printClusterStatus(w io.Writer, st *deploy.Status) {
 // ("nomad 1.10.5 (runs 1.9.3)").
 func machineVersions(a deploy.AgentStatus) string {
 	var parts []string
-	for _, p := range []string{"consul", "nomad", "vault"} {
+	for _, p := range []string{"consul", "nomad", "vault", "steppe"} {
 		want, runs := a.Versions[p], a.Runs[p]
 		switch {
 		case want == "" && runs == "":
@@ -241,4 +265,11 @@ func machineVersions(a deploy.AgentStatus) string {
 		}
 	}
 	return dash(strings.Join(parts, ", "))
+}
+
+// flagSet says whether the command line set the flag.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }

@@ -39,6 +39,7 @@ Operator:
   steppe vault unseal                  unseal every sealed Vault server with the kept key shares
   steppe down                          remove everything up made
   steppe upgrade [-nomad V] [-consul V] [-vault V]   rolling, health-gated, resumable
+  steppe upgrade -steppe V [-steppe-binary FILE]   the agents move to steppe V, no daemon restarted
   steppe scale POOL COUNT              grow a client pool, or drain and shrink it
   steppe prometheus [-out FILE]        scrape configuration for every Consul and Nomad agent
   steppe rotate certs|gossip|tokens    renew certificates (same CA), gossip keys or machine tokens, reloading

@@ -128,6 +128,9 @@ func (o *fleetOps) ensureArtifacts(ctx context.Context, versions map[string][]st
 	} else {
 		b := &artifact.Builder{CacheDir: o.cacheDir, Log: indent{o.out, "    "}, Progress: o.reporter()}
 		for _, a := range all {
+			if a.product == agent.SteppeProduct {
+				continue // not built from module sources: published (upgrade_steppe.go), checked below
+			}
 			if _, err := b.Build(ctx, a.product, a.version); err != nil {
 				return fmt.Errorf("missing artifact %s %s, and building it failed: %w", a.product, a.version, err)
 			}
@@ -353,6 +356,10 @@ func (o *fleetOps) publish(ctx context.Context, name string, servers []cluster.M
 	}
 	p := plans[i]
 	p.Role = name
+	if v := fm.Versions[agent.SteppeProduct]; v != "" {
+		// The agent's own binary (upgrade_steppe.go).
+		p.Artifacts = append(slices.Clone(p.Artifacts), cluster.ArtifactRef{Product: agent.SteppeProduct, Version: v})
+	}
 	store, err := o.bundleStoreDir()
 	if err != nil {
 		return published{}, err

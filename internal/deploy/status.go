@@ -94,6 +94,10 @@ type AgentStatus struct {
 	// new release is on its way.
 	Versions map[string]string `json:"versions,omitempty"`
 	Runs     map[string]string `json:"runs,omitempty"`
+	// Steppe is the version of steppe the machine's agent runs, and
+	// SelfUpgrade its last self-upgrade (upgrade_steppe.go).
+	Steppe      string                   `json:"steppe,omitempty"`
+	SelfUpgrade *agent.SelfUpgradeStatus `json:"self_upgrade,omitempty"`
 	// Resolver is the machine's resolv.conf: switched to its CoreDNS, on
 	// its fallback, or the host's (coredns.go).
 	Resolver string `json:"resolver,omitempty"`
@@ -250,6 +254,9 @@ func (s *Status) fillRuns() {
 				runs[cluster.NomadProduct] = c.Version
 			}
 		}
+		if a.Steppe != "" {
+			runs[agent.SteppeProduct] = a.Steppe
+		}
 		if len(runs) > 0 {
 			a.Runs = runs
 		}
@@ -278,6 +285,7 @@ func agentStatus(ctx context.Context, m provider.Machine) AgentStatus {
 		a.Error = err.Error()
 		return a
 	}
+	a.Steppe, a.SelfUpgrade = st.Agent.Version, st.Agent.SelfUpgrade
 	if st.Bundle != nil {
 		a.Release = st.Bundle.Version
 		if st.Bundle.LastError != "" {

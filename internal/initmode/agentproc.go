@@ -143,7 +143,8 @@ func (a *agentProc) keep(ctx context.Context, sigs <-chan os.Signal, powerOff <-
 }
 
 func (a *agentProc) start() error {
-	cmd := exec.Command("/proc/self/exe", "agent", "-config", AgentConfig)
+	// init restarts the agent (keep): a failed self-upgrade leaves that to it.
+	cmd := exec.Command("/proc/self/exe", "agent", "-config", AgentConfig, "-restarted-by-init")
 	cmd.Args[0] = "steppe"
 	cmd.Stdin = nil
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr

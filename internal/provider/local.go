@@ -78,6 +78,7 @@ const (
 	agentPIDFile = "agent.pid"
 	agentSocket  = "agent.sock"
 	agentState   = "state"
+	agentBinary  = "steppe"
 	hostFile     = ".host.json"
 )
 
@@ -408,7 +409,18 @@ func (l *Local) start(ctx context.Context, m Machine) (Machine, error) {
 		return m, fmt.Errorf("local machine %s: %w", m.Name, err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(l.opts.Binary, "agent", "-config", filepath.Join(m.Dir, agentConfig))
+	// Each machine runs its own copy of steppe, which its agent replaces
+	// when it upgrades itself: the operator's binary is never touched. The
+	// copy is made afresh at each start, from the binary up runs with; a
+	// bundle that names another steppe then moves the agent to it.
+	bin := filepath.Join(m.Dir, agentBinary)
+	if err := atomicfile.CopyFile(l.opts.Binary, bin, 0o755); err != nil {
+		return m, fmt.Errorf("local machine %s: copy the steppe binary: %w", m.Name, err)
+	}
+	pidfile := filepath.Join(m.Dir, agentPIDFile)
+	// -pidfile: an agent whose self-upgrade was rolled back runs again
+	// under another pid, and says so there.
+	cmd := exec.Command(bin, "agent", "-config", filepath.Join(m.Dir, agentConfig), "-pidfile", pidfile)
 	cmd.Dir = m.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A clean environment: the operator's shell may hold CONSUL_HTTP_TOKEN
@@ -425,7 +437,7 @@ func (l *Local) start(ctx context.Context, m Machine) (Machine, error) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	if err := atomicfile.WriteFile(filepath.Join(m.Dir, agentPIDFile), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
+	if err := atomicfile.WriteFile(pidfile, []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
 		_ = cmd.Process.Kill()
 		return m, fmt.Errorf("local machine %s: %w", m.Name, err)
 	}

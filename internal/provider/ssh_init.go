@@ -109,7 +109,9 @@ type serviceFile struct {
 // init, the commands (sh) that enable and start it, and those that stop
 // and disable it.
 func serviceDefinition(init Init, runsvDir string) (files []serviceFile, start, stop string, err error) {
-	cmd := SSHBinary + " agent -config " + SSHConfig
+	// The init restarts the agent: a self-upgrade that fails leaves the
+	// restart to it (the agent's watchdog only puts the binary back).
+	cmd := SSHBinary + " agent -config " + SSHConfig + " -restarted-by-init"
 	switch init {
 	case InitSystemd:
 		return []serviceFile{{systemdUnit, 0o644, systemdUnitText(cmd)}},
@@ -171,7 +173,7 @@ func openrcScriptText() string {
 description="steppe agent (supervises this machine's Nomad, Consul, Vault and CoreDNS)"
 supervisor=supervise-daemon
 command=` + SSHBinary + `
-command_args="agent -config ` + SSHConfig + `"
+command_args="agent -config ` + SSHConfig + ` -restarted-by-init"
 # supervise-daemon restarts the agent whenever it dies, a second apart.
 respawn_delay=1
 respawn_max=0
