@@ -231,12 +231,18 @@ func (o *fleetOps) moveSteppe(ctx context.Context, m provider.Machine, ver strin
 		st, err := client.Status(wctx)
 		if err == nil {
 			last, lastErr = st, nil
-			if su := st.Agent.SelfUpgrade; su != nil && su.Version == ver && su.State == agent.TrialRolledBack {
+			su := st.Agent.SelfUpgrade
+			// A record of this run, not one an earlier run left (the agent
+			// does not try a rolled-back binary again: that one times out
+			// below, saying so).
+			fresh := su != nil && (before.Agent.SelfUpgrade == nil || !su.At.Equal(before.Agent.SelfUpgrade.At))
+			if fresh && su.Version == ver && su.State == agent.TrialRolledBack {
 				err := fmt.Errorf("machine %s: steppe %s was rolled back: %s", m.Name, ver, su.Error)
 				t.Fail(err)
 				return errors.Join(err, o.revertSteppe(ctx, m, servers, prev, hadPrev, setSteppe))
 			}
-			if st.Agent.Version == ver && st.Bundle != nil && st.Bundle.Version >= pub.Version && st.Agent.SelfUpgrade != nil && st.Agent.SelfUpgrade.State == agent.TrialCommitted {
+			moved := before.Agent.Version == ver || (fresh && su.Version == ver && su.State == agent.TrialCommitted)
+			if st.Agent.Version == ver && st.Bundle != nil && st.Bundle.Version >= pub.Version && moved {
 				if err := untouched(m.Name, before, st); err != nil {
 					t.Fail(err)
 					return err
@@ -249,9 +255,13 @@ func (o *fleetOps) moveSteppe(ctx context.Context, m provider.Machine, ver strin
 		}
 		select {
 		case <-wctx.Done():
-			err := fmt.Errorf("machine %s: its agent did not report steppe %s within %s (it reports %q; last error %v)\n%s", m.Name, ver, o.machineTimeout, last.Agent.Version, lastErr, provider.TailFile(m.Log, 20))
+			why := ""
+			if su := last.Agent.SelfUpgrade; su != nil && su.State == agent.TrialRolledBack {
+				why = fmt.Sprintf("; its last self-upgrade, to steppe %s, was rolled back at %s (%s), and a rolled-back binary is not tried again", su.Version, su.At.Format(time.RFC3339), su.Error)
+			}
+			err := fmt.Errorf("machine %s: its agent did not report steppe %s within %s (it reports %q; last error %v%s)\n%s", m.Name, ver, o.machineTimeout, last.Agent.Version, lastErr, why, provider.TailFile(m.Log, 20))
 			t.Fail(err)
-			return err
+			return errors.Join(err, o.revertSteppe(ctx, m, servers, prev, hadPrev, setSteppe))
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
