@@ -79,7 +79,8 @@ func sameDaemons(t *testing.T, when string, before, after map[string]machineStat
 // naming it, and the cluster keeps the steppe it had.
 func TestUpgradeSteppe(t *testing.T) {
 	consul, nomad := daemonBinaries(t)
-	c := newSpecCluster(t, consul, nomad, "name = \"e2eself\"\n", "127.0.8", 11, 5)
+	// No Vault: the self-upgrade does not touch it, and the machine is shared.
+	c := newSpecCluster(t, consul, nomad, "name = \"e2eself\"\nvault {\n  enabled = false\n}\n", "127.0.8", 11, 5)
 	const v2, vExit, vHang = "9.9.1", "9.9.2", "9.9.3"
 	good := stampedSteppe(t, "steppe-"+v2, "../cmd/steppe", "-X main.version="+v2)
 	exitBin := stampedSteppe(t, "steppe-"+vExit, "../internal/agent/testdata/brokensteppe", "-X main.version="+vExit+" -X main.mode=exit")

@@ -152,7 +152,9 @@ func UpgradeSteppe(ctx context.Context, opts SteppeUpgradeOptions) error {
 func (o *fleetOps) ensureSteppe(ctx context.Context, ver, source string) error {
 	if len(o.spec.ArtifactKeys) == 0 {
 		store := artifact.DefaultStoreDir(o.cacheDir)
-		if _, err := os.Stat(filepath.Join(store, agent.SteppeProduct, ver)); err != nil {
+		// A binary given is published (again: the same binary rewrites
+		// nothing); without one, this binary when the store lacks ver.
+		if _, err := os.Stat(filepath.Join(store, agent.SteppeProduct, ver)); err != nil || source != "" {
 			if source == "" {
 				self, err := os.Executable()
 				if err != nil {
