@@ -615,6 +615,10 @@ func (c *upCluster) scanSecrets() {
 			}
 		}
 	}
+	self, err := os.ReadFile(c.bin)
+	if err != nil {
+		t.Fatal(err)
+	}
 	scanned, bundles := 0, 0
 	err = filepath.WalkDir(c.state, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -647,6 +651,15 @@ func (c *upCluster) scanSecrets() {
 		b, err := os.ReadFile(p)
 		if err != nil {
 			return err
+		}
+		if parts := strings.Split(rel, "/"); len(parts) == 3 && parts[0] == "machines" && parts[2] == "steppe" {
+			// The machine's own copy of steppe (its agent's binary): the
+			// operator's binary, byte for byte; its crypto code names
+			// PEM headers.
+			if !bytes.Equal(b, self) {
+				t.Errorf("%s is not a copy of the steppe binary %s", rel, c.bin)
+			}
+			return nil
 		}
 		scanned++
 		check(rel, b)
