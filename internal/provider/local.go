@@ -420,22 +420,29 @@ func (l *Local) start(ctx context.Context, m Machine) (Machine, error) {
 	pidfile := filepath.Join(m.Dir, agentPIDFile)
 	// -pidfile: an agent whose self-upgrade was rolled back runs again
 	// under another pid, and says so there.
-	cmd := exec.Command(bin, "agent", "-config", filepath.Join(m.Dir, agentConfig), "-pidfile", pidfile)
-	cmd.Dir = m.Dir
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// A clean environment: the operator's shell may hold CONSUL_HTTP_TOKEN
-	// and friends (steppe env), which the daemons must not inherit.
-	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + m.Dir}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if l.netns != nil {
-		if err := l.netns.enter(cmd, m); err != nil {
-			return m, fmt.Errorf("local machine %s: %w", m.Name, err)
+	var cmd *exec.Cmd
+	// The machine's copy of steppe was just written: a fork of another
+	// goroutine (machines start side by side) may still hold its write
+	// descriptor for a moment, and exec then fails with ETXTBSY.
+	for attempt := 0; ; attempt++ {
+		cmd = l.agentCmd(bin, m, pidfile, logf)
+		if l.netns != nil {
+			if err := l.netns.enter(cmd, m); err != nil {
+				return m, fmt.Errorf("local machine %s: %w", m.Name, err)
+			}
 		}
-	}
-	if err := cmd.Start(); err != nil {
+		err := cmd.Start()
+		if err == nil {
+			break
+		}
+		if errors.Is(err, syscall.ETXTBSY) && attempt < 20 {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
 		return m, fmt.Errorf("local machine %s: start agent: %w", m.Name, err)
 	}
 	exited := make(chan error, 1)
+
 	go func() { exited <- cmd.Wait() }()
 	if err := atomicfile.WriteFile(pidfile, []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600); err != nil {
 		_ = cmd.Process.Kill()
@@ -544,4 +551,16 @@ func (l *Local) CheckFree(ctx context.Context, ms []cluster.Machine) error {
 		}
 	}
 	return nil
+}
+
+// agentCmd is the command that runs machine m's agent.
+func (l *Local) agentCmd(bin string, m Machine, pidfile string, logf *os.File) *exec.Cmd {
+	cmd := exec.Command(bin, "agent", "-config", filepath.Join(m.Dir, agentConfig), "-pidfile", pidfile)
+	cmd.Dir = m.Dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// A clean environment: the operator's shell may hold CONSUL_HTTP_TOKEN
+	// and friends (steppe env), which the daemons must not inherit.
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + m.Dir}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	return cmd
 }
