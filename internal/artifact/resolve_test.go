@@ -124,7 +124,7 @@ func TestResolveReplacesNomadUsesTaggedCommit(t *testing.T) {
 	g := newGoTool("")
 	root, err := g.download(ctx, "github.com/hashicorp/nomad", "v1.9.3", nil)
 	if err != nil {
-		t.Fatalf("download nomad 1.9.3 : %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
+		t.Fatalf("download nomad 1.9.3: %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
 	}
 	if got := commitPseudoVersion(root.Origin); got != "v0.0.0-20241111163541-d92bf1014886" {
 		t.Fatalf("nomad 1.9.3 pseudo-version from its .info = %q", got)
@@ -162,7 +162,7 @@ func TestResolveReplacesConsulFallsBackToRequired(t *testing.T) {
 	g := newGoTool("")
 	root, err := g.download(ctx, "github.com/hashicorp/consul", "v1.14.8", nil)
 	if err != nil {
-		t.Fatalf("download consul 1.14.8 : %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
+		t.Fatalf("download consul 1.14.8: %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
 	}
 	m := readTestGoMod(t, "consul-1.14.8.go.mod")
 	src := t.TempDir()
@@ -226,7 +226,7 @@ func TestResolveReplacesConsul1148UsesPinnedAPI(t *testing.T) {
 	g := newGoTool("")
 	root, err := g.download(ctx, "github.com/hashicorp/consul", "v1.14.8", nil)
 	if err != nil {
-		t.Fatalf("download consul 1.14.8 : %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
+		t.Fatalf("download consul 1.14.8: %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
 	}
 	pins := products()["consul"].pins["1.14.8"]
 	m := readTestGoMod(t, "consul-1.14.8.go.mod")
