@@ -21,6 +21,17 @@ func readTestGoMod(t *testing.T, name string) goMod {
 	return m
 }
 
+// downloadCached downloads a module through the tests' loopback proxy,
+// which serves only this machine's module cache (main_test.go).
+func downloadCached(ctx context.Context, t *testing.T, g *goTool, path, version string) moduleInfo {
+	t.Helper()
+	root, err := g.download(ctx, path, version, nil)
+	if err != nil {
+		t.Fatalf("download %s %s: %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", path, version, err)
+	}
+	return root
+}
+
 func TestMissingLocalReplacesOnRealGoMods(t *testing.T) {
 	cases := []struct {
 		file string
@@ -122,10 +133,7 @@ func TestCommitPseudoVersion(t *testing.T) {
 func TestResolveReplacesNomadUsesTaggedCommit(t *testing.T) {
 	ctx := context.Background()
 	g := newGoTool("")
-	root, err := g.download(ctx, "github.com/hashicorp/nomad", "v1.9.3", nil)
-	if err != nil {
-		t.Fatalf("download nomad 1.9.3: %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
-	}
+	root := downloadCached(ctx, t, g, "github.com/hashicorp/nomad", "v1.9.3")
 	if got := commitPseudoVersion(root.Origin); got != "v0.0.0-20241111163541-d92bf1014886" {
 		t.Fatalf("nomad 1.9.3 pseudo-version from its .info = %q", got)
 	}
@@ -160,10 +168,7 @@ func TestResolveReplacesNomadUsesTaggedCommit(t *testing.T) {
 func TestResolveReplacesConsulFallsBackToRequired(t *testing.T) {
 	ctx := context.Background()
 	g := newGoTool("")
-	root, err := g.download(ctx, "github.com/hashicorp/consul", "v1.14.8", nil)
-	if err != nil {
-		t.Fatalf("download consul 1.14.8: %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
-	}
+	root := downloadCached(ctx, t, g, "github.com/hashicorp/consul", "v1.14.8")
 	m := readTestGoMod(t, "consul-1.14.8.go.mod")
 	src := t.TempDir()
 	res, edits, err := resolveReplaces(ctx, g, m, root.Origin, nil, src, nil)
@@ -224,10 +229,7 @@ func TestDownloadUnavailableVersion(t *testing.T) {
 func TestResolveReplacesConsul1148UsesPinnedAPI(t *testing.T) {
 	ctx := context.Background()
 	g := newGoTool("")
-	root, err := g.download(ctx, "github.com/hashicorp/consul", "v1.14.8", nil)
-	if err != nil {
-		t.Fatalf("download consul 1.14.8: %v (the tests' proxy serves only this machine's module cache: run `make artifacts` first, as `make test` does)", err)
-	}
+	root := downloadCached(ctx, t, g, "github.com/hashicorp/consul", "v1.14.8")
 	pins := products()["consul"].pins["1.14.8"]
 	m := readTestGoMod(t, "consul-1.14.8.go.mod")
 	res, edits, err := resolveReplaces(ctx, g, m, root.Origin, pins, t.TempDir(), nil)
